@@ -1,0 +1,62 @@
+"""Shared fixtures: a real PostgreSQL the suite starts itself, and a fault proxy.
+
+``pg``          one server for the whole session (embedded PostgreSQL, or the server
+                named by ``CONNGUARD_TEST_DSN`` for non-destructive tests).
+``private_pg``  a private embedded server a test may stop, restart or kill.
+``proxy``       a fault-injecting TCP proxy in front of ``private_pg``.
+
+With ``CI=true`` (or ``CONNGUARD_REQUIRE_ALL=1``) nothing here ever skips: a missing
+binary or service fails the run, because a skip would hide a broken install step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from connguard.testing.postgres import EmbeddedPostgres
+
+from .proxy import FaultProxy
+
+
+class ExistingServer:
+    """A server we did not start: only its DSN is known; never stop it."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[EmbeddedPostgres | ExistingServer]:
+    dsn = os.environ.get("CONNGUARD_TEST_DSN")
+    if dsn:
+        yield ExistingServer(dsn)
+        return
+    server = EmbeddedPostgres(max_connections=200)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def private_pg() -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres(max_connections=50)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def proxy(private_pg: EmbeddedPostgres) -> Iterator[FaultProxy]:
+    p = FaultProxy(private_pg.host, private_pg.port)
+    p.start()
+    try:
+        yield p
+    finally:
+        p.close()
