@@ -1,0 +1,35 @@
+"""connguard: Django database connections that come back.
+
+The engine lives in :mod:`connguard.pool`, drivers in :mod:`connguard.drivers`.
+"""
+
+from .pool import (
+    ConnectFailed,
+    Lease,
+    LeaseEnded,
+    Pool,
+    PoolClosed,
+    PoolConfig,
+    PoolConfigError,
+    PoolError,
+    PoolRefused,
+    PoolStats,
+    PoolTimeout,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "ConnectFailed",
+    "Lease",
+    "LeaseEnded",
+    "Pool",
+    "PoolClosed",
+    "PoolConfig",
+    "PoolConfigError",
+    "PoolError",
+    "PoolRefused",
+    "PoolStats",
+    "PoolTimeout",
+    "__version__",
+]

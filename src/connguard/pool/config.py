@@ -1,0 +1,150 @@
+"""The pool's settings: one immutable, validated object.
+
+Names follow psycopg_pool wherever the meaning is the same (``min_size``,
+``max_size``, ``timeout``, ``max_waiting``, ``max_lifetime``, ``max_idle``), because
+Django's native pool passes ``OPTIONS["pool"]`` straight to psycopg_pool and its
+users already know them. A bad value is refused at construction with a message
+that names the setting and the allowed values; nothing is silently "fixed".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+
+class PoolConfigError(ValueError):
+    """A pool setting has a value the pool cannot use.
+
+    ``setting`` names it, so a caller (Django's system checks, for one) can point
+    at the exact key.
+    """
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """Settings of one pool. Every time is in seconds.
+
+    See ``docs/pool.md`` for the reasoning behind each default.
+    """
+
+    min_size: int = 1
+    """Connections kept open even when idle (refilled in the background)."""
+    max_size: int = 10
+    """Hard bound on physical connections, counting those being opened or closed."""
+    timeout: float = 10.0
+    """Longest an ``acquire()`` waits before failing with ``PoolTimeout``."""
+    max_waiting: int = 0
+    """Callers allowed to wait at once; the next is refused at once. 0: no limit."""
+    max_lifetime: float | None = 3600.0
+    """A connection is retired after this long (minus jitter). None: never."""
+    max_idle: float | None = 600.0
+    """An idle connection beyond ``min_size`` is closed after this long. None: never."""
+    lifetime_jitter: float = 0.1
+    """Up to this fraction is taken off each connection's lifetime, at random, so
+    connections opened together do not all retire together."""
+    ping_after_idle: float | None = 30.0
+    """A connection idle longer than this gets a round-trip ping before it is
+    handed out; a fresher one only gets the cheap liveness test (no round trip).
+    0: always ping. None: never ping."""
+    liveness_check: bool = True
+    """Run the cheap no-round-trip liveness test at every acquire."""
+    leak_threshold: float | None = 60.0
+    """A lease held longer than this is reported as a probable leak. None: off."""
+    connect_timeout: float = 10.0
+    """Longest one attempt to open a connection may take."""
+    reconnect_backoff: float = 0.5
+    """Wait after a failed connect before the next attempt; doubles on each
+    further failure, up to ``reconnect_backoff_max``."""
+    reconnect_backoff_max: float = 10.0
+    """Longest wait between connect attempts while the database is unreachable."""
+    housekeeping_interval: float = 1.0
+    """How often the housekeeping thread visits this pool."""
+
+    def __post_init__(self) -> None:
+        _int(self, "min_size", 0)
+        _int(self, "max_size", 1)
+        if self.min_size > self.max_size:
+            raise PoolConfigError(
+                "min_size",
+                f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})",
+            )
+        _seconds(self, "timeout")
+        _int(self, "max_waiting", 0)
+        _seconds(self, "max_lifetime", optional=True)
+        _seconds(self, "max_idle", optional=True)
+        _fraction(self, "lifetime_jitter", 0.0, 0.5)
+        _seconds(self, "ping_after_idle", optional=True, zero_ok=True)
+        if not isinstance(self.liveness_check, bool):
+            raise PoolConfigError(
+                "liveness_check",
+                f"liveness_check must be True or False (got {self.liveness_check!r})",
+            )
+        _seconds(self, "leak_threshold", optional=True)
+        _seconds(self, "connect_timeout")
+        _seconds(self, "reconnect_backoff")
+        _seconds(self, "reconnect_backoff_max")
+        if self.reconnect_backoff_max < self.reconnect_backoff:
+            raise PoolConfigError(
+                "reconnect_backoff_max",
+                f"reconnect_backoff_max ({self.reconnect_backoff_max}) must be at least "
+                f"reconnect_backoff ({self.reconnect_backoff})",
+            )
+        _seconds(self, "housekeeping_interval")
+
+    @classmethod
+    def settings(cls) -> tuple[str, ...]:
+        """The names a configuration mapping may use."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, where: str = "pool") -> PoolConfig:
+        """Build a config from a mapping such as Django's ``OPTIONS["pool"]``.
+
+        An unknown key is an error (a typo must not pass silently); ``where``
+        names the mapping in the message.
+        """
+        allowed = cls.settings()
+        for key in values:
+            if key not in allowed:
+                raise PoolConfigError(
+                    str(key),
+                    f"unknown {where} setting {key!r}; allowed: {', '.join(allowed)}",
+                )
+        return cls(**dict(values))
+
+
+def _int(cfg: PoolConfig, name: str, lowest: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise PoolConfigError(name, f"{name} must be an integer >= {lowest} (got {value!r})")
+
+
+def _seconds(cfg: PoolConfig, name: str, *, optional: bool = False, zero_ok: bool = False) -> None:
+    value = getattr(cfg, name)
+    if value is None and optional:
+        return
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and (value >= 0 if zero_ok else value > 0)
+    )
+    if not ok:
+        bound = ">= 0" if zero_ok else "> 0"
+        extra = " or None" if optional else ""
+        raise PoolConfigError(
+            name, f"{name} must be a number of seconds {bound}{extra} (got {value!r})"
+        )
+
+
+def _fraction(cfg: PoolConfig, name: str, low: float, high: float) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise PoolConfigError(name, f"{name} must be a number from {low} to {high} (got {value!r})")

@@ -1,0 +1,786 @@
+"""The pool: a bounded, thread-safe set of physical connections for one database.
+
+How it keeps the invariants of ARCHITECTURE.md:
+
+* **Bounded.** ``_size`` counts every physical connection that exists or is being
+  opened or closed. A slot is reserved under the lock (``_size += 1``) *before* a
+  connection is opened and given back only after it is closed, so ``_size <=
+  max_size`` holds at every instant.
+* **Exclusive.** A connection is either in ``_idle``, or referenced by exactly one
+  live :class:`Lease`, or in transit (being opened, checked, reset or closed) and
+  reachable from no one else. Hand-off to a waiter happens under the lock.
+* **Fencing.** Ending a lease clears its reference to the connection under the
+  lock; :attr:`Lease.connection` raises :class:`LeaseEnded` from then on.
+* **No hang.** Callers never open connections themselves: opener threads do, and
+  a caller only waits on its own lock with a deadline. A connect that outlives
+  the caller that asked for it is not wasted; it goes to the next waiter or idle.
+* **Hand-off is a protocol.** A waiter that times out re-checks under the pool
+  lock whether it was handed a connection meanwhile; if so it takes it. So no
+  connection is ever stranded on a waiter that has given up.
+
+The lock is held for O(1) work only (housekeeping walks at most ``max_size``
+entries). No I/O ever happens under it: connect, close, liveness, ping, rollback
+and reset all run outside.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import random
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .config import PoolConfig
+from .driver import Driver, TxStatus
+from .errors import (
+    ConnectFailed,
+    LeaseEnded,
+    PoolClosed,
+    PoolCounts,
+    PoolError,
+    PoolRefused,
+    PoolTimeout,
+    specialize,
+)
+from .housekeeper import housekeeper
+from .stats import CLOSE_REASONS, Histogram, PoolStats
+
+logger = logging.getLogger("connguard.pool")
+
+Clock = Callable[[], float]
+_monotonic = time.monotonic  # waits and backoff pace real time, never the injected clock
+
+_IDLE = TxStatus.IDLE
+_ROLLBACK_STATES = frozenset({TxStatus.INTRANS, TxStatus.INERROR})
+
+
+class _Conn:
+    """One physical connection and what the pool knows of it."""
+
+    __slots__ = ("created_at", "expires_at", "idle_since", "pid", "raw")
+
+    def __init__(self, raw: Any, now: float, expires_at: float) -> None:
+        self.raw = raw
+        self.created_at = now
+        self.expires_at = expires_at  # retire at or after this instant (inf: never)
+        self.idle_since = now  # when it last became idle (or was opened)
+        self.pid = os.getpid()  # the process that opened it; see fork safety
+
+
+class Lease:
+    """One checkout of one connection, by one holder.
+
+    A lease ends exactly once: when released, when its pool closes it, or when it
+    is taken back. After that :attr:`connection` raises :class:`LeaseEnded`, so a
+    holder that kept the lease cannot reach a connection that is now someone
+    else's.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_conn",
+        "_pool",
+        "acquired_at",
+        "leak_reported",
+        "owner",
+        "thread_id",
+        "thread_name",
+    )
+
+    def __init__(self, pool: Pool, conn: _Conn, acquired_at: float, owner: object) -> None:
+        self._pool = pool
+        self._conn: _Conn | None = conn  # None once the lease has ended (fence)
+        self.acquired_at = acquired_at
+        self.owner = owner  # the scope (request, task...) that holds it, if any
+        thread = threading.current_thread()
+        self.thread_id = thread.ident
+        self.thread_name = thread.name
+        self.leak_reported = False  # set once by housekeeping past leak_threshold
+
+    @property
+    def pool(self) -> Pool:
+        return self._pool
+
+    @property
+    def active(self) -> bool:
+        """True until the lease ends."""
+        return self._conn is not None
+
+    @property
+    def connection(self) -> Any:
+        """The driver's connection; raises :class:`LeaseEnded` once the lease ended."""
+        conn = self._conn
+        if conn is None:
+            raise self._pool._error(
+                LeaseEnded, "this lease has ended; acquire a new one to use the database"
+            )
+        return conn.raw
+
+    def release(self, *, reset: bool = False) -> None:
+        """Give the connection back; see :meth:`Pool.release`."""
+        self._pool.release(self, reset=reset)
+
+    def __enter__(self) -> Any:
+        return self.connection
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.release(self)
+
+    def __repr__(self) -> str:
+        state = "active" if self._conn is not None else "ended"
+        return f"<Lease {state} pool={self._pool.name!r} thread={self.thread_name!r}>"
+
+
+class _Waiter:
+    """A caller waiting for a connection.
+
+    It sleeps on its own lock; whoever hands it a lease (or an error) sets the
+    field first, then releases the lock, always while holding the pool lock.
+    """
+
+    __slots__ = ("error", "event", "lease", "owner")
+
+    def __init__(self, owner: object) -> None:
+        self.event = threading.Lock()
+        self.event.acquire()
+        self.owner = owner
+        self.lease: Lease | None = None
+        self.error: PoolError | None = None
+
+
+# Every pool of this process, for the housekeeper and the fork handlers.
+_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+_pools_lock = threading.Lock()
+
+
+class Pool:
+    """A bounded pool of connections to one database, shared by every thread.
+
+    ``clock`` is injectable so tests drive lifetime, idle, ping and leak timing
+    without sleeping; waits and reconnect backoff always use real time because
+    they block on real locks. ``housekeeping=False`` keeps the pool off the process-wide
+    housekeeping thread; the owner then calls :meth:`housekeep` itself.
+    """
+
+    def __init__(
+        self,
+        driver: Driver,
+        config: PoolConfig | None = None,
+        *,
+        name: str = "default",
+        clock: Clock = time.monotonic,
+        housekeeping: bool = True,
+    ) -> None:
+        self.driver = driver
+        self.config = config if config is not None else PoolConfig()
+        self.name = name
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()  # set on close: wakes openers in backoff
+
+        # Physical connections that exist, counting those being opened, checked,
+        # reset or closed. Invariant: _size <= config.max_size.
+        self._size = 0
+        self._opening = 0  # of _size: being opened by an opener thread
+        self._closing = 0  # of _size: being closed outside the lock
+        self._idle: list[_Conn] = []  # LIFO: the end is the most recently returned
+        self._leases: set[Lease] = set()  # every active lease
+        # FIFO of callers waiting. Invariant: never both _idle and _waiters non-empty.
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._closed = False
+        self._pid = os.getpid()
+
+        # Reconnect backoff: no new connect attempt before _backoff_until (real time).
+        self._backoff_until = 0.0
+        self._backoff_delay = 0.0
+        self._last_connect_error: BaseException | None = None  # since the last success
+
+        # stats: counters and histograms, written only under _lock
+        self._n_acquires = 0
+        self._n_waits = 0
+        self._n_timeouts = 0
+        self._n_refusals = 0
+        self._n_releases = 0
+        self._n_resets = 0
+        self._n_opened = 0
+        self._n_connect_errors = 0
+        self._n_health_failures = 0
+        self._n_leaks = 0
+        self._n_closed = dict.fromkeys(CLOSE_REASONS, 0)
+        self._h_wait = Histogram()
+        self._h_hold = Histogram()
+        self._h_connect = Histogram()
+
+        op_error = driver.operational_error
+        self._errors: dict[type[PoolError], type[PoolError]] = {
+            cls: specialize(cls, op_error)
+            for cls in (PoolTimeout, ConnectFailed, PoolRefused, PoolClosed, LeaseEnded)
+        }
+
+        with _pools_lock:
+            _pools.add(self)
+        if self.config.min_size:
+            with self._lock:
+                openers = self._request_open_locked()
+            self._start_openers(openers)
+        if housekeeping:
+            housekeeper().register(self)
+
+    # ------------------------------------------------------------------ acquire
+
+    def acquire(self, timeout: float | None = None, *, owner: object = None) -> Lease:
+        """Lease a connection, waiting at most ``timeout`` (default: the config's).
+
+        The most recently returned idle connection comes first; else a waiter
+        queues (FIFO) while an opener thread makes a new connection if there is
+        room. Raises ``PoolTimeout`` (``ConnectFailed`` when the database is
+        unreachable), ``PoolRefused`` when ``max_waiting`` callers already wait,
+        ``PoolClosed`` when the pool is closed.
+        """
+        clock = self._clock
+        start = clock()
+        limit = self.config.timeout if timeout is None else timeout
+        deadline = _monotonic() + limit  # waits are real time, whatever the clock
+        while True:
+            openers = 0
+            with self._lock:
+                if self._closed:
+                    raise self._error(PoolClosed, "the pool is closed")
+                if self._idle:
+                    conn = self._idle.pop()
+                    lease = Lease(self, conn, start, owner)
+                    self._leases.add(lease)
+                    self._n_acquires += 1
+                    self._h_wait.record(_monotonic() + limit - deadline)
+                    waiter = None
+                else:
+                    max_waiting = self.config.max_waiting
+                    if max_waiting and len(self._waiters) >= max_waiting:
+                        self._n_refusals += 1
+                        raise self._error(
+                            PoolRefused,
+                            f"{len(self._waiters)} callers already wait "
+                            f"(max_waiting={max_waiting}); refused at once",
+                        )
+                    waiter = _Waiter(owner)
+                    self._waiters.append(waiter)
+                    self._n_waits += 1
+                    openers = self._request_open_locked()
+            if waiter is not None:
+                if openers:
+                    self._start_openers(openers)
+                # A fresh connection or one just returned: no health check needed.
+                return self._wait(waiter, deadline, limit)
+            if self._healthy(conn, start):
+                return lease
+            # Failed its check: close it and try again (the deadline still holds).
+            self._end_lease(lease, "broken", health=True)
+
+    def _healthy(self, conn: _Conn, now: float) -> bool:
+        """Decide outside the lock whether an idle connection may be handed out."""
+        if now >= conn.expires_at:
+            return False
+        cfg = self.config
+        ping_after = cfg.ping_after_idle
+        try:
+            if ping_after is not None and now - conn.idle_since >= ping_after:
+                self.driver.ping(conn.raw, cfg.connect_timeout)
+            elif cfg.liveness_check and not self.driver.is_alive(conn.raw):
+                return False
+        except Exception:
+            return False
+        return True
+
+    def _wait(self, waiter: _Waiter, deadline: float, limit: float) -> Lease:
+        """Sleep until handed a lease or an error, or until ``deadline``."""
+        remaining = deadline - _monotonic()
+        if remaining <= 0 or not waiter.event.acquire(timeout=remaining):
+            with self._lock:
+                if waiter.lease is None and waiter.error is None:
+                    self._waiters.remove(waiter)
+                    self._n_timeouts += 1
+                    raise self._timeout_locked(_monotonic() + limit - deadline)
+                # else: handed off at the instant we gave up: take it
+        if waiter.error is not None:
+            raise waiter.error
+        lease = waiter.lease
+        assert lease is not None
+        with self._lock:
+            self._h_wait.record(_monotonic() + limit - deadline)
+        return lease
+
+    def _timeout_locked(self, waited: float) -> PoolError:
+        cause = self._last_connect_error
+        if cause is not None and not self._idle and not self._leases:
+            err = self._error(
+                ConnectFailed,
+                f"no connection within {waited:.2f} s: the database is unreachable; "
+                f"last connect error: {_one_line(cause)}",
+            )
+        else:
+            err = self._error(
+                PoolTimeout,
+                f"no connection within {waited:.2f} s; raise max_size, hold connections "
+                "for less time, or raise timeout",
+            )
+        err.__cause__ = cause
+        return err
+
+    # ------------------------------------------------------------------ release
+
+    def release(self, lease: Lease, *, reset: bool = False) -> None:
+        """End ``lease`` and give its connection back.
+
+        A clean connection goes to the first waiter, else back to the idle set.
+        An open transaction is rolled back first; ``reset=True`` (the holder
+        changed session state) discards all session state. A connection that
+        fails that, is broken, or is past its lifetime is closed and its slot
+        freed. Releasing an ended lease does nothing.
+        """
+        conn = lease._conn
+        if conn is None or lease._pool is not self:
+            return
+        raw = conn.raw
+        status = self.driver.transaction_status(raw)
+        if status is _IDLE and not reset:
+            now = self._clock()
+            with self._lock:
+                if lease._conn is not conn:
+                    return  # ended by someone else meanwhile
+                if not self._closed and now < conn.expires_at and conn.pid == self._pid:
+                    self._retire_lease_locked(lease, now)
+                    self._give_back_locked(conn, now)
+                    return
+            self._end_lease(lease, "pool_closed" if self._closed else "lifetime")
+            return
+        self._release_dirty(lease, conn, status, reset)
+
+    def _release_dirty(self, lease: Lease, conn: _Conn, status: TxStatus, reset: bool) -> None:
+        """Slow path: the connection needs a rollback or reset (outside the lock)."""
+        now = self._clock()
+        with self._lock:
+            if lease._conn is not conn:
+                return
+            self._retire_lease_locked(lease, now)
+            # Still counted in _size, reachable only from this thread.
+        reason: str | None = None
+        if status is TxStatus.ACTIVE or status is TxStatus.UNKNOWN:
+            reason = "broken"
+        else:
+            try:
+                if reset:
+                    self.driver.reset(conn.raw)
+                elif status in _ROLLBACK_STATES:
+                    self.driver.rollback(conn.raw)
+            except Exception as exc:
+                logger.debug("pool %r: reset failed, closing: %s", self.name, _one_line(exc))
+                reason = "reset_failed"
+        now = self._clock()
+        with self._lock:
+            self._n_resets += 1
+            if reason is None:
+                if self._closed:
+                    reason = "pool_closed"
+                elif now >= conn.expires_at:
+                    reason = "lifetime"
+                else:
+                    self._give_back_locked(conn, now)
+                    return
+            self._closing += 1
+            self._n_closed[reason] += 1
+        self._close_conn(conn)
+
+    def _retire_lease_locked(self, lease: Lease, now: float) -> None:
+        lease._conn = None
+        self._leases.discard(lease)
+        self._n_releases += 1
+        self._h_hold.record(now - lease.acquired_at)
+        if lease.leak_reported:
+            logger.warning(
+                "pool %r: lease reported as a leak was returned after %.1f s (thread %s)",
+                self.name,
+                now - lease.acquired_at,
+                lease.thread_name,
+            )
+
+    def _give_back_locked(self, conn: _Conn, now: float) -> None:
+        """Hand ``conn`` to the first waiter, or make it idle. Caller holds the lock."""
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            lease = Lease(self, conn, now, waiter.owner)
+            self._leases.add(lease)
+            self._n_acquires += 1
+            waiter.lease = lease
+            waiter.event.release()
+        else:
+            conn.idle_since = now
+            self._idle.append(conn)
+
+    def _end_lease(self, lease: Lease, reason: str, *, health: bool = False) -> None:
+        """End ``lease`` and close its connection (outside the lock)."""
+        now = self._clock()
+        with self._lock:
+            conn = lease._conn
+            if conn is None:
+                return
+            lease._conn = None
+            self._leases.discard(lease)
+            if health:
+                self._n_acquires -= 1  # it never reached the caller
+                self._n_health_failures += 1
+            else:
+                self._n_releases += 1
+                self._h_hold.record(now - lease.acquired_at)
+            self._closing += 1
+            self._n_closed[reason] += 1
+        self._close_conn(conn)
+
+    def _close_conn(self, conn: _Conn) -> None:
+        """Close a connection already counted in ``_closing``; free its slot."""
+        if conn.pid == os.getpid():
+            self.driver.close(conn.raw)
+        else:
+            self.driver.drop(conn.raw)
+        with self._lock:
+            self._closing -= 1
+            self._size -= 1
+            openers = self._request_open_locked()
+        self._start_openers(openers)
+
+    # ------------------------------------------------------------------ opening
+
+    def _request_open_locked(self) -> int:
+        """Reserve slots for the connections there is demand and room for, and
+        return how many openers the caller must start once it drops the lock.
+
+        Demand is every waiter plus the shortfall below ``min_size``. While the
+        database is failing (backoff) at most one opener probes it.
+        """
+        if self._closed:
+            return 0
+        cfg = self.config
+        demand = len(self._waiters) + max(0, cfg.min_size - self._size) - self._opening
+        if demand <= 0:
+            return 0
+        room = cfg.max_size - self._size
+        if self._last_connect_error is not None:
+            room = min(room, 1 - self._opening)
+        count = max(0, min(demand, room))
+        self._size += count
+        self._opening += count
+        return count
+
+    def _start_openers(self, count: int) -> None:
+        """Start ``count`` opener threads for slots already reserved (outside the lock:
+        starting a thread waits for it to run)."""
+        for _ in range(count):
+            thread = threading.Thread(
+                target=self._opener, name=f"connguard-open-{self.name}", daemon=True
+            )
+            thread.start()
+
+    def _opener(self) -> None:
+        """Open one connection for the pool; retry with backoff while it is needed."""
+        cfg = self.config
+        while True:
+            wait = self._backoff_until - _monotonic()
+            if wait > 0 and self._stopping.wait(wait):
+                break  # pool closed
+            started = _monotonic()
+            try:
+                raw = self.driver.connect(cfg.connect_timeout)
+            except Exception as exc:
+                if not self._connect_failed(exc, _monotonic() - started):
+                    return
+                continue
+            elapsed = _monotonic() - started
+            now = self._clock()
+            lifetime = cfg.max_lifetime
+            if lifetime is None:
+                expires = float("inf")
+            else:
+                expires = now + lifetime * (1.0 - cfg.lifetime_jitter * random.random())
+            conn = _Conn(raw, now, expires)
+            with self._lock:
+                self._opening -= 1
+                self._n_opened += 1
+                self._h_connect.record(elapsed)
+                recovered = self._last_connect_error is not None
+                self._last_connect_error = None
+                self._backoff_delay = 0.0
+                self._backoff_until = 0.0
+                openers = 0
+                if not self._closed:
+                    self._give_back_locked(conn, now)
+                    openers = self._request_open_locked()  # more may now run in parallel
+                    closed = False
+                else:
+                    self._closing += 1
+                    self._n_closed["pool_closed"] += 1
+                    closed = True
+            self._start_openers(openers)
+            if recovered:
+                logger.warning("pool %r: connected again after connect errors", self.name)
+            else:
+                logger.debug("pool %r: opened a connection in %.4f s", self.name, elapsed)
+            if closed:
+                self._close_conn(conn)
+            return
+        with self._lock:
+            self._opening -= 1
+            self._size -= 1
+
+    def _connect_failed(self, exc: BaseException, elapsed: float) -> bool:
+        """Record a failed connect; return True if this opener should retry."""
+        cfg = self.config
+        with self._lock:
+            first = self._last_connect_error is None
+            self._n_connect_errors += 1
+            self._h_connect.record(elapsed)
+            self._last_connect_error = exc
+            delay = self._backoff_delay * 2 if self._backoff_delay else cfg.reconnect_backoff
+            self._backoff_delay = min(delay, cfg.reconnect_backoff_max)
+            # up to 20 % jitter so many processes do not retry in lockstep
+            self._backoff_until = _monotonic() + self._backoff_delay * (
+                0.8 + 0.2 * random.random()
+            )
+            needed = bool(self._waiters) or self._size <= cfg.min_size
+            retry = not self._closed and needed and self._opening == 1
+            if not retry:
+                self._opening -= 1
+                self._size -= 1
+        if first:
+            logger.warning(
+                "pool %r: cannot connect (%s); retrying with backoff", self.name, _one_line(exc)
+            )
+        return retry
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def housekeep(self) -> None:
+        """Retire old and surplus idle connections, refill to ``min_size``, count
+        leases held past ``leak_threshold``. Called by the housekeeping thread."""
+        cfg = self.config
+        now = self._clock()
+        retired: list[tuple[_Conn, str]] = []
+        leaks: list[Lease] = []
+        with self._lock:
+            if self._closed:
+                return
+            surplus = self._size - cfg.min_size
+            max_idle = cfg.max_idle
+            keep: list[_Conn] = []
+            for conn in self._idle:  # oldest-returned first
+                if now >= conn.expires_at:
+                    retired.append((conn, "lifetime"))
+                elif max_idle is not None and surplus > 0 and now - conn.idle_since >= max_idle:
+                    retired.append((conn, "idle"))
+                    surplus -= 1
+                else:
+                    keep.append(conn)
+            if retired:
+                self._idle[:] = keep
+                self._closing += len(retired)
+                for _conn, reason in retired:
+                    self._n_closed[reason] += 1
+            threshold = cfg.leak_threshold
+            if threshold is not None:
+                for lease in self._leases:
+                    if not lease.leak_reported and now - lease.acquired_at >= threshold:
+                        lease.leak_reported = True
+                        self._n_leaks += 1
+                        leaks.append(lease)
+            openers = self._request_open_locked()
+        self._start_openers(openers)
+        for lease in leaks:
+            logger.warning(
+                "pool %r: lease held for %.1f s (leak_threshold=%s s) by thread %s, owner %r",
+                self.name,
+                now - lease.acquired_at,
+                threshold,
+                lease.thread_name,
+                lease.owner,
+            )
+        for conn, _reason in retired:
+            self._close_conn(conn)
+
+    # ------------------------------------------------------------------ close, stats
+
+    def close(self) -> None:
+        """Close the pool: refuse acquires, wake every waiter with ``PoolClosed``,
+        close idle connections now and in-use ones as they come back."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._closing += len(idle)
+            self._n_closed["pool_closed"] += len(idle)
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                waiter.error = self._error(PoolClosed, "the pool was closed while waiting")
+                waiter.event.release()
+        self._stopping.set()
+        for conn in idle:
+            self._close_conn(conn)
+        housekeeper().unregister(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> PoolStats:
+        """One consistent snapshot of gauges, counters and histograms."""
+        with self._lock:
+            return PoolStats(
+                name=self.name,
+                driver=self.driver.name,
+                size=self._size,
+                idle=len(self._idle),
+                in_use=len(self._leases),
+                waiting=len(self._waiters),
+                opening=self._opening,
+                closing=self._closing,
+                max_size=self.config.max_size,
+                min_size=self.config.min_size,
+                acquires=self._n_acquires,
+                waits=self._n_waits,
+                timeouts=self._n_timeouts,
+                refusals=self._n_refusals,
+                releases=self._n_releases,
+                resets=self._n_resets,
+                opened=self._n_opened,
+                connect_errors=self._n_connect_errors,
+                health_check_failures=self._n_health_failures,
+                leaks=self._n_leaks,
+                closed=dict(self._n_closed),
+                acquire_wait=self._h_wait.snapshot(),
+                hold_time=self._h_hold.snapshot(),
+                connect_time=self._h_connect.snapshot(),
+            )
+
+    def leases(self) -> list[Lease]:
+        """The active leases, oldest first (a copy)."""
+        with self._lock:
+            return sorted(self._leases, key=lambda lease: lease.acquired_at)
+
+    @contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[Any]:
+        """``with pool.connection() as conn:`` leases a connection for the block.
+
+        Nothing is committed for you: an open transaction left at the end is
+        rolled back when the connection goes back.
+        """
+        lease = self.acquire(timeout)
+        try:
+            yield lease.connection
+        finally:
+            self.release(lease)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.name!r} {self._counts_locked()}{' closed' if self._closed else ''}>"
+
+    # ------------------------------------------------------------------ internals
+
+    def _counts_locked(self) -> PoolCounts:
+        return PoolCounts(
+            size=self._size,
+            in_use=len(self._leases),
+            idle=len(self._idle),
+            waiting=len(self._waiters),
+            opening=self._opening,
+        )
+
+    def _error(self, cls: type[PoolError], detail: str) -> PoolError:
+        """Build a driver-specialized error naming the pool and its counts."""
+        counts = self._counts_locked()
+        message = (
+            f"connguard pool {self.name!r} ({self.driver.name}, max_size="
+            f"{self.config.max_size}): {detail} [{counts}]"
+        )
+        return self._errors[cls](message, pool=self.name, counts=counts)
+
+    def _check_invariants(self) -> None:
+        """Assert the bookkeeping adds up (tests call this; cheap enough to keep)."""
+        with self._lock:
+            in_transit = self._size - len(self._idle) - len(self._leases)
+            assert self._size <= self.config.max_size, (self._size, self.config.max_size)
+            assert in_transit >= self._opening + self._closing, self._counts_locked()
+            assert not (self._idle and self._waiters), self._counts_locked()
+            assert all(lease._conn is not None for lease in self._leases)
+            ids = [id(c) for c in self._idle] + [id(le._conn) for le in self._leases]
+            assert len(ids) == len(set(ids)), "a connection is idle and leased, or leased twice"
+
+    # ------------------------------------------------------------------ fork safety
+
+    def _before_fork(self) -> None:
+        self._lock.acquire()
+
+    def _after_fork_in_parent(self) -> None:
+        self._lock.release()
+
+    def _after_fork_in_child(self) -> None:
+        """Start empty: drop (never close) every connection inherited from the parent.
+
+        The child has only the forking thread, so waiters and openers are gone too.
+        """
+        inherited = [*self._idle, *(le._conn for le in self._leases if le._conn is not None)]
+        for lease in self._leases:
+            lease._conn = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._idle = []
+        self._leases = set()
+        self._waiters = collections.deque()
+        self._size = self._opening = self._closing = 0
+        self._pid = os.getpid()
+        for conn in inherited:
+            self.driver.drop(conn.raw)
+        self._start_openers(self._request_open_locked())
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _before_fork() -> None:
+    _pools_lock.acquire()
+    for pool in list(_pools):
+        pool._before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for pool in list(_pools):
+        pool._after_fork_in_parent()
+    _pools_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global _pools_lock
+    _pools_lock = threading.Lock()
+    for pool in list(_pools):
+        try:
+            pool._after_fork_in_child()
+        except Exception:  # never break the child over one pool
+            print(f"connguard: resetting pool {pool.name!r} after fork failed", file=sys.stderr)
+
+
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
