@@ -1,0 +1,267 @@
+"""The :class:`~connguard.pool.driver.Driver` for psycopg 3.
+
+Every method here runs either on the pool's hot path (``transaction_status``,
+``is_alive``: no I/O, well under a microsecond or two) or at a moment where the pool
+must not hang (``connect``, ``ping``: bounded by a timeout). The notes on each method say
+which libpq behaviour the implementation relies on, because that is where the surprises
+live.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+from psycopg import pq
+
+from connguard.pool.driver import TxStatus
+
+__all__ = ["PsycopgDriver"]
+
+# libpq's PGTransactionStatusType values index this tuple: a lookup costs ~30 ns, where
+# building a ``pq.TransactionStatus`` and mapping it through a dict costs several times
+# that, and ``transaction_status`` runs on every release.
+_TX_BY_LIBPQ: tuple[TxStatus, ...] = tuple(
+    {
+        pq.TransactionStatus.IDLE: TxStatus.IDLE,
+        pq.TransactionStatus.ACTIVE: TxStatus.ACTIVE,
+        pq.TransactionStatus.INTRANS: TxStatus.INTRANS,
+        pq.TransactionStatus.INERROR: TxStatus.INERROR,
+        pq.TransactionStatus.UNKNOWN: TxStatus.UNKNOWN,
+    }[pq.TransactionStatus(i)]
+    for i in range(len(pq.TransactionStatus))
+)
+_IDLE = int(pq.TransactionStatus.IDLE)
+_UNKNOWN = int(pq.TransactionStatus.UNKNOWN)
+_FATAL_ERROR = int(pq.ExecStatus.FATAL_ERROR)
+
+# POLLERR/POLLHUP/POLLNVAL are always reported; naming them documents the intent.
+_READ_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+_WRITE_EVENTS = select.POLLOUT | select.POLLERR | select.POLLHUP
+
+
+class PsycopgDriver:
+    """psycopg 3 as the pool sees it.
+
+    ``conninfo`` and ``connect_kwargs`` are what you would pass to
+    ``psycopg.Connection.connect`` (``connect_kwargs`` may hold libpq parameters as well
+    as ``prepare_threshold``, ``row_factory``...). ``autocommit`` and
+    ``application_name`` define the baseline every connection is opened in and that
+    :meth:`reset` restores; they, and the pool's connect timeout, win over the same keys in
+    ``connect_kwargs``.
+    """
+
+    name: str = "psycopg"
+    operational_error: type[Exception] = psycopg.OperationalError
+
+    def __init__(
+        self,
+        conninfo: str = "",
+        *,
+        connect_kwargs: Mapping[str, Any] | None = None,
+        autocommit: bool = True,
+        application_name: str | None = None,
+    ) -> None:
+        self.conninfo = conninfo
+        # A private copy: the caller may mutate its mapping later, and connect() must
+        # not write the per-call keys into it either.
+        self.connect_kwargs: dict[str, Any] = dict(connect_kwargs or {})
+        self.autocommit = autocommit
+        self.application_name = application_name
+
+    def __repr__(self) -> str:
+        return f"<PsycopgDriver autocommit={self.autocommit} app={self.application_name!r}>"
+
+    def connect(self, timeout: float) -> psycopg.Connection[Any]:
+        """Open a connection in the baseline state.
+
+        ``timeout`` becomes libpq's ``connect_timeout``, which counts whole seconds and is
+        at least 2 (libpq's rule, which psycopg copies): ``timeout=0.5`` really waits up to
+        2 s. With several hosts in ``conninfo`` the timeout applies to each attempt.
+        """
+        params = dict(self.connect_kwargs)
+        if self.application_name is not None:
+            params["application_name"] = self.application_name
+        params["connect_timeout"] = max(1, math.ceil(timeout))
+        params["autocommit"] = self.autocommit
+        return psycopg.Connection.connect(self.conninfo, **params)
+
+    def close(self, conn: psycopg.Connection[Any]) -> None:
+        """Close politely (libpq sends Terminate). Never raises: the pool calls this on
+        connections it already knows to be broken."""
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+    def drop(self, conn: psycopg.Connection[Any]) -> None:
+        """Free ``conn`` without a word to the server.
+
+        In a forked child the socket is shared with the parent; ``PQfinish`` would send
+        the Terminate message on it and the server would end the *parent's* session. So
+        the socket's descriptor number is first pointed at ``/dev/null`` (``dup2``), which
+        drops the child's reference to the socket without touching the socket itself,
+        and only then is the connection closed: libpq frees its memory and "sends"
+        Terminate to ``/dev/null``, where ``send()`` fails harmlessly with ENOTSOCK (no
+        SIGPIPE: it is not a socket), then closes the descriptor, which is now ours.
+
+        Outside a fork this is an abortive close: the server sees EOF instead of
+        Terminate. Never raises.
+        """
+        try:
+            fd = conn.pgconn.socket
+        except Exception:
+            fd = -1  # already closed or lost: libpq owns no socket, plain close is safe
+        if fd >= 0:
+            try:
+                devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    os.dup2(devnull, fd, inheritable=False)
+                finally:
+                    os.close(devnull)
+            except OSError:
+                pass
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+    def is_alive(self, conn: psycopg.Connection[Any]) -> bool:
+        """True unless ``conn`` is certainly unusable; no round trip (~0.7 µs).
+
+        libpq reports ``PQTRANS_UNKNOWN`` exactly when the connection is not
+        ``CONNECTION_OK``, which covers ``conn.closed`` and ``conn.broken`` in one cheap
+        read. Then the socket is polled without waiting: on an idle connection the
+        server has nothing to say, so readable data means it hung up or sent an error
+        before going away (``pg_terminate_backend``, ``idle_session_timeout``, a server
+        shutdown). An unsolicited NOTIFY or NOTICE also makes the socket readable and so
+        yields False: a harmless false negative that costs one reconnect.
+        """
+        try:
+            pgconn = conn.pgconn
+            if pgconn.transaction_status == _UNKNOWN:
+                return False
+            poller = select.poll()
+            poller.register(pgconn.socket, _READ_EVENTS)
+            return not poller.poll(0)
+        except Exception:
+            return False
+
+    def ping(self, conn: psycopg.Connection[Any], timeout: float) -> None:
+        """One round trip, an empty query, bounded by ``timeout`` seconds.
+
+        The query goes through libpq's non-blocking API directly instead of
+        ``conn.execute``: that way ``timeout`` bounds the whole exchange (a dead network or
+        a stopped server cannot hang the pool), and psycopg does not open a transaction
+        around it when autocommit is off. An empty query is answered even inside a failed
+        transaction and changes no state, so the transaction status is left as it was.
+
+        Raises ``psycopg.OperationalError`` on failure or timeout; after a timeout the
+        query is still in flight and the connection must be closed.
+        """
+        deadline = time.monotonic() + timeout
+        if not conn.lock.acquire(timeout=max(timeout, 0.0)):
+            raise psycopg.OperationalError(f"ping: connection busy for {timeout:g}s")
+        try:
+            pgconn = conn.pgconn
+            if pgconn.transaction_status == _UNKNOWN:
+                raise psycopg.OperationalError("ping: the connection is closed or lost")
+            pgconn.send_query(b"")
+            while pgconn.flush():
+                _wait(pgconn.socket, _WRITE_EVENTS, deadline, timeout)
+            pgconn.consume_input()
+            while pgconn.is_busy():
+                _wait(pgconn.socket, _READ_EVENTS, deadline, timeout)
+                pgconn.consume_input()
+            error: bytes | None = None
+            while (result := pgconn.get_result()) is not None:
+                if result.status == _FATAL_ERROR and error is None:
+                    error = result.error_message or b"unknown error"
+            if error is not None:
+                message = error.decode("utf-8", "replace").strip()
+                raise psycopg.OperationalError(f"ping failed: {message}")
+        finally:
+            conn.lock.release()
+
+    def transaction_status(self, conn: psycopg.Connection[Any]) -> TxStatus:
+        """Map libpq's ``PQtransactionStatus``; no I/O, ~50 ns.
+
+        It reflects what libpq last heard: a backend terminated while the connection sat
+        idle still reads IDLE until something (``is_alive``, a query) notices.
+        """
+        try:
+            return _TX_BY_LIBPQ[conn.pgconn.transaction_status]
+        except IndexError:
+            return TxStatus.UNKNOWN
+
+    def rollback(self, conn: psycopg.Connection[Any]) -> None:
+        """Roll back the open transaction, keeping session state.
+
+        ``conn.rollback()`` is enough even under autocommit with a hand-written
+        ``BEGIN``: psycopg 3 decides from libpq's transaction status, not from its own
+        bookkeeping (unlike psycopg2). Going through psycopg rather than sending
+        ``ROLLBACK`` keeps its prepared-statement cache consistent.
+        """
+        conn.rollback()
+
+    def reset(self, conn: psycopg.Connection[Any]) -> None:
+        """Roll back, then ``DISCARD ALL``, then restore the baseline autocommit.
+
+        ``DISCARD ALL`` (which includes ``CLOSE ALL``, so WITH HOLD cursors go too)
+        refuses to run inside a transaction block, and with autocommit off psycopg would
+        open one in front of it: autocommit is switched on for the statement, which costs
+        no round trip.
+
+        ``DISCARD ALL`` also deallocates the statements psycopg prepared automatically
+        (``prepare_threshold``), so psycopg's cache of them must be emptied or the next
+        holder gets "prepared statement _pg3_N does not exist". psycopg 3.3 tries to
+        notice the command tag itself but only does so the first time it sees the query
+        (and, left to auto-prepare ``DISCARD ALL``, breaks on the 5th reset), hence
+        ``prepare=False`` and :func:`_forget_prepared`.
+
+        On failure the connection is in an undefined state and must be closed.
+        """
+        if conn.pgconn.transaction_status != _IDLE:
+            conn.rollback()
+        if not conn.autocommit:
+            conn.autocommit = True
+        conn.execute("DISCARD ALL", prepare=False)
+        _forget_prepared(conn)
+        if conn.autocommit != self.autocommit:
+            conn.autocommit = self.autocommit
+
+
+def _forget_prepared(conn: psycopg.Connection[Any]) -> None:
+    """Empty psycopg's prepared-statement cache after the server dropped the statements.
+
+    There is no public API for this: it uses the connection's private ``_prepared``
+    manager (psycopg 3.1 to 3.3), defensively so a future psycopg that reorganises it
+    does not break ``reset``; ``test_reset_forgets_prepared_statements`` catches that.
+    Besides clearing the cache, ``clear()`` queues a ``DEALLOCATE ALL`` for the next
+    query, and the manager may hold names of evicted statements to deallocate: the server
+    has none left, so that queue is emptied to spare a round trip (or an error).
+    """
+    manager: Any = getattr(conn, "_prepared", None)
+    clear = getattr(manager, "clear", None)
+    if clear is None:
+        return
+    clear()
+    to_flush = getattr(manager, "_to_flush", None)
+    if to_flush is not None:
+        to_flush.clear()
+
+
+def _wait(fd: int, events: int, deadline: float, timeout: float) -> None:
+    """Block until ``fd`` is ready for ``events`` or raise once ``deadline`` has passed."""
+    remaining = deadline - time.monotonic()
+    if remaining > 0:
+        poller = select.poll()
+        poller.register(fd, events)
+        if poller.poll(math.ceil(remaining * 1000)):
+            return
+    raise psycopg.OperationalError(f"ping: no answer within {timeout:g}s")
