@@ -113,7 +113,7 @@ def test_max_waiting_refuses_at_once(driver: FakeDriver, clock: ManualClock) -> 
     held.release()
     t.join()
     lease = outcome[0]
-    assert conn_of(lease) is conn_of(held) if False else True  # noqa: SIM210
+    assert conn_of(lease) is conn_of(held) if False else True
     lease.release()  # type: ignore[attr-defined]
     assert pool.stats().refusals == 1
     pool.close()
@@ -225,9 +225,7 @@ def test_dead_idle_connection_is_replaced_at_acquire(pool: Pool) -> None:
     fresh.release()
 
 
-def test_round_trip_ping_only_after_idle_threshold(
-    driver: FakeDriver, clock: ManualClock
-) -> None:
+def test_round_trip_ping_only_after_idle_threshold(driver: FakeDriver, clock: ManualClock) -> None:
     pool = make_pool(driver, clock, max_size=2, ping_after_idle=30.0)
     lease = pool.acquire()
     conn = conn_of(lease)
@@ -269,9 +267,7 @@ def test_lifetime_jitter_spreads_expiry(driver: FakeDriver, clock: ManualClock) 
     pool.close()
 
 
-def test_max_idle_shrinks_but_never_below_min_size(
-    driver: FakeDriver, clock: ManualClock
-) -> None:
+def test_max_idle_shrinks_but_never_below_min_size(driver: FakeDriver, clock: ManualClock) -> None:
     pool = make_pool(driver, clock, min_size=2, max_size=6, max_idle=60.0)
     leases = [pool.acquire() for _ in range(6)]
     for lease in leases:

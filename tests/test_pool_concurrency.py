@@ -1,0 +1,279 @@
+"""The invariants under concurrency: many threads, and hypothesis-driven sequences.
+
+Bounded, exclusive, every lease ends, FIFO hand-off, and no connection stranded
+when a waiter's timeout races a hand-off.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    precondition,
+    rule,
+)
+
+from connguard.pool import Lease, Pool, PoolConfig, PoolError, TxStatus
+
+from .fakes import FakeConnection, FakeDriver, FakeOperationalError, ManualClock, wait_until
+
+
+def settle(pool: Pool, driver: FakeDriver | None = None) -> None:
+    """Wait for opener threads to finish so the books can be checked exactly.
+
+    While the fake database is down one opener keeps retrying (to refill
+    ``min_size``) by design, so then only closing must settle.
+    """
+
+    def quiet() -> bool:
+        stats = pool.stats()
+        down = driver is not None and driver.fail_connect is not None
+        return stats.closing == 0 and (stats.opening == 0 or (down and stats.opening <= 1))
+
+    wait_until(quiet)
+
+
+def test_many_threads_keep_every_invariant() -> None:
+    driver = FakeDriver()
+    pool = Pool(
+        driver,
+        PoolConfig(min_size=2, max_size=6, timeout=2.0, ping_after_idle=None),
+        name="stress",
+        housekeeping=False,
+    )
+    threads_n, rounds = 48, 150
+    errors: list[BaseException] = []
+    outcomes = {"ok": 0, "timeout": 0}
+    outcomes_lock = threading.Lock()
+    go = threading.Barrier(threads_n)
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        go.wait()
+        try:
+            for _ in range(rounds):
+                try:
+                    lease = pool.acquire(timeout=rng.choice([0.0005, 0.005, 1.0]))
+                except PoolError:
+                    with outcomes_lock:
+                        outcomes["timeout"] += 1
+                    continue
+                conn = lease.connection
+                assert isinstance(conn, FakeConnection)
+                conn.use()
+                roll = rng.random()
+                if roll < 0.1:
+                    conn.status = TxStatus.INTRANS  # left a transaction open
+                elif roll < 0.13:
+                    conn.alive = False  # the server went away under us
+                if rng.random() < 0.3:
+                    threading.Event().wait(rng.random() / 2000)
+                conn.use()
+                lease.release(reset=rng.random() < 0.05)
+                if rng.random() < 0.05:
+                    lease.release()  # a double release must do nothing
+                with outcomes_lock:
+                    outcomes["ok"] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads_n)]
+    stop = threading.Event()
+
+    def housekeeping() -> None:
+        while not stop.wait(0.002):
+            pool.housekeep()
+            pool._check_invariants()
+
+    keeper = threading.Thread(target=housekeeping)
+    keeper.start()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    stop.set()
+    keeper.join()
+    assert not errors, errors[:3]
+    settle(pool)
+    pool._check_invariants()
+    stats = pool.stats()
+    assert driver.max_live <= 6, "bounded: never more physical connections than max_size"
+    assert stats.in_use == 0 and not pool.leases(), "every lease ended"
+    assert stats.size == stats.idle == driver.live
+    assert outcomes["ok"] + outcomes["timeout"] == threads_n * rounds
+    assert stats.releases == outcomes["ok"]
+    assert outcomes["ok"] > threads_n * rounds // 2
+    pool.close()
+    assert driver.live == 0
+
+
+def test_waiter_timeouts_racing_hand_offs_never_strand_a_connection() -> None:
+    """Waiters give up at the same instant connections are handed to them."""
+    driver = FakeDriver()
+    pool = Pool(driver, PoolConfig(min_size=0, max_size=2), name="race", housekeeping=False)
+    for _ in range(300):
+        held = [pool.acquire(timeout=1), pool.acquire(timeout=1)]
+        results: list[Lease | PoolError] = []
+        barrier = threading.Barrier(3)
+
+        def wait_briefly(
+            barrier: threading.Barrier = barrier, results: list[Lease | PoolError] = results
+        ) -> None:
+            barrier.wait()
+            try:
+                results.append(pool.acquire(timeout=0.0002))
+            except PoolError as exc:
+                results.append(exc)
+
+        threads = [threading.Thread(target=wait_briefly) for _ in range(2)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        for lease in held:
+            lease.release()
+        for t in threads:
+            t.join()
+        got = [r for r in results if isinstance(r, Lease)]
+        stats = pool.stats()
+        assert stats.in_use == len(got)
+        assert stats.idle + stats.in_use == 2, "a connection went missing"
+        for lease in got:
+            lease.release()
+        pool._check_invariants()
+    assert pool.stats().idle == 2 and driver.max_live == 2
+    pool.close()
+
+
+class PoolMachine(RuleBasedStateMachine):
+    """Random sequences of pool operations against a model of the books."""
+
+    leases = Bundle("leases")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.driver = FakeDriver()
+        self.clock = ManualClock()
+        self.max_size = 3
+        self.pool = Pool(
+            self.driver,
+            PoolConfig(
+                min_size=1,
+                max_size=self.max_size,
+                max_lifetime=100.0,
+                max_idle=30.0,
+                ping_after_idle=10.0,
+                leak_threshold=50.0,
+                reconnect_backoff=0.001,
+                reconnect_backoff_max=0.002,
+            ),
+            name="model",
+            clock=self.clock,
+            housekeeping=False,
+        )
+        self.held: set[Lease] = set()
+        settle(self.pool, self.driver)
+
+    @rule(target=leases)
+    def acquire(self) -> Lease | None:
+        room = len(self.held) < self.max_size
+        up = self.driver.fail_connect is None
+        try:
+            lease = self.pool.acquire(timeout=2.0 if room and up else 0.005)
+        except PoolError as exc:
+            assert not room or not up, exc
+            settle(self.pool, self.driver)
+            return None
+        assert room, "leased more connections than max_size"
+        assert lease not in self.held
+        conn = lease.connection
+        assert all(conn is not other.connection for other in self.held), "leased twice"
+        self.held.add(lease)
+        settle(self.pool, self.driver)
+        return lease
+
+    @rule(
+        lease=consumes(leases),
+        status=st.sampled_from([TxStatus.IDLE, TxStatus.INTRANS, TxStatus.INERROR]),
+        reset=st.booleans(),
+        dead=st.booleans(),
+    )
+    def release(self, lease: Lease | None, status: TxStatus, reset: bool, dead: bool) -> None:
+        if lease is None:
+            return
+        conn = lease.connection
+        conn.status = status
+        conn.alive = not dead
+        lease.release(reset=reset)
+        self.held.discard(lease)
+        assert not lease.active
+        settle(self.pool, self.driver)
+        if dead:
+            assert conn.closed
+
+    @rule(lease=leases)
+    def use_after_release_is_fenced(self, lease: Lease | None) -> None:
+        if lease is None or lease.active:
+            return
+        try:
+            _ = lease.connection
+        except FakeOperationalError:
+            return
+        raise AssertionError("an ended lease still reached its connection")
+
+    @rule(seconds=st.sampled_from([1.0, 11.0, 31.0, 51.0, 101.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+    @rule()
+    def housekeep(self) -> None:
+        self.pool.housekeep()
+        settle(self.pool, self.driver)
+
+    @rule()
+    def kill_an_idle_connection(self) -> None:
+        with self.pool._lock:
+            if self.pool._idle:
+                self.pool._idle[0].raw.alive = False
+
+    @precondition(lambda self: self.driver.fail_connect is None)
+    @rule()
+    def database_goes_down(self) -> None:
+        self.driver.fail_connect = FakeOperationalError("down")
+
+    @precondition(lambda self: self.driver.fail_connect is not None)
+    @rule()
+    def database_comes_back(self) -> None:
+        self.driver.fail_connect = None
+        wait_until(lambda: self.pool._backoff_until < time.monotonic())
+
+    @invariant()
+    def books_balance(self) -> None:
+        self.pool._check_invariants()
+        stats = self.pool.stats()
+        assert stats.in_use == len(self.held)
+        assert self.driver.max_live <= self.max_size
+        assert self.driver.live == stats.size - stats.opening
+
+    def teardown(self) -> None:
+        for lease in list(self.held):
+            lease.release()
+        self.pool.close()
+        wait_until(lambda: self.pool.stats().size == 0)
+        assert self.driver.live == 0, "a connection outlived its pool"
+
+
+PoolMachine.TestCase.settings = settings(
+    max_examples=40,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_pool_state_machine = PoolMachine.TestCase
