@@ -20,6 +20,22 @@ from connguard.testing.postgres import EmbeddedPostgres
 
 from .proxy import FaultProxy
 
+REQUIRE_ALL = (
+    os.environ.get("CI", "").lower() == "true" or os.environ.get("CONNGUARD_REQUIRE_ALL") == "1"
+)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under CI a skip is a failure: it would hide a broken install step."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped under CI, where a missing service or binary is a failure: {report.longrepr}"
+        )
+
 
 class ExistingServer:
     """A server we did not start: only its DSN is known; never stop it."""
