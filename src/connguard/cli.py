@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -75,12 +76,16 @@ def mask_dsn(text: str) -> str:
     return _CONNINFO_PASSWORD.sub(lambda m: f"{m['key']}={_MASK}", text)
 
 
-def _one_line(exc: BaseException | str) -> str:
-    """First non-empty line of an error, masked: driver and server errors span several
-    lines (hints, log tails) and the contract is one line on stderr."""
-    text = exc if isinstance(exc, str) else str(exc) or type(exc).__name__
+def _first_line(text: str) -> str:
+    """First non-empty line: driver and server errors span several lines (hints, log
+    tails) and the contract is one line on stderr."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return mask_dsn(lines[0] if lines else type(exc).__name__)
+    return lines[0] if lines else ""
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one masked line, for messages we did not write ourselves."""
+    return mask_dsn(_first_line(str(exc)) or type(exc).__name__)
 
 
 # -- argument parsing ------------------------------------------------------------------
@@ -255,6 +260,60 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+class _LogCollector(logging.Handler):
+    """Keeps the pool's warnings for the report instead of letting them interleave with
+    it on stderr (on Ctrl-C in a terminal the server is interrupted too, and the
+    pool's reconnect warnings would bury the one-line "interrupted")."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.messages) < 100:
+            self.messages.append(mask_dsn(_first_line(record.getMessage())))
+
+
+@contextlib.contextmanager
+def _collect_pool_logs() -> Iterator[_LogCollector]:
+    logger = logging.getLogger("connguard")
+    collector = _LogCollector()
+    propagate = logger.propagate
+    logger.addHandler(collector)
+    logger.propagate = False
+    try:
+        yield collector
+    finally:
+        logger.removeHandler(collector)
+        logger.propagate = propagate
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C back until the block ends, then raise KeyboardInterrupt.
+
+    For server start-up: interrupting initdb or the postmaster half-way makes the
+    server's children die uncleanly, leaving shared-memory segments behind. The block
+    takes well under a second. A failure in the block after Ctrl-C (from a terminal,
+    the server's processes get the signal too) is reported as the interrupt it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    except Exception:
+        if pending:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
 def _connect_monitor(driver_name: str | None, dsn: str) -> tuple[Driver, Any]:
     try:
         driver = load_driver(driver_name, conninfo=dsn, application_name=MONITOR_APP_NAME)
@@ -263,7 +322,7 @@ def _connect_monitor(driver_name: str | None, dsn: str) -> tuple[Driver, Any]:
     try:
         conn = driver.connect(CONNECT_TIMEOUT)
     except Exception as exc:
-        raise CliError(f"cannot connect to {mask_dsn(dsn)!r}: {_one_line(exc)}") from None
+        raise CliError(f"cannot connect to '{mask_dsn(dsn)}': {_one_line(exc)}") from None
     return driver, conn
 
 
@@ -275,16 +334,18 @@ def _start_embedded(max_size: int) -> Any:
     try:
         find_bin_dir()
     except RuntimeError as exc:
-        raise CliError(
-            f"{_one_line(exc)} (or pass --dsn); install django-connguard[demo]"
-        ) from None
+        raise CliError(f"{_one_line(exc)}; or pass --dsn to use a running server") from None
     # Room for the pool, the sampler and a margin, even with a larger --max-size.
     server = EmbeddedPostgres(max_connections=max(EMBEDDED_MAX_CONNECTIONS, max_size + 10))
     try:
-        server.start()
+        with _sigint_deferred():
+            server.start()
     except RuntimeError as exc:
         server.cleanup()
         raise CliError(f"cannot start the embedded PostgreSQL: {_one_line(exc)}") from None
+    except BaseException:
+        server.cleanup()
+        raise
     return server
 
 
@@ -411,6 +472,9 @@ def _print_table(result: dict[str, Any], out: TextIO) -> None:
         ("hold time", f"p50 {hold['p50']:.3f} ms  p99 {hold['p99']:.3f} ms  "
                       f"max {hold['max']:.3f} ms"),
     ]  # fmt: skip
+    if result["pool_warnings"]:
+        warnings = result["pool_warnings"]
+        rows.append(("pool warnings", f"{len(warnings)}, first: {warnings[0]}"))
     if result["errors"]:
         rows.append(("errors", f"{result['errors']}: {result['first_error']}"))
     width = max(len(label) for label, _ in rows)
@@ -428,7 +492,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         else:
             server = _start_embedded(args.max_size)
             dsn, label = server.dsn, f"embedded, {server.host}:{server.port}"
-        result = _run_demo(args, dsn, label)
+        with _collect_pool_logs() as logs:
+            result = _run_demo(args, dsn, label)
+        result["pool_warnings"] = logs.messages
     finally:
         if server is not None:
             with _sigint_ignored():
@@ -460,14 +526,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except _UsageError as exc:
-        print(f"{PROG}: error: {_one_line(str(exc))}", file=sys.stderr)
+        # Masked: "unrecognized arguments" may echo a mis-quoted DSN's password.
+        print(f"{PROG}: error: {mask_dsn(_first_line(str(exc)))}", file=sys.stderr)
         return EXIT_USAGE
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     try:
         status: int = args.func(args)
     except CliError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        # Built from masked parts already: masking again could swallow the punctuation
+        # that follows a masked DSN.
+        print(f"{PROG}: error: {_first_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
