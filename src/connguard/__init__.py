@@ -16,6 +16,7 @@ from .pool import (
     PoolStats,
     PoolTimeout,
 )
+from .scope import Scope, current_scope, scope
 
 __version__ = "0.1.0.dev0"
 
@@ -31,5 +32,8 @@ __all__ = [
     "PoolRefused",
     "PoolStats",
     "PoolTimeout",
+    "Scope",
     "__version__",
+    "current_scope",
+    "scope",
 ]

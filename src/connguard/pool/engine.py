@@ -94,13 +94,14 @@ class Lease:
         "thread_name",
     )
 
-    def __init__(self, pool: Pool, conn: _Conn, acquired_at: float, owner: object) -> None:
+    def __init__(
+        self, pool: Pool, conn: _Conn, acquired_at: float, owner: object, thread: threading.Thread
+    ) -> None:
         self._pool = pool
         self._conn: _Conn | None = conn  # None once the lease has ended (fence)
         self.acquired_at = acquired_at
         self.owner = owner  # the scope (request, task...) that holds it, if any
-        thread = threading.current_thread()
-        self.thread_id = thread.ident
+        self.thread_id = thread.ident  # the thread that asked for it
         self.thread_name = thread.name
         self.leak_reported = False  # set once by housekeeping past leak_threshold
 
@@ -122,6 +123,15 @@ class Lease:
                 LeaseEnded, "this lease has ended; acquire a new one to use the database"
             )
         return conn.raw
+
+    def peek(self) -> Any:
+        """The driver's connection while the lease is active, else None.
+
+        For callers that re-acquire on None instead of handling :class:`LeaseEnded`
+        (the Django layer checks this before every use).
+        """
+        conn = self._conn
+        return None if conn is None else conn.raw
 
     def release(self, *, reset: bool = False) -> None:
         """Give the connection back; see :meth:`Pool.release`."""
@@ -145,12 +155,13 @@ class _Waiter:
     field first, then releases the lock, always while holding the pool lock.
     """
 
-    __slots__ = ("error", "event", "lease", "owner")
+    __slots__ = ("error", "event", "lease", "owner", "thread")
 
     def __init__(self, owner: object) -> None:
         self.event = threading.Lock()
         self.event.acquire()
         self.owner = owner
+        self.thread = threading.current_thread()
         self.lease: Lease | None = None
         self.error: PoolError | None = None
 
@@ -255,7 +266,7 @@ class Pool:
                     raise self._error(PoolClosed, "the pool is closed")
                 if self._idle:
                     conn = self._idle.pop()
-                    lease = Lease(self, conn, start, owner)
+                    lease = Lease(self, conn, start, owner, threading.current_thread())
                     self._leases.add(lease)
                     self._n_acquires += 1
                     self._h_wait.record(_monotonic() + limit - deadline)
@@ -414,7 +425,7 @@ class Pool:
         """Hand ``conn`` to the first waiter, or make it idle. Caller holds the lock."""
         if self._waiters:
             waiter = self._waiters.popleft()
-            lease = Lease(self, conn, now, waiter.owner)
+            lease = Lease(self, conn, now, waiter.owner, waiter.thread)
             self._leases.add(lease)
             self._n_acquires += 1
             waiter.lease = lease
@@ -548,9 +559,7 @@ class Pool:
             delay = self._backoff_delay * 2 if self._backoff_delay else cfg.reconnect_backoff
             self._backoff_delay = min(delay, cfg.reconnect_backoff_max)
             # up to 20 % jitter so many processes do not retry in lockstep
-            self._backoff_until = _monotonic() + self._backoff_delay * (
-                0.8 + 0.2 * random.random()
-            )
+            self._backoff_until = _monotonic() + self._backoff_delay * (0.8 + 0.2 * random.random())
             needed = bool(self._waiters) or self._size <= cfg.min_size
             retry = not self._closed and needed and self._opening == 1
             if not retry:

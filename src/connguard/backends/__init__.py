@@ -1,0 +1,1 @@
+"""Django ``ENGINE`` packages: ``connguard.backends.<vendor>``."""

@@ -1,0 +1,1 @@
+"""``ENGINE: "connguard.backends.postgresql"``: Django's PostgreSQL backend, pooled."""

@@ -1,0 +1,42 @@
+"""Django's PostgreSQL backend with connguard's pool (psycopg 3 or psycopg2).
+
+Thin on purpose: everything that differs from Django's own backend lives in
+:mod:`connguard.django.wrapper`; this module only composes it with Django's
+classes, which pick psycopg 3 when installed and psycopg2 otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.backends.postgresql import base as django_pg
+from django.db.backends.postgresql.creation import DatabaseCreation as DjangoCreation
+
+from connguard.django import pools, scopes
+from connguard.django.wrapper import ConnguardWrapperMixin, FencedCursorMixin
+
+scopes.install()
+
+
+class CursorDebugWrapper(FencedCursorMixin, django_pg.CursorDebugWrapper):
+    """Django's debug cursor (``DEBUG=True``), fenced."""
+
+
+class DatabaseCreation(DjangoCreation):
+    """PostgreSQL refuses to create, clone or drop a database while connections are
+    attached to it: close the pools that hold idle ones first."""
+
+    def _create_test_db(self, verbosity: int, autoclobber: bool, keepdb: bool = False) -> Any:
+        pools.close_pools(database=self._get_test_db_name())
+        return super()._create_test_db(verbosity, autoclobber, keepdb)
+
+    def _destroy_test_db(self, test_database_name: str, verbosity: int) -> None:
+        pools.close_pools(database=test_database_name)
+        super()._destroy_test_db(test_database_name, verbosity)
+
+
+class DatabaseWrapper(ConnguardWrapperMixin, django_pg.DatabaseWrapper):
+    creation_class = DatabaseCreation
+
+    def make_debug_cursor(self, cursor: Any) -> Any:
+        return CursorDebugWrapper(cursor, self)

@@ -1,0 +1,77 @@
+"""A driver that opens connections the way Django's PostgreSQL backend does.
+
+The pool's openers call :meth:`DjangoDriver.connect`, which uses the backend's own
+connect parameters and then runs the per-connection set-up Django would otherwise
+run on every checkout (time zone, ``assume_role``, psycopg2's JSONB loader) once,
+when the physical connection is opened. A reset (``DISCARD ALL``) undoes that
+set-up, so :meth:`reset` runs it again: the connection always goes back to the
+pool in its configured baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from connguard.pool.driver import Driver, TxStatus
+
+
+class DjangoDriver:
+    """Wraps a connguard driver; only ``connect`` and ``reset`` differ."""
+
+    def __init__(
+        self,
+        base: Driver,
+        connect: Callable[..., Any],
+        conn_params: dict[str, Any],
+        configure: Callable[[Any], bool],
+        autocommit: bool,
+    ) -> None:
+        self.base = base
+        self.name = base.name
+        self.operational_error = base.operational_error
+        self._connect = connect  # the backend's Database.connect
+        self._conn_params = dict(conn_params)
+        self._configure = configure  # returns True when it ran statements
+        self._autocommit = autocommit
+
+    def connect(self, timeout: float) -> Any:
+        params = self._conn_params
+        if "connect_timeout" not in params:
+            # libpq takes whole seconds and treats less than 2 as 2.
+            params = {**params, "connect_timeout": max(2, math.ceil(timeout))}
+        conn = self._connect(**params)
+        try:
+            self._set_up(conn)
+        except BaseException:
+            self.base.close(conn)
+            raise
+        return conn
+
+    def _set_up(self, conn: Any) -> None:
+        if self._configure(conn) and not conn.autocommit:
+            conn.commit()
+        conn.autocommit = self._autocommit
+
+    def reset(self, conn: Any) -> None:
+        self.base.reset(conn)
+        self._set_up(conn)
+
+    def close(self, conn: Any) -> None:
+        self.base.close(conn)
+
+    def drop(self, conn: Any) -> None:
+        self.base.drop(conn)
+
+    def is_alive(self, conn: Any) -> bool:
+        return self.base.is_alive(conn)
+
+    def ping(self, conn: Any, timeout: float) -> None:
+        self.base.ping(conn, timeout)
+
+    def transaction_status(self, conn: Any) -> TxStatus:
+        return self.base.transaction_status(conn)
+
+    def rollback(self, conn: Any) -> None:
+        self.base.rollback(conn)

@@ -1,0 +1,134 @@
+"""The process's pools, one per database a Django alias connects to.
+
+Keyed by what makes connections interchangeable (alias, database name, user,
+host, port, options, time zone), so a test database, a replica or a changed
+``TIME_ZONE`` each get their own pool and never share connections with another.
+A new pool is created only when a connection is first needed, never as a side
+effect of reading state.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+from connguard.drivers import load_driver
+from connguard.pool import Pool, PoolConfig, PoolConfigError
+
+from .driver import DjangoDriver
+
+PoolKey = tuple[str, ...]
+
+_pools: dict[PoolKey, Pool] = {}
+_lock = threading.Lock()
+
+# psycopg_pool settings that Django's native pool accepts but that have no meaning
+# here: named in the error so a site switching ENGINE knows what to drop.
+PSYCOPG_POOL_ONLY = {
+    "num_workers": "connguard opens connections on demand, with no worker threads",
+    "reconnect_timeout": "connguard keeps retrying with backoff; see reconnect_backoff_max",
+    "check": "connguard checks liveness itself; see ping_after_idle and liveness_check",
+    "configure": "connguard runs Django's per-connection set-up itself",
+    "reset": "connguard rolls back or resets on release itself",
+    "kwargs": "put connection arguments in OPTIONS",
+    "connection_class": "not supported",
+    "open": "connguard pools always open lazily",
+    "name": "the pool is named after the database alias",
+    "reconnect_failed": "not supported",
+}
+
+
+def pool_config(options: Mapping[str, Any]) -> PoolConfig:
+    """The :class:`PoolConfig` for a database's ``OPTIONS`` (``pool`` key).
+
+    Raises :class:`PoolConfigError` naming the key and the allowed values.
+    """
+    raw = options.get("pool", True)
+    if raw is True or raw is None:
+        return PoolConfig()
+    if not isinstance(raw, Mapping):
+        raise PoolConfigError(
+            "pool", f"OPTIONS['pool'] must be a dict of pool settings or True (got {raw!r})"
+        )
+    for key in raw:
+        if key in PSYCOPG_POOL_ONLY:
+            raise PoolConfigError(
+                str(key),
+                f"OPTIONS['pool'][{key!r}] is a psycopg_pool setting with no connguard "
+                f"equivalent ({PSYCOPG_POOL_ONLY[key]}); remove it",
+            )
+    return PoolConfig.from_mapping(raw, where="OPTIONS['pool']")
+
+
+def pool_key(wrapper: Any) -> PoolKey:
+    settings = wrapper.settings_dict
+    options = settings["OPTIONS"]
+    return (
+        wrapper.alias,
+        str(settings["NAME"]),
+        str(settings["USER"]),
+        str(settings["HOST"]),
+        str(settings["PORT"]),
+        str(hash(settings["PASSWORD"])),
+        repr(sorted((str(k), repr(v)) for k, v in options.items())),
+        str(wrapper.timezone_name),
+    )
+
+
+def pool_for(wrapper: Any, conn_params: dict[str, Any]) -> Pool:
+    """The pool serving ``wrapper``'s current settings, created on first need."""
+    key = pool_key(wrapper)
+    pool = _pools.get(key)
+    if pool is not None and not pool.closed:
+        return pool
+    with _lock:
+        pool = _pools.get(key)
+        if pool is None or pool.closed:
+            pool = _new_pool(wrapper, conn_params)
+            _pools[key] = pool
+    return pool
+
+
+def _new_pool(wrapper: Any, conn_params: dict[str, Any]) -> Pool:
+    settings = wrapper.settings_dict
+    try:
+        config = pool_config(settings["OPTIONS"])
+    except PoolConfigError as exc:
+        raise ImproperlyConfigured(f"DATABASES[{wrapper.alias!r}]: {exc}") from None
+    autocommit = bool(settings["AUTOCOMMIT"])
+    base = load_driver("psycopg" if is_psycopg3 else "psycopg2", autocommit=autocommit)
+    driver = DjangoDriver(
+        base,
+        connect=wrapper.Database.connect,
+        conn_params=conn_params,
+        configure=wrapper.connguard_configure,
+        autocommit=autocommit,
+    )
+    return Pool(driver, config, name=wrapper.alias)
+
+
+def pools() -> list[Pool]:
+    """Every open pool of this process."""
+    with _lock:
+        return [pool for pool in _pools.values() if not pool.closed]
+
+
+def close_pools(*, database: str | None = None, alias: str | None = None) -> int:
+    """Close the pools for a database name and/or alias (all when neither is given).
+
+    Tests call this before dropping or cloning a database, which PostgreSQL refuses
+    while idle pooled connections are attached to it.
+    """
+    closing: list[Pool] = []
+    with _lock:
+        for key, pool in list(_pools.items()):
+            if (alias is None or key[0] == alias) and (database is None or key[1] == database):
+                closing.append(pool)
+                del _pools[key]
+    for pool in closing:
+        pool.close()
+    return len(closing)

@@ -1,0 +1,221 @@
+"""The ``DatabaseWrapper`` mixin: Django's connect is an acquire, close a release.
+
+Django keeps a wrapper per thread and believes it owns ``wrapper.connection``.
+Here that attribute is a view of a :class:`~connguard.pool.Lease` owned by a
+:class:`~connguard.scope.Scope` (the request, task or thread). When the scope ends,
+from whichever thread, the lease goes back to the pool; the wrapper notices at its
+next use (``connection`` reads as None) and Django's ``ensure_connection()``
+re-acquires transparently. Cursors are fenced too: a cursor made under a lease
+that has ended raises instead of touching a connection that is now someone
+else's.
+
+What Django does once per connection (time zone, ``assume_role``) runs once per
+*physical* connection, in :class:`~connguard.django.driver.DjangoDriver`, and again
+at checkout only when the wanted time zone differs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
+from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
+from django.db.backends.utils import CursorWrapper
+from django.utils.asyncio import async_unsafe
+
+from connguard.pool import Lease, Pool
+from connguard.scope import Scope, owner_scope
+
+from . import pools
+
+logger = logging.getLogger("connguard.django")
+
+
+class FencedCursorMixin:
+    """Refuses to run once the lease the cursor was made under has ended."""
+
+    db: Any
+    _cg_lease: Lease | None
+
+    def __init__(self, cursor: Any, db: Any) -> None:
+        super().__init__(cursor, db)  # type: ignore[call-arg]
+        self._cg_lease = db._cg_lease
+
+    def _cg_check(self) -> None:
+        lease = self._cg_lease
+        if lease is not None and lease.peek() is None:
+            with self.db.wrap_database_errors:
+                lease.connection  # noqa: B018 - raises LeaseEnded, wrapped by Django
+
+    def execute(self, sql: Any, params: Any = None) -> Any:
+        self._cg_check()
+        return super().execute(sql, params)  # type: ignore[misc]
+
+    def executemany(self, sql: Any, param_list: Any) -> Any:
+        self._cg_check()
+        return super().executemany(sql, param_list)  # type: ignore[misc]
+
+    def callproc(self, procname: Any, params: Any = None, kparams: Any = None) -> Any:
+        self._cg_check()
+        return super().callproc(procname, params, kparams)  # type: ignore[misc]
+
+
+class FencedCursorWrapper(FencedCursorMixin, CursorWrapper):
+    pass
+
+
+class ConnguardWrapperMixin:
+    """Mix into a backend's ``DatabaseWrapper`` before Django's class."""
+
+    # Set before Django's __init__ assigns ``self.connection = None``.
+    _cg_lease: Lease | None = None
+    _cg_scope: Scope | None = None
+    # Django's short-lived ``__no_db__`` wrapper (CREATE/DROP DATABASE) connects
+    # directly: pooling a connection to the maintenance database helps nobody.
+    _cg_direct: Any = None
+
+    settings_dict: dict[str, Any]
+    alias: str
+    in_atomic_block: bool
+    closed_in_transaction: bool
+    needs_rollback: bool
+    isolation_level: Any
+
+    # ---------------------------------------------------------------- the connection
+
+    @property
+    def connection(self) -> Any:
+        lease = self._cg_lease
+        if lease is None:
+            return self._cg_direct
+        raw = lease.peek()
+        if raw is None:
+            self._cg_lease_lost()
+        return raw
+
+    @connection.setter
+    def connection(self, value: Any) -> None:
+        if value is None:
+            self._cg_direct = None
+            lease, self._cg_lease = self._cg_lease, None
+            if lease is not None:
+                self._cg_forget(lease)
+                lease.release()
+        elif self.alias == NO_DB_ALIAS:
+            self._cg_direct = value
+        elif self._cg_lease is None or self._cg_lease.peek() is not value:
+            raise ImproperlyConfigured(
+                "connguard: a connection can only be set on the wrapper by acquiring it "
+                "from the pool (get_new_connection)"
+            )
+
+    def _cg_lease_lost(self) -> None:
+        """The lease ended elsewhere (its scope ended, or it was taken back)."""
+        lease, self._cg_lease = self._cg_lease, None
+        if lease is not None:
+            self._cg_forget(lease)
+        if self.in_atomic_block:
+            # Continuing the transaction on a new connection would be silently
+            # wrong: make Django raise "Cannot open a new connection in an atomic
+            # block" at the next use instead.
+            self.closed_in_transaction = True
+            self.needs_rollback = True
+
+    def _cg_forget(self, lease: Lease) -> None:
+        scope, self._cg_scope = self._cg_scope, None
+        if scope is not None:
+            scope.discard(lease)
+
+    @property
+    def pool(self) -> None:
+        """Django's native pool stays off: connguard's pool replaces it."""
+        return None
+
+    def close_pool(self) -> None:
+        """Close this alias's pool for the current database (Django calls this before
+        cloning a test database, and when the time zone setting changes)."""
+        pools.close_pools(alias=self.alias, database=str(self.settings_dict["NAME"]))
+
+    @property
+    def connguard_lease(self) -> Lease | None:
+        """The lease this wrapper holds now, if any."""
+        lease = self._cg_lease
+        return lease if lease is not None and lease.active else None
+
+    @property
+    def connguard_pool(self) -> Pool | None:
+        """The pool of the lease held now (None when none is held)."""
+        lease = self.connguard_lease
+        return lease.pool if lease is not None else None
+
+    # ---------------------------------------------------------------- Django's hooks
+
+    @async_unsafe
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        if self.alias == NO_DB_ALIAS:
+            return super().get_new_connection(conn_params)  # type: ignore[misc]
+        options = self.settings_dict["OPTIONS"]
+        isolation = options.get("isolation_level")
+        if isolation is None:
+            self.isolation_level = IsolationLevel.READ_COMMITTED
+        else:
+            try:
+                self.isolation_level = IsolationLevel(isolation)
+            except ValueError:
+                raise ImproperlyConfigured(
+                    f"Invalid transaction isolation level {isolation} specified. "
+                    "Use one of the psycopg.IsolationLevel values."
+                ) from None
+        pool = pools.pool_for(self, conn_params)
+        owner = owner_scope()
+        lease = pool.acquire(owner=owner)
+        owner.add(lease)
+        self._cg_lease = lease
+        self._cg_scope = owner
+        connection = lease.connection
+        if isolation is not None and connection.isolation_level != self.isolation_level:
+            connection.isolation_level = self.isolation_level
+        return connection
+
+    def init_connection_state(self) -> None:
+        if self._cg_lease is None:
+            super().init_connection_state()  # type: ignore[misc]
+            return
+        BaseDatabaseWrapper.init_connection_state(self)
+        # Set up once per physical connection by the driver; here only when the
+        # wanted time zone differs (client-side comparison, no round trip).
+        connection = self.connection
+        if self._configure_timezone(connection) and not self.get_autocommit():  # type: ignore[attr-defined]
+            connection.commit()
+
+    def connguard_configure(self, connection: Any) -> bool:
+        """Per-physical-connection set-up; True when it ran statements."""
+        if not is_psycopg3:
+            import psycopg2.extras  # noqa: PLC0415 - only installed when it is the driver
+
+            psycopg2.extras.register_default_jsonb(conn_or_curs=connection, loads=lambda x: x)
+        return bool(self._configure_connection(connection))  # type: ignore[attr-defined]
+
+    def _close(self) -> None:
+        lease, self._cg_lease = self._cg_lease, None
+        if lease is None:
+            super()._close()  # type: ignore[misc]
+            return
+        self._cg_forget(lease)
+        with self.wrap_database_errors:  # type: ignore[attr-defined]
+            lease.release()
+
+    def close_if_unusable_or_obsolete(self) -> None:
+        """At the start and end of each request (Django's ``close_old_connections``)
+        and of each Celery task: give the connection back, whatever ``CONN_MAX_AGE``
+        says, unless a transaction is open on it."""
+        if self._cg_lease is not None and not self.in_atomic_block:
+            self.close()  # type: ignore[attr-defined]
+
+    def close_if_health_check_failed(self) -> None:
+        """The pool checks every connection at checkout; no extra round trip."""
+
+    def make_cursor(self, cursor: Any) -> Any:
+        return FencedCursorWrapper(cursor, self)

@@ -1,0 +1,227 @@
+"""Who owns a lease: a unit of work (request, task, job), not a thread.
+
+Django keeps one connection per thread, and under ASGI a request's code runs in
+threads that die or are reused with the connection still checked out. connguard
+ties each lease to a :class:`Scope` held in a :class:`~contextvars.ContextVar`, so
+ownership follows the request through ``sync_to_async``, thread pools, async tasks
+and threads started with the request's context; ending the scope gives back every
+lease taken inside it, whichever thread took it and whichever thread ends it.
+
+Code outside any scope (a thread you started yourself, a shell) gets an implicit
+*thread scope* that ends when the thread dies, so a dead thread never keeps a
+connection.
+
+The scope records leases only; what "done" means is decided by the layer above
+(the Django layer ends a request's scope when the response is ready or the request
+finishes). A later "transaction" policy (give the connection back whenever it is
+idle outside a transaction) needs no change here: it releases leases early and the
+scope simply has fewer to end.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, ParamSpec, TypeVar
+
+from .pool import Lease
+
+logger = logging.getLogger("connguard.scope")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_ids = itertools.count(1)
+
+
+class Scope:
+    """A unit of work that owns leases.
+
+    Thread-safe: leases may be added from any thread that runs in the scope's
+    context, and :meth:`end` may be called from any thread.
+    """
+
+    __slots__ = ("_leases", "_lock", "ended", "id", "info", "kind", "name", "started_at")
+
+    def __init__(self, name: str, kind: str = "scope", info: dict[str, Any] | None = None) -> None:
+        self.id = next(_ids)
+        self.name = name
+        self.kind = kind  # "request", "thread", "scope" (user-opened), ...
+        self.info: dict[str, Any] = info if info is not None else {}  # method, path, view...
+        self.started_at = time.monotonic()
+        self.ended = False
+        self._lock = threading.Lock()
+        self._leases: set[Lease] = set()
+
+    def add(self, lease: Lease) -> None:
+        """Record ``lease`` as owned by this scope.
+
+        Adding to an ended scope releases the lease at once: work that outlives its
+        scope must not keep a connection nobody will return.
+        """
+        with self._lock:
+            if not self.ended:
+                self._leases.add(lease)
+                return
+        lease.release()
+
+    def discard(self, lease: Lease) -> None:
+        """Forget ``lease`` (its holder released it)."""
+        with self._lock:
+            self._leases.discard(lease)
+
+    def leases(self) -> list[Lease]:
+        with self._lock:
+            return [lease for lease in self._leases if lease.active]
+
+    def release_all(self) -> int:
+        """Give back every lease taken in the scope; the scope stays open.
+
+        Returns how many were still active. Their holders re-acquire transparently
+        on next use (the Django layer checks the lease before every use).
+        """
+        with self._lock:
+            leases, self._leases = self._leases, set()
+        count = 0
+        for lease in leases:
+            if lease.active:
+                count += 1
+                lease.release()
+        return count
+
+    def end(self) -> int:
+        """End the scope: release every lease and refuse new ones. Idempotent."""
+        with self._lock:
+            self.ended = True
+        released = self.release_all()
+        if released:
+            logger.debug("scope %s ended: released %d lease(s)", self, released)
+        return released
+
+    def describe(self) -> str:
+        """One line for logs: kind, name and request details if any."""
+        extra = " ".join(f"{k}={v}" for k, v in self.info.items() if v)
+        return f"{self.kind} {self.name}" + (f" ({extra})" if extra else "")
+
+    def __repr__(self) -> str:
+        return f"<Scope #{self.id} {self.describe()}{' ended' if self.ended else ''}>"
+
+
+_current: ContextVar[Scope | None] = ContextVar("connguard_scope", default=None)
+
+
+class _ThreadScopes(threading.local):
+    """Holds the implicit scope of each thread; its end is tied to the thread's."""
+
+    scope: _ThreadScopeHolder | None = None
+
+
+class _ThreadScopeHolder:
+    """Lives exactly as long as its thread's local storage, ending the scope on death."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+
+    def __del__(self) -> None:
+        # Runs when the thread dies (CPython clears a thread's locals at exit).
+        try:
+            self.scope.end()
+        except Exception:  # never raise from a finalizer
+            pass
+
+
+_thread_scopes = _ThreadScopes()
+
+
+def current_scope() -> Scope | None:
+    """The scope of the running code (request, task...), or None outside any."""
+    return _current.get()
+
+
+def owner_scope() -> Scope:
+    """The scope that should own a lease taken now.
+
+    The current scope if there is one, else the thread's implicit scope (created on
+    first use), which ends when the thread dies.
+    """
+    scope = _current.get()
+    if scope is not None and not scope.ended:
+        return scope
+    holder = _thread_scopes.scope
+    if holder is None or holder.scope.ended:
+        thread = threading.current_thread()
+        holder = _ThreadScopeHolder(Scope(thread.name, kind="thread"))
+        _thread_scopes.scope = holder
+    return holder.scope
+
+
+def enter(scope: Scope) -> object:
+    """Make ``scope`` current in this context; returns a token for :func:`leave`."""
+    return _current.set(scope)
+
+
+def leave(token: object | None = None) -> None:
+    """Undo :func:`enter` (with its token), or clear the current scope."""
+    if token is not None:
+        try:
+            _current.reset(token)  # type: ignore[arg-type]
+            return
+        except ValueError:  # set in another context (asgiref copies contexts)
+            pass
+    _current.set(None)
+
+
+class scope:  # lower-case on purpose: used like a function, ``with connguard.scope(...)``
+    """Open a scope for code outside requests: a Celery task, a management
+    command, a thread of your own. Every lease taken inside is given back when the
+    block (or decorated function) ends.
+
+    ``with connguard.scope("nightly-report"): ...`` or ``@connguard.scope("job")``.
+    """
+
+    def __init__(self, name: str = "scope", **info: Any) -> None:
+        self.name = name
+        self.info = info
+
+    @contextmanager
+    def _opened(self) -> Iterator[Scope]:
+        opened = Scope(self.name, kind="scope", info=dict(self.info))
+        token = _current.set(opened)
+        try:
+            yield opened
+        finally:
+            opened.end()
+            _current.reset(token)
+
+    def __enter__(self) -> Scope:
+        self._cm = self._opened()
+        return self._cm.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cm.__exit__(*exc)
+
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def awrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                with self._opened():
+                    return await func(*args, **kwargs)
+
+            return awrapper  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            with self._opened():
+                return func(*args, **kwargs)
+
+        return wrapper
