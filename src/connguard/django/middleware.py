@@ -1,0 +1,115 @@
+"""``ConnguardMiddleware``: give connections back as soon as the response is ready,
+and turn pool overload into a fast HTTP 503.
+
+Put it first in ``MIDDLEWARE``. Without it connections still come back when the
+request finishes (Django's ``request_finished`` signal), but that is after a slow
+client has read the whole response; with it they come back before the first byte is
+sent. A streaming response that queries later simply acquires again.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+from django.core.signals import got_request_exception
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+
+from connguard.pool import PoolError, PoolRefused, PoolTimeout
+from connguard.scope import current_scope
+
+_OVERLOAD_ATTR = "_connguard_overload"
+
+
+def overload_error(exc: BaseException | None) -> PoolError | None:
+    """The pool overload (timeout, refusal) behind ``exc``, if that is what it is.
+
+    Django wraps the pool's error in its own ``OperationalError``, so walk the chain.
+    """
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, PoolTimeout | PoolRefused):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def _note_exception(sender: Any, request: HttpRequest | None = None, **kwargs: Any) -> None:
+    """Django turns a view's exception into a 500 before outer middleware sees it;
+    remember an overload on the request so the middleware can answer 503 instead."""
+    found = overload_error(sys.exc_info()[1])
+    if found is not None and request is not None:
+        setattr(request, _OVERLOAD_ATTR, found)
+
+
+got_request_exception.connect(_note_exception, dispatch_uid="connguard.note_exception")
+
+
+def overload_response(error: PoolError) -> HttpResponse:
+    """503 with ``Retry-After``: the client should retry, the server is not broken."""
+    retry_after = int(getattr(settings, "CONNGUARD", {}).get("retry_after", 1))
+    response = HttpResponse(
+        f"503 Service Unavailable: the database connection pool {error.pool!r} is "
+        "overloaded; retry shortly.\n",
+        status=503,
+        content_type="text/plain; charset=utf-8",
+    )
+    response["Retry-After"] = str(retry_after)
+    return response
+
+
+def _view_name(view_func: Any) -> str:
+    func = getattr(view_func, "view_class", view_func)
+    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
+
+
+class ConnguardMiddleware:
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+            # A coroutine, so Django's async handler does not hop to a thread for it.
+            self.process_view: Callable[..., Any] = self._aprocess_view
+        else:
+            self.process_view = self._process_view
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self.__acall__(request)
+        return self._finish(request, self.get_response(request))
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        response = await self.get_response(request)
+        return self._finish(request, response)
+
+    def _process_view(
+        self, request: HttpRequest, view_func: Any, view_args: Any, view_kwargs: Any
+    ) -> None:
+        scope = current_scope()
+        if scope is not None and scope.kind == "request":
+            scope.info["view"] = _view_name(view_func)
+
+    async def _aprocess_view(
+        self, request: HttpRequest, view_func: Any, view_args: Any, view_kwargs: Any
+    ) -> None:
+        self._process_view(request, view_func, view_args, view_kwargs)
+
+    def _finish(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+        error = getattr(request, _OVERLOAD_ATTR, None)
+        if error is not None and response.status_code >= 500:
+            response = overload_response(error)
+        scope = current_scope()
+        if scope is not None and scope.kind == "request":
+            scope.release_all()
+        return response
+
+
+__all__ = ["ConnguardMiddleware", "overload_error", "overload_response"]
