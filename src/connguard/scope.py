@@ -142,9 +142,24 @@ class _ThreadScopeHolder:
 _thread_scopes = _ThreadScopes()
 
 
+# An integration whose unit of work cannot set our context variable in the right
+# context may register a way to find the current scope (the Django layer does, for
+# ASGI: see connguard.django.scopes).
+_ambient: Callable[[], Scope | None] | None = None
+
+
+def set_ambient_lookup(lookup: Callable[[], Scope | None] | None) -> None:
+    """Register how to find the current scope when the context variable is unset."""
+    global _ambient
+    _ambient = lookup
+
+
 def current_scope() -> Scope | None:
     """The scope of the running code (request, task...), or None outside any."""
-    return _current.get()
+    found = _current.get()
+    if found is None and _ambient is not None:
+        found = _ambient()
+    return found
 
 
 def owner_scope() -> Scope:
@@ -154,6 +169,8 @@ def owner_scope() -> Scope:
     first use), which ends when the thread dies.
     """
     scope = _current.get()
+    if scope is None and _ambient is not None:
+        scope = _ambient()
     if scope is not None and not scope.ended:
         return scope
     holder = _thread_scopes.scope

@@ -2,20 +2,36 @@
 
 ``request_started`` and ``request_finished`` are sent by every handler (WSGI and
 ASGI, runserver, gunicorn, uvicorn, daphne...), so this works with no middleware.
-Under ASGI the receivers run through ``sync_to_async``, and asgiref carries the
-context variable back into the request's task, from where it follows the request
-into every thread and task it uses.
+
+Under WSGI the receivers run in the request's thread and simply set the scope's
+context variable. Under ASGI that is not enough: ``Signal.asend`` runs receivers in
+child tasks of ``asyncio.gather``, whose context changes never reach the request's
+task. What every context of the request does share is asgiref's per-request
+``ThreadSensitiveContext`` (set by ``ASGIHandler``, copied into every thread and task
+the request uses), so the scope is recorded against it and found through it.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
+from asgiref.sync import SyncToAsync
 from django.core import signals
 
-from connguard.scope import Scope, current_scope, enter, leave
+from connguard.scope import Scope, current_scope, enter, leave, set_ambient_lookup
 
 _installed = False
+_request_contexts: weakref.WeakKeyDictionary[Any, Scope] = weakref.WeakKeyDictionary()
+_thread_sensitive_context = SyncToAsync.thread_sensitive_context
+
+
+def asgi_request_scope() -> Scope | None:
+    """The scope of the ASGI request this code runs for, if any."""
+    context = _thread_sensitive_context.get(None)
+    if context is None:
+        return None
+    return _request_contexts.get(context)
 
 
 def request_started(sender: Any, environ: Any = None, scope: Any = None, **kwargs: Any) -> None:
@@ -29,13 +45,15 @@ def request_started(sender: Any, environ: Any = None, scope: Any = None, **kwarg
         method, path = scope.get("method", ""), scope.get("path", "")
     else:
         method = path = ""
-    enter(
-        Scope(
-            f"{method} {path}".strip() or "request",
-            kind="request",
-            info={"method": method, "path": path},
-        )
+    opened = Scope(
+        f"{method} {path}".strip() or "request",
+        kind="request",
+        info={"method": method, "path": path},
     )
+    enter(opened)
+    context = _thread_sensitive_context.get(None)
+    if context is not None:
+        _request_contexts[context] = opened
 
 
 def request_finished(sender: Any, **kwargs: Any) -> None:
@@ -43,6 +61,9 @@ def request_finished(sender: Any, **kwargs: Any) -> None:
     if current is not None and current.kind == "request":
         current.end()
         leave()
+        context = _thread_sensitive_context.get(None)
+        if context is not None:
+            _request_contexts.pop(context, None)
 
 
 def install() -> None:
@@ -52,6 +73,7 @@ def install() -> None:
         return
     # Ours first on request_started is not needed: Django's close_old_connections
     # only returns this thread's lease, which is what ending the scope does anyway.
+    set_ambient_lookup(asgi_request_scope)
     signals.request_started.connect(request_started, dispatch_uid="connguard.request_started")
     signals.request_finished.connect(request_finished, dispatch_uid="connguard.request_finished")
     _installed = True

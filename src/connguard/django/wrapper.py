@@ -93,6 +93,13 @@ class ConnguardWrapperMixin:
         raw = lease.peek()
         if raw is None:
             self._cg_lease_lost()
+            return None
+        if self._cg_scope is not owner_scope() and not self.in_atomic_block:
+            # This thread now works for another request or task (a reused pool
+            # thread): the lease belongs to the previous one, which will give it
+            # back when it ends. Return it now; Django acquires for the current one.
+            self._cg_switch_owner(lease)
+            return None
         return raw
 
     @connection.setter
@@ -122,6 +129,11 @@ class ConnguardWrapperMixin:
             # block" at the next use instead.
             self.closed_in_transaction = True
             self.needs_rollback = True
+
+    def _cg_switch_owner(self, lease: Lease) -> None:
+        self._cg_lease = None
+        self._cg_forget(lease)
+        lease.release()
 
     def _cg_forget(self, lease: Lease) -> None:
         scope, self._cg_scope = self._cg_scope, None

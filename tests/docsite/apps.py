@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class DocsiteConfig(AppConfig):
+    name = "tests.docsite"
+    label = "docsite"

@@ -1,0 +1,69 @@
+"""The user report's site, configurable from the environment for the acceptance tests.
+
+DOCSITE_DB          JSON: {"HOST", "PORT", "NAME", "USER", "PASSWORD"}
+DOCSITE_ENGINE      connguard (default) | stock | native (Django's own psycopg_pool)
+DOCSITE_CONN_MAX_AGE  "0", "15", "None"...
+DOCSITE_HEALTH_CHECKS "1" for CONN_HEALTH_CHECKS = True
+DOCSITE_POOL        JSON for OPTIONS["pool"]
+DOCSITE_MIDDLEWARE  connguard (default) | close (the report's close-everything middleware) | none
+DOCSITE_DAPHNE      "1": daphne in INSTALLED_APPS (runserver then serves ASGI)
+DOCSITE_APP_NAME    application_name, so tests count this site's backends
+"""
+
+import json
+import os
+
+SECRET_KEY = "docsite-tests-only"
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+USE_TZ = True
+ROOT_URLCONF = "tests.docsite.urls"
+WSGI_APPLICATION = "tests.docsite.wsgi.application"
+ASGI_APPLICATION = "tests.docsite.asgi.application"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = ["connguard.django", "tests.docsite"]
+if os.environ.get("DOCSITE_DAPHNE") == "1":
+    INSTALLED_APPS.insert(0, "daphne")
+
+_middleware = os.environ.get("DOCSITE_MIDDLEWARE", "connguard")
+MIDDLEWARE = {
+    "connguard": ["connguard.django.middleware.ConnguardMiddleware"],
+    "close": ["tests.docsite.middleware.DatabaseConnectionMiddleware"],
+    "none": [],
+}[_middleware]
+
+_db = json.loads(os.environ.get("DOCSITE_DB", "{}"))
+_engine = os.environ.get("DOCSITE_ENGINE", "connguard")
+_max_age_text = os.environ.get("DOCSITE_CONN_MAX_AGE", "0")
+_options: dict[str, object] = {
+    "application_name": os.environ.get("DOCSITE_APP_NAME", "docsite"),
+}
+if _engine in ("connguard", "native"):
+    _options["pool"] = json.loads(os.environ.get("DOCSITE_POOL", "{}")) or True
+
+DATABASES = {
+    "default": {
+        "ENGINE": {
+            "connguard": "connguard.backends.postgresql",
+            "stock": "django.db.backends.postgresql",
+            "native": "django.db.backends.postgresql",
+        }[_engine],
+        "HOST": _db.get("HOST", "127.0.0.1"),
+        "PORT": _db.get("PORT", 5432),
+        "NAME": _db.get("NAME", "docsite"),
+        "USER": _db.get("USER", "postgres"),
+        "PASSWORD": _db.get("PASSWORD", ""),
+        "CONN_MAX_AGE": None if _max_age_text == "None" else int(_max_age_text),
+        "CONN_HEALTH_CHECKS": os.environ.get("DOCSITE_HEALTH_CHECKS") == "1",
+        "OPTIONS": _options,
+    }
+}
+
+CONNGUARD = {"retry_after": 2}
+
+LOGGING = {
+    "version": 1,
+    "handlers": {"stderr": {"class": "logging.StreamHandler"}},
+    "loggers": {"connguard": {"handlers": ["stderr"], "level": "WARNING"}},
+}

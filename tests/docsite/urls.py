@@ -1,0 +1,13 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("doc/<int:doc_id>/page/<int:page_no>.png", views.page_image),
+    path("async/doc/<int:doc_id>/page/<int:page_no>.png", views.page_image_async),
+    path("stream/doc/<int:doc_id>", views.document_stream),
+    path("slow", views.slow),
+    path("one", views.one_query),
+    path("connguard/stats", views.pool_stats),
+    path("connguard/whoami", views.whoami),
+]

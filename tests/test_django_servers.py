@@ -1,0 +1,167 @@
+"""The user report, replayed against real servers: it cannot happen with connguard.
+
+A PostgreSQL with ``max_connections=30``; the docsite (a permission query per ~50 KB
+page image) under runserver, runserver with daphne, gunicorn gthread, uvicorn and
+daphne; the report's settings (``CONN_MAX_AGE`` 15, 0 and None with
+``CONN_HEALTH_CHECKS``). 300 image requests at concurrency 40: none fails, the
+server never sees more than ``max_size`` backends per process, and shortly after the
+burst only ``min_size`` per process remain. Stock Django under uvicorn, same burst,
+shows the leak.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connguard.testing.postgres import EmbeddedPostgres
+
+from .servers import SERVERS, BackendSampler, burst, get, image_paths, manage, running
+
+pytestmark = [pytest.mark.real, pytest.mark.private, pytest.mark.servers]
+
+POOL = {"min_size": 1, "max_size": 5, "max_idle": 1.0, "housekeeping_interval": 0.25}
+QUIET = POOL["max_idle"] + POOL["housekeeping_interval"] + 1.0  # + scheduling slack
+
+
+@pytest.fixture(scope="module")
+def site_db() -> Iterator[tuple[EmbeddedPostgres, dict[str, Any]]]:
+    pg = EmbeddedPostgres(max_connections=30)
+    pg.start()
+    try:
+        pg.psql("CREATE DATABASE docsite")
+        db = {"HOST": pg.host, "PORT": pg.port, "NAME": "docsite", "USER": "postgres"}
+        manage(db, "migrate", "-v", "0", DOCSITE_APP_NAME="docsite-migrate")
+        yield pg, db
+    finally:
+        pg.cleanup()
+
+
+def assert_no_request_holds_a_lease(port: int) -> None:
+    """Every lease taken for a request has come back. (Code outside requests may
+    hold one: daphne's runserver keeps the connection of its start-up migration
+    check in the main thread.)"""
+    status, _, body = get(port, "/connguard/stats")
+    assert status == 200
+    for stats in json.loads(body):
+        held = [lease for lease in stats["leases"] if lease["owner"] != "thread"]
+        assert not held, held
+        assert stats["in_use"] <= 1
+
+
+def site_settings(app: str, **extra: Any) -> dict[str, str]:
+    env = {
+        "DOCSITE_APP_NAME": app,
+        "DOCSITE_HEALTH_CHECKS": "1",
+        "DOCSITE_POOL": json.dumps(extra.pop("pool", POOL)),
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.mark.parametrize("max_age", ["15", "0", "None"])
+@pytest.mark.parametrize("server", list(SERVERS))
+def test_report_burst_is_bounded_and_returns(
+    site_db: tuple[EmbeddedPostgres, dict[str, Any]], server: str, max_age: str, tmp_path: Path
+) -> None:
+    pg, db = site_db
+    app = f"docsite-{server}-{max_age}"
+    env = site_settings(app, DOCSITE_CONN_MAX_AGE=max_age)
+    sampler = BackendSampler(pg.dsn, app)
+    try:
+        with running(server, db, tmp_path, **env) as srv, sampler:
+            result = burst(srv.port, image_paths(300), concurrency=40)
+            assert result.failed == 0, (
+                result.errors[:3], Counter(result.statuses), srv.log_text()[-2000:]
+            )  # fmt: skip
+            budget = POOL["max_size"] * srv.processes
+            assert 1 <= sampler.peak <= budget, f"peak {sampler.peak} > budget {budget}"
+            floor = POOL["min_size"] * srv.processes
+            backends, idle_in_tx = sampler.wait_for(lambda n: n <= floor, QUIET)
+            assert backends <= floor, f"{backends} backends stayed after the burst"
+            assert idle_in_tx == 0
+            assert_no_request_holds_a_lease(srv.port)
+    finally:
+        sampler.close()
+
+
+def test_async_view_with_thread_pool_orm_calls(
+    site_db: tuple[EmbeddedPostgres, dict[str, Any]], tmp_path: Path
+) -> None:
+    """``sync_to_async(thread_sensitive=False)``: the ORM runs in pooled threads that
+    never die; their leases still come back when the request ends."""
+    pg, db = site_db
+    app = "docsite-async"
+    sampler = BackendSampler(pg.dsn, app)
+    try:
+        with running("uvicorn", db, tmp_path, **site_settings(app)) as srv, sampler:
+            result = burst(srv.port, image_paths(300, prefix="/async"), concurrency=40)
+            assert result.failed == 0, (result.errors[:3], Counter(result.statuses))
+            assert sampler.peak <= POOL["max_size"]
+            backends, _ = sampler.wait_for(lambda n: n <= POOL["min_size"], QUIET)
+            assert backends <= POOL["min_size"]
+    finally:
+        sampler.close()
+
+
+def test_streaming_response_queries_after_early_release(
+    site_db: tuple[EmbeddedPostgres, dict[str, Any]], tmp_path: Path
+) -> None:
+    _, db = site_db
+    with running("uvicorn", db, tmp_path, **site_settings("docsite-stream")) as srv:
+        for _ in range(5):
+            status, _, body = get(srv.port, "/stream/doc/1")
+            assert status == 200
+            assert body.splitlines() == [b"page 1 allowed=1", b"page 2 allowed=1",
+                                         b"page 3 allowed=1"]  # fmt: skip
+        assert_no_request_holds_a_lease(srv.port)
+
+
+def test_stock_django_under_uvicorn_reproduces_the_leak(
+    site_db: tuple[EmbeddedPostgres, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The report itself: without connguard the backends pile up and stay."""
+    pg, db = site_db
+    app = "docsite-stock"
+    env = site_settings(
+        app, DOCSITE_ENGINE="stock", DOCSITE_CONN_MAX_AGE="15", DOCSITE_MIDDLEWARE="none"
+    )
+    sampler = BackendSampler(pg.dsn, app)
+    try:
+        with running("uvicorn", db, tmp_path, **env) as srv, sampler:
+            result = burst(srv.port, image_paths(300), concurrency=40)
+            # Same quiet period connguard gets; the stock backends must not go away.
+            backends, _ = sampler.wait_for(lambda n: n <= POOL["max_size"], QUIET)
+            leaked = backends > POOL["max_size"]
+            exhausted = result.failed > 0
+            assert leaked or exhausted, (backends, sampler.peak, Counter(result.statuses))
+            assert sampler.peak > POOL["max_size"], "stock Django stayed bounded?"
+    finally:
+        sampler.close()
+
+
+def test_overload_is_a_fast_503_and_the_next_burst_succeeds(
+    site_db: tuple[EmbeddedPostgres, dict[str, Any]], tmp_path: Path
+) -> None:
+    pg, db = site_db
+    app = "docsite-overload"
+    pool = {**POOL, "max_size": 3, "timeout": 0.3}
+    sampler = BackendSampler(pg.dsn, app)
+    try:
+        with running("uvicorn", db, tmp_path, **site_settings(app, pool=pool)) as srv, sampler:
+            flood = burst(srv.port, ["/slow?ms=300"] * 60, concurrency=30)  # 10x capacity
+            counts = Counter(flood.statuses)
+            assert not flood.errors and set(counts) <= {200, 503}, (counts, flood.errors[:3])
+            assert counts[503] > 0 and counts[200] > 0, counts
+            assert flood.retry_after and set(flood.retry_after) == {"2"}
+            assert sampler.peak <= pool["max_size"]
+            assert max(flood.latencies) < 5.0, "an overloaded request hung"
+            after = burst(srv.port, image_paths(60), concurrency=3)
+            assert after.failed == 0, Counter(after.statuses)
+    finally:
+        sampler.close()
