@@ -33,6 +33,17 @@ from . import pools
 logger = logging.getLogger("connguard.django")
 
 
+def _sql_module() -> Any:
+    """``psycopg.sql`` or ``psycopg2.sql``, whichever Django's backend uses."""
+    if is_psycopg3:
+        from psycopg import sql  # noqa: PLC0415
+
+        return sql
+    from psycopg2 import sql as sql2  # noqa: PLC0415
+
+    return sql2
+
+
 class FencedCursorMixin:
     """Refuses to run once the lease the cursor was made under has ended."""
 
@@ -203,12 +214,28 @@ class ConnguardWrapperMixin:
             connection.commit()
 
     def connguard_configure(self, connection: Any) -> bool:
-        """Per-physical-connection set-up; True when it ran statements."""
+        """Per-physical-connection set-up; True when it ran statements.
+
+        Runs on the pool's opener thread, so it must touch only ``connection``:
+        Django's own ``_configure_role`` builds its SQL through the wrapper's
+        connection, which would acquire from the pool being filled.
+        """
+        ran = False
+        timezone_name = self.timezone_name  # type: ignore[attr-defined]
+        if timezone_name and connection.info.parameter_status("TimeZone") != timezone_name:
+            with connection.cursor() as cursor:
+                cursor.execute(self.ops.set_time_zone_sql(), [timezone_name])  # type: ignore[attr-defined]
+            ran = True
+        role = self.settings_dict["OPTIONS"].get("assume_role")
+        if role:
+            with connection.cursor() as cursor:
+                cursor.execute(_sql_module().SQL("SET ROLE {}").format(_sql_module().Literal(role)))
+            ran = True
         if not is_psycopg3:
             import psycopg2.extras  # noqa: PLC0415 - only installed when it is the driver
 
             psycopg2.extras.register_default_jsonb(conn_or_curs=connection, loads=lambda x: x)
-        return bool(self._configure_connection(connection))  # type: ignore[attr-defined]
+        return ran
 
     def _close(self) -> None:
         lease, self._cg_lease = self._cg_lease, None

@@ -1,0 +1,310 @@
+"""The Django layer in-process, against a real PostgreSQL: scopes, fencing, set-up
+once per physical connection, middleware and system checks."""
+
+from __future__ import annotations
+
+import contextvars
+import gc
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+pytestmark = pytest.mark.real
+
+DB_NAME = f"cg_django_{uuid.uuid4().hex[:8]}"
+urlpatterns: list[Any] = []  # this module is the ROOT_URLCONF (500 pages need one)
+
+
+def conninfo_parts(dsn: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in dsn.split())
+
+
+@pytest.fixture(scope="module")
+def django_db(pg: Any) -> Iterator[dict[str, Any]]:
+    """Configure Django once for this process, on a database of its own."""
+    import django
+    from django.conf import settings
+
+    parts = conninfo_parts(pg.dsn)
+    with psycopg.connect(pg.dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{DB_NAME}"')
+        admin.execute(
+            "DO $$ BEGIN CREATE ROLE cg_reader NOLOGIN; EXCEPTION WHEN duplicate_object "
+            "THEN NULL; END $$"
+        )
+        admin.execute("GRANT cg_reader TO CURRENT_USER")
+    db = {
+        "ENGINE": "connguard.backends.postgresql",
+        "HOST": parts.get("host", "127.0.0.1"),
+        "PORT": parts.get("port", "5432"),
+        "USER": parts.get("user", "postgres"),
+        "PASSWORD": parts.get("password", ""),
+        "NAME": DB_NAME,
+        "OPTIONS": {
+            "application_name": "cg-inproc",
+            "pool": {"min_size": 0, "max_size": 4, "timeout": 2.0},
+        },
+    }
+    if not settings.configured:
+        settings.configure(
+            DATABASES={"default": db},
+            INSTALLED_APPS=["connguard.django"],
+            MIDDLEWARE=["connguard.django.middleware.ConnguardMiddleware"],
+            USE_TZ=True,
+            ROOT_URLCONF=__name__,
+            CONNGUARD={"retry_after": 3},
+        )
+        django.setup()
+    yield db
+    from django.db import connections
+
+    from connguard.django import pools
+
+    connections.close_all()
+    pools.close_pools()
+    with psycopg.connect(pg.dsn, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+
+
+@pytest.fixture
+def connection(django_db: dict[str, Any]) -> Iterator[Any]:
+    from django.db import connection as conn
+
+    yield conn
+    conn.close()
+
+
+def the_pool() -> Any:
+    from connguard.django import pools
+
+    (pool,) = [p for p in pools.pools() if p.name == "default"]
+    return pool
+
+
+def scalar(conn: Any, sql: str, params: Any = None) -> Any:
+    with conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()[0]
+
+
+def test_connect_is_an_acquire_and_close_a_release(connection: Any) -> None:
+    assert scalar(connection, "SELECT 1") == 1
+    lease = connection.connguard_lease
+    assert lease is not None and lease.active
+    pool = the_pool()
+    assert pool.stats().in_use == 1
+    connection.close()
+    assert not lease.active and pool.stats().in_use == 0
+    assert scalar(connection, "SELECT 2") == 2  # acquires again
+    assert the_pool().stats().opened == 1, "the physical connection was reused"
+
+
+def test_scope_returns_its_leases_and_the_holder_reacquires(connection: Any) -> None:
+    import connguard
+
+    with connguard.scope("nightly-job") as job:
+        scalar(connection, "SELECT 1")
+        lease = connection.connguard_lease
+        assert lease.owner is job
+    assert not lease.active, "ending the scope gave the lease back"
+    assert the_pool().stats().in_use == 0
+    assert scalar(connection, "SELECT 3") == 3
+    assert connection.connguard_lease is not lease
+
+
+def test_request_scope_covers_threads_started_with_its_context(connection: Any) -> None:
+    from django.core import signals
+    from django.db import connections
+
+    signals.request_started.send(sender=None, environ={"REQUEST_METHOD": "GET",
+                                                        "PATH_INFO": "/doc/1"})  # fmt: skip
+    leases: list[Any] = []
+
+    def work() -> None:
+        scalar(connections["default"], "SELECT 1")
+        leases.append(connections["default"].connguard_lease)
+
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(work,))
+               for _ in range(3)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    scalar(connection, "SELECT 1")
+    leases.append(connection.connguard_lease)
+    assert all(lease.owner.kind == "request" for lease in leases)
+    assert leases[0].owner.info["path"] == "/doc/1"
+    signals.request_finished.send(sender=None)
+    assert not any(lease.active for lease in leases), "the request's end returned them all"
+    assert the_pool().stats().in_use == 0
+
+
+def test_a_thread_that_dies_holding_a_lease_returns_it(django_db: dict[str, Any]) -> None:
+    from django.db import connections
+
+    def work() -> None:
+        scalar(connections["default"], "SELECT 1")  # never closed
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    gc.collect()
+    from .fakes import wait_until
+
+    wait_until(lambda: the_pool().stats().in_use == 0)
+
+
+def test_cursor_made_under_an_ended_lease_is_fenced(connection: Any) -> None:
+    from django.db import OperationalError
+
+    from connguard.pool import LeaseEnded
+
+    cursor = connection.cursor()
+    cursor.execute("SELECT 1")
+    connection.connguard_lease.release()  # e.g. the request's scope ended elsewhere
+    with pytest.raises(OperationalError) as info:
+        cursor.execute("SELECT 2")
+    assert isinstance(info.value.__cause__, LeaseEnded)
+    assert scalar(connection, "SELECT 4") == 4  # a new cursor re-acquires
+
+
+def test_lease_lost_inside_atomic_is_an_error_not_a_silent_new_connection(
+    connection: Any,
+) -> None:
+    from django.db import ProgrammingError, transaction
+
+    with pytest.raises(ProgrammingError, match="atomic block"), transaction.atomic():
+        scalar(connection, "SELECT 1")
+        connection.connguard_lease.release()
+        scalar(connection, "SELECT 2")
+    assert scalar(connection, "SELECT 5") == 5
+
+
+def test_set_up_runs_once_per_physical_connection(
+    connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from connguard.django import pools
+    from connguard.django.wrapper import ConnguardWrapperMixin
+
+    pools.close_pools(alias="default")
+    calls = []
+    original = ConnguardWrapperMixin.connguard_configure
+
+    def counting(self: Any, conn: Any) -> Any:
+        calls.append(1)
+        return original(self, conn)
+
+    monkeypatch.setattr(ConnguardWrapperMixin, "connguard_configure", counting)
+    monkeypatch.setitem(connection.settings_dict["OPTIONS"], "assume_role", "cg_reader")
+    for _ in range(5):
+        assert scalar(connection, "SELECT current_user") == "cg_reader"
+        connection.close()
+    assert len(calls) == 1, "SET ROLE ran once, when the connection was opened"
+    assert the_pool().stats().opened == 1
+    pools.close_pools(alias="default")
+
+
+def test_pool_overload_is_django_operational_error_and_503(
+    connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.core.handlers.exception import convert_exception_to_response
+    from django.db import OperationalError, connections
+    from django.http import HttpResponse
+    from django.test import RequestFactory
+
+    from connguard.django.middleware import ConnguardMiddleware, overload_error
+
+    holders = [threading.Event(), threading.Event()]
+    done = threading.Event()
+
+    def hold() -> None:
+        scalar(connections["default"], "SELECT 1")
+        holders[0].set() if not holders[0].is_set() else holders[1].set()
+        done.wait(10)
+        connections["default"].close()
+
+    monkeypatch.setitem(
+        connection.settings_dict["OPTIONS"], "pool", {"max_size": 1, "timeout": 0.05}
+    )
+    t = threading.Thread(target=hold)
+    t.start()
+    holders[0].wait(5)
+    try:
+        with pytest.raises(OperationalError) as info:
+            scalar(connection, "SELECT 1")
+        assert overload_error(info.value) is not None
+        assert "max_size=1" in str(info.value)
+
+        def view(request: Any) -> HttpResponse:
+            scalar(connections["default"], "SELECT 1")
+            return HttpResponse("ok")
+
+        middleware = ConnguardMiddleware(convert_exception_to_response(view))
+        response = middleware(RequestFactory().get("/page.png"))
+        assert response.status_code == 503
+        assert response["Retry-After"] == "3"
+        assert b"overloaded" in response.content
+    finally:
+        done.set()
+        t.join()
+        from connguard.django import pools
+
+        pools.close_pools(alias="default")
+
+
+@pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
+def test_checks_name_the_setting_and_the_allowed_values(django_db: dict[str, Any]) -> None:
+    from django.test import override_settings
+
+    from connguard.django.checks import check_databases, check_middleware
+
+    def ids(options: dict[str, Any], **db: Any) -> dict[str, str]:
+        databases = {"default": {**django_db, "OPTIONS": options, **db}}
+        with override_settings(DATABASES=databases):
+            return {m.id: m.msg for m in check_databases()}
+
+    assert ids({"pool": {"max_size": 5}}) == {}
+    assert "connguard.E001" in ids({"pool": "yes"})
+    typo = ids({"pool": {"max_sise": 5}})
+    assert "connguard.E002" in typo and "max_sise" in typo["connguard.E002"]
+    assert "num_workers" in ids({"pool": {"num_workers": 2}})["connguard.E002"]
+    bad = ids({"pool": {"timeout": -1}})["connguard.E003"]
+    assert "timeout" in bad and "> 0" in bad
+    assert "connguard.E004" in ids({"pool": {"min_size": 5, "max_size": 2}})
+    assert "connguard.W001" in ids({"pool": True}, CONN_MAX_AGE=15)
+    assert "connguard.W001" in ids({"pool": True}, CONN_MAX_AGE=None)
+    assert "connguard.I001" in ids({"pool": True}, CONN_HEALTH_CHECKS=True)
+    with override_settings(MIDDLEWARE=[]):
+        assert [m.id for m in check_middleware()] == ["connguard.W002"]
+    with override_settings(
+        MIDDLEWARE=[
+            "django.middleware.common.CommonMiddleware",
+            "connguard.django.middleware.ConnguardMiddleware",
+        ]
+    ):
+        assert [m.id for m in check_middleware()] == ["connguard.W003"]
+
+
+def test_check_reports_a_missing_driver(
+    django_db: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from connguard.django import checks
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert "connguard.E005" in {m.id for m in checks.check_databases()}
+
+
+def test_bad_pool_setting_at_connect_is_improperly_configured(
+    connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    monkeypatch.setitem(connection.settings_dict["OPTIONS"], "pool", {"max_sise": 3})
+    with pytest.raises(ImproperlyConfigured, match="max_sise"):
+        scalar(connection, "SELECT 1")
