@@ -212,17 +212,32 @@ def test_fencing_after_release(pool: Pool) -> None:
     assert pool.stats().releases == 1
 
 
-def test_dead_idle_connection_is_replaced_at_acquire(pool: Pool) -> None:
+def test_dead_idle_connection_is_replaced_at_acquire(pool: Pool, clock: ManualClock) -> None:
     lease = pool.acquire()
     conn = conn_of(lease)
     lease.release()
     conn.alive = False  # e.g. the server terminated the backend while idle
+    clock.advance(0.5)  # idle long enough to be tested (liveness_after_idle)
     fresh = pool.acquire()
     assert conn_of(fresh) is not conn and conn.closed
     stats = pool.stats()
     assert stats.health_check_failures == 1 and stats.closed["broken"] == 1
     assert stats.acquires == 2
     fresh.release()
+
+
+def test_recently_returned_connection_skips_the_liveness_test(
+    pool: Pool, driver: FakeDriver, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[object] = []
+    monkeypatch.setattr(driver, "is_alive", lambda conn: calls.append(conn) or True)
+    pool.acquire().release()
+    clock.advance(0.4)
+    pool.acquire().release()
+    assert calls == [], "returned 0.4 s ago: inside the 0.5 s bypass window"
+    clock.advance(0.5)
+    pool.acquire().release()
+    assert len(calls) == 1
 
 
 def test_round_trip_ping_only_after_idle_threshold(driver: FakeDriver, clock: ManualClock) -> None:

@@ -135,7 +135,7 @@ def test_threads_share_a_bounded_pool_and_get_clean_connections(
 def test_terminated_idle_backends_are_replaced_without_errors(
     pg: Any, driver_name: str, app: str
 ) -> None:
-    pool = make_pool(pg.dsn, driver_name, app, min_size=3, max_size=3)
+    pool = make_pool(pg.dsn, driver_name, app, min_size=3, max_size=3, liveness_after_idle=0)
     wait_until(lambda: pool.stats().idle == 3)
     with psycopg.connect(pg.dsn, autocommit=True) as admin:
         admin.execute(

@@ -31,7 +31,7 @@ _lock = threading.Lock()
 PSYCOPG_POOL_ONLY = {
     "num_workers": "connguard opens connections on demand, with no worker threads",
     "reconnect_timeout": "connguard keeps retrying with backoff; see reconnect_backoff_max",
-    "check": "connguard checks liveness itself; see ping_after_idle and liveness_check",
+    "check": "connguard checks liveness itself; see ping_after_idle and liveness_after_idle",
     "configure": "connguard runs Django's per-connection set-up itself",
     "reset": "connguard rolls back or resets on release itself",
     "kwargs": "put connection arguments in OPTIONS",

@@ -53,8 +53,12 @@ class PoolConfig:
     """A connection idle longer than this gets a round-trip ping before it is
     handed out; a fresher one only gets the cheap liveness test (no round trip).
     0: always ping. None: never ping."""
-    liveness_check: bool = True
-    """Run the cheap no-round-trip liveness test at every acquire."""
+    liveness_after_idle: float | None = 0.5
+    """A connection idle at least this long gets the cheap liveness test (no round
+    trip) before it is handed out; one returned more recently is handed out as it
+    is, like HikariCP's 500 ms bypass window. The test is a zero-timeout poll, but
+    any system call releases the GIL, and under many threads that alone turns
+    every acquire into a queued hand-off. 0: always test. None: never."""
     leak_threshold: float | None = 60.0
     """A lease held longer than this is reported as a probable leak. None: off."""
     connect_timeout: float = 10.0
@@ -81,11 +85,7 @@ class PoolConfig:
         _seconds(self, "max_idle", optional=True)
         _fraction(self, "lifetime_jitter", 0.0, 0.5)
         _seconds(self, "ping_after_idle", optional=True, zero_ok=True)
-        if not isinstance(self.liveness_check, bool):
-            raise PoolConfigError(
-                "liveness_check",
-                f"liveness_check must be True or False (got {self.liveness_check!r})",
-            )
+        _seconds(self, "liveness_after_idle", optional=True, zero_ok=True)
         _seconds(self, "leak_threshold", optional=True)
         _seconds(self, "connect_timeout")
         _seconds(self, "reconnect_backoff")

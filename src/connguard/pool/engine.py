@@ -25,16 +25,17 @@ and reset all run outside.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
+import math
 import os
 import random
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from .config import PoolConfig
@@ -50,12 +51,14 @@ from .errors import (
     specialize,
 )
 from .housekeeper import housekeeper
-from .stats import CLOSE_REASONS, Histogram, PoolStats
+from .stats import BUCKET_BOUNDS, CLOSE_REASONS, Histogram, PoolStats
 
 logger = logging.getLogger("connguard.pool")
 
 Clock = Callable[[], float]
 _monotonic = time.monotonic  # waits and backoff pace real time, never the injected clock
+_get_ident = threading.get_ident
+_bucket = bisect.bisect_left
 
 _IDLE = TxStatus.IDLE
 _ROLLBACK_STATES = frozenset({TxStatus.INTRANS, TxStatus.INERROR})
@@ -91,23 +94,34 @@ class Lease:
         "leak_reported",
         "owner",
         "thread_id",
-        "thread_name",
     )
 
     def __init__(
-        self, pool: Pool, conn: _Conn, acquired_at: float, owner: object, thread: threading.Thread
+        self, pool: Pool, conn: _Conn, acquired_at: float, owner: object, thread_id: int
     ) -> None:
         self._pool = pool
         self._conn: _Conn | None = conn  # None once the lease has ended (fence)
         self.acquired_at = acquired_at
         self.owner = owner  # the scope (request, task...) that holds it, if any
-        self.thread_id = thread.ident  # the thread that asked for it
-        self.thread_name = thread.name
+        self.thread_id = thread_id  # the thread that asked for it (its name: on demand)
         self.leak_reported = False  # set once by housekeeping past leak_threshold
 
     @property
     def pool(self) -> Pool:
         return self._pool
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The thread that acquired the lease, or None once it has ended."""
+        for thread in threading.enumerate():
+            if thread.ident == self.thread_id:
+                return thread
+        return None
+
+    @property
+    def thread_name(self) -> str:
+        thread = self.thread
+        return thread.name if thread is not None else f"thread {self.thread_id} (ended)"
 
     @property
     def active(self) -> bool:
@@ -155,13 +169,13 @@ class _Waiter:
     field first, then releases the lock, always while holding the pool lock.
     """
 
-    __slots__ = ("error", "event", "lease", "owner", "thread")
+    __slots__ = ("error", "event", "lease", "owner", "thread_id")
 
     def __init__(self, owner: object) -> None:
         self.event = threading.Lock()
         self.event.acquire()
         self.owner = owner
-        self.thread = threading.current_thread()
+        self.thread_id = threading.get_ident()
         self.lease: Lease | None = None
         self.error: PoolError | None = None
 
@@ -193,6 +207,12 @@ class Pool:
         self.config = config if config is not None else PoolConfig()
         self.name = name
         self._clock = clock
+        # Below this many seconds idle an idle connection is handed out untested.
+        cfg = self.config
+        self._check_after = min(
+            math.inf if cfg.ping_after_idle is None else cfg.ping_after_idle,
+            math.inf if cfg.liveness_after_idle is None else cfg.liveness_after_idle,
+        )
         self._lock = threading.Lock()
         self._stopping = threading.Event()  # set on close: wakes openers in backoff
 
@@ -257,8 +277,29 @@ class Pool:
         """
         clock = self._clock
         start = clock()
+        # The hot path: an idle connection, returned recently enough to need no test.
+        with self._lock:
+            idle = self._idle
+            if idle and not self._closed:
+                conn = idle.pop()
+                lease = Lease(self, conn, start, owner, _get_ident())
+                self._leases.add(lease)
+                self._n_acquires += 1
+            else:
+                conn = None
+        if conn is not None:
+            if start - conn.idle_since < self._check_after and start < conn.expires_at:
+                return lease
+            if self._healthy(conn, start):
+                return lease
+            self._end_lease(lease, "broken", health=True)
+        return self._acquire_slow(start, timeout, owner)
+
+    def _acquire_slow(self, start: float, timeout: float | None, owner: object) -> Lease:
+        """Wait in the queue (or retry after a failed health check)."""
+        # Waits are real time, whatever the clock: read it once when they agree.
+        began = start if self._clock is _monotonic else _monotonic()
         limit = self.config.timeout if timeout is None else timeout
-        deadline = _monotonic() + limit  # waits are real time, whatever the clock
         while True:
             openers = 0
             with self._lock:
@@ -266,10 +307,9 @@ class Pool:
                     raise self._error(PoolClosed, "the pool is closed")
                 if self._idle:
                     conn = self._idle.pop()
-                    lease = Lease(self, conn, start, owner, threading.current_thread())
+                    lease = Lease(self, conn, start, owner, _get_ident())
                     self._leases.add(lease)
                     self._n_acquires += 1
-                    self._h_wait.record(_monotonic() + limit - deadline)
                     waiter = None
                 else:
                     max_waiting = self.config.max_waiting
@@ -288,7 +328,7 @@ class Pool:
                 if openers:
                     self._start_openers(openers)
                 # A fresh connection or one just returned: no health check needed.
-                return self._wait(waiter, deadline, limit)
+                return self._wait(waiter, began + limit, limit)
             if self._healthy(conn, start):
                 return lease
             # Failed its check: close it and try again (the deadline still holds).
@@ -299,12 +339,14 @@ class Pool:
         if now >= conn.expires_at:
             return False
         cfg = self.config
+        idle_for = now - conn.idle_since
         ping_after = cfg.ping_after_idle
+        live_after = cfg.liveness_after_idle
         try:
-            if ping_after is not None and now - conn.idle_since >= ping_after:
+            if ping_after is not None and idle_for >= ping_after:
                 self.driver.ping(conn.raw, cfg.connect_timeout)
-            elif cfg.liveness_check and not self.driver.is_alive(conn.raw):
-                return False
+            elif live_after is not None and idle_for >= live_after:
+                return self.driver.is_alive(conn.raw)
         except Exception:
             return False
         return True
@@ -358,20 +400,35 @@ class Pool:
         conn = lease._conn
         if conn is None or lease._pool is not self:
             return
-        raw = conn.raw
-        status = self.driver.transaction_status(raw)
-        if status is _IDLE and not reset:
-            now = self._clock()
-            with self._lock:
-                if lease._conn is not conn:
-                    return  # ended by someone else meanwhile
-                if not self._closed and now < conn.expires_at and conn.pid == self._pid:
-                    self._retire_lease_locked(lease, now)
-                    self._give_back_locked(conn, now)
-                    return
-            self._end_lease(lease, "pool_closed" if self._closed else "lifetime")
+        status = self.driver.transaction_status(conn.raw)
+        if status is not _IDLE or reset:
+            self._release_dirty(lease, conn, status, reset)
             return
-        self._release_dirty(lease, conn, status, reset)
+        now = self._clock()
+        with self._lock:
+            if lease._conn is not conn:
+                return  # ended by someone else meanwhile
+            if now < conn.expires_at and not self._closed and conn.pid == self._pid:
+                # _retire_lease_locked and _give_back_locked, inlined: the hot path
+                lease._conn = None
+                self._leases.discard(lease)
+                self._n_releases += 1
+                hold = now - lease.acquired_at
+                hist = self._h_hold
+                hist.counts[_bucket(BUCKET_BOUNDS, hold)] += 1
+                hist.total += hold
+                hist.count += 1
+                if hold > hist.max:  # noqa: PLR1730 - cheaper than max() here
+                    hist.max = hold
+                if lease.leak_reported:
+                    self._log_leak_returned(lease, now)
+                if self._waiters:
+                    self._give_back_locked(conn, now)
+                else:
+                    conn.idle_since = now
+                    self._idle.append(conn)
+                return
+        self._end_lease(lease, "pool_closed" if self._closed else "lifetime")
 
     def _release_dirty(self, lease: Lease, conn: _Conn, status: TxStatus, reset: bool) -> None:
         """Slow path: the connection needs a rollback or reset (outside the lock)."""
@@ -414,18 +471,21 @@ class Pool:
         self._n_releases += 1
         self._h_hold.record(now - lease.acquired_at)
         if lease.leak_reported:
-            logger.warning(
-                "pool %r: lease reported as a leak was returned after %.1f s (thread %s)",
-                self.name,
-                now - lease.acquired_at,
-                lease.thread_name,
-            )
+            self._log_leak_returned(lease, now)
+
+    def _log_leak_returned(self, lease: Lease, now: float) -> None:
+        logger.warning(
+            "pool %r: lease reported as a leak was returned after %.1f s (thread %s)",
+            self.name,
+            now - lease.acquired_at,
+            lease.thread_name,
+        )
 
     def _give_back_locked(self, conn: _Conn, now: float) -> None:
         """Hand ``conn`` to the first waiter, or make it idle. Caller holds the lock."""
         if self._waiters:
             waiter = self._waiters.popleft()
-            lease = Lease(self, conn, now, waiter.owner, waiter.thread)
+            lease = Lease(self, conn, now, waiter.owner, waiter.thread_id)
             self._leases.add(lease)
             self._n_acquires += 1
             waiter.lease = lease
@@ -670,7 +730,7 @@ class Pool:
                 health_check_failures=self._n_health_failures,
                 leaks=self._n_leaks,
                 closed=dict(self._n_closed),
-                acquire_wait=self._h_wait.snapshot(),
+                acquire_wait=self._h_wait.snapshot(zeros=self._n_acquires - self._h_wait.count),
                 hold_time=self._h_hold.snapshot(),
                 connect_time=self._h_connect.snapshot(),
             )
@@ -680,18 +740,13 @@ class Pool:
         with self._lock:
             return sorted(self._leases, key=lambda lease: lease.acquired_at)
 
-    @contextmanager
-    def connection(self, timeout: float | None = None) -> Iterator[Any]:
+    def connection(self, timeout: float | None = None) -> _LeasedConnection:
         """``with pool.connection() as conn:`` leases a connection for the block.
 
         Nothing is committed for you: an open transaction left at the end is
         rolled back when the connection goes back.
         """
-        lease = self.acquire(timeout)
-        try:
-            yield lease.connection
-        finally:
-            self.release(lease)
+        return _LeasedConnection(self, timeout)
 
     def __enter__(self) -> Pool:
         return self
@@ -759,6 +814,26 @@ class Pool:
         for conn in inherited:
             self.driver.drop(conn.raw)
         self._start_openers(self._request_open_locked())
+
+
+class _LeasedConnection:
+    """What :meth:`Pool.connection` returns (a class: cheaper than a generator)."""
+
+    __slots__ = ("_lease", "_pool", "_timeout")
+
+    def __init__(self, pool: Pool, timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._lease: Lease | None = None
+
+    def __enter__(self) -> Any:
+        self._lease = lease = self._pool.acquire(self._timeout)
+        return lease.connection
+
+    def __exit__(self, *exc: object) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            self._pool.release(lease)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -41,8 +41,12 @@ class Histogram:
         if seconds > self.max:  # noqa: PLR1730 - cheaper than max() on the hot path
             self.max = seconds
 
-    def snapshot(self) -> HistogramSnapshot:
-        return HistogramSnapshot(tuple(self.counts), self.total, self.count, self.max)
+    def snapshot(self, zeros: int = 0) -> HistogramSnapshot:
+        """Freeze it; ``zeros`` adds that many zero values (counted elsewhere so the
+        hot path need not record them one by one)."""
+        counts = list(self.counts)
+        counts[0] += zeros
+        return HistogramSnapshot(tuple(counts), self.total, self.count + zeros, self.max)
 
 
 @dataclass(frozen=True, slots=True)
