@@ -90,6 +90,28 @@ def test_report_burst_is_bounded_and_returns(
         sampler.close()
 
 
+@pytest.mark.parametrize("server", ["gunicorn", "uvicorn"])
+def test_report_burst_with_psycopg2(
+    site_db: tuple[EmbeddedPostgres, dict[str, Any]], server: str, tmp_path: Path
+) -> None:
+    pg, db = site_db
+    app = f"docsite-pg2-{server}"
+    env = site_settings(app, DOCSITE_CONN_MAX_AGE="15", DOCSITE_DRIVER="psycopg2")
+    sampler = BackendSampler(pg.dsn, app)
+    try:
+        with running(server, db, tmp_path, **env) as srv, sampler:
+            result = burst(srv.port, image_paths(300), concurrency=40)
+            assert result.failed == 0, (result.errors[:3], Counter(result.statuses))
+            assert sampler.peak <= POOL["max_size"] * srv.processes
+            floor = POOL["min_size"] * srv.processes
+            backends, _ = sampler.wait_for(lambda n: n <= floor, QUIET)
+            assert backends <= floor
+            _, _, body = get(srv.port, "/connguard/stats")
+            assert {stats["driver"] for stats in json.loads(body)} == {"psycopg2"}
+    finally:
+        sampler.close()
+
+
 def test_async_view_with_thread_pool_orm_calls(
     site_db: tuple[EmbeddedPostgres, dict[str, Any]], tmp_path: Path
 ) -> None:

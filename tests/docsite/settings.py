@@ -8,10 +8,15 @@ DOCSITE_POOL        JSON for OPTIONS["pool"]
 DOCSITE_MIDDLEWARE  connguard (default) | close (the report's close-everything middleware) | none
 DOCSITE_DAPHNE      "1": daphne in INSTALLED_APPS (runserver then serves ASGI)
 DOCSITE_APP_NAME    application_name, so tests count this site's backends
+DOCSITE_DRIVER      psycopg2: hide psycopg 3 so Django (and connguard) use psycopg2
 """
 
 import json
 import os
+import sys
+
+if os.environ.get("DOCSITE_DRIVER") == "psycopg2":
+    sys.modules["psycopg"] = None  # type: ignore[assignment]  # Django falls back
 
 SECRET_KEY = "docsite-tests-only"
 DEBUG = False

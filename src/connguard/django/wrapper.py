@@ -175,6 +175,23 @@ class ConnguardWrapperMixin:
 
     # ---------------------------------------------------------------- Django's hooks
 
+    def get_connection_params(self) -> dict[str, Any]:
+        """Django's parameters, with ``OPTIONS["pool"]`` stripped (on a copy: the
+        user's settings are never mutated). Django itself would refuse the key under
+        psycopg2, and it is connguard's, not the driver's."""
+        options = self.settings_dict["OPTIONS"]
+        if "pool" not in options:
+            return super().get_connection_params()  # type: ignore[misc, no-any-return]
+        settings = self.settings_dict
+        self.settings_dict = {
+            **settings,
+            "OPTIONS": {k: v for k, v in options.items() if k != "pool"},
+        }
+        try:
+            return super().get_connection_params()  # type: ignore[misc, no-any-return]
+        finally:
+            self.settings_dict = settings
+
     @async_unsafe
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         if self.alias == NO_DB_ALIAS:

@@ -1,0 +1,79 @@
+"""Django's own test tooling on connguard: the test runner (with parallel test
+processes) and pytest-django, each in a subprocess against a private server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from connguard.testing.postgres import EmbeddedPostgres
+
+from .servers import ROOT, manage, site_env
+
+pytestmark = [pytest.mark.real, pytest.mark.private]
+
+
+@pytest.fixture(scope="module")
+def tooling_db() -> Iterator[tuple[EmbeddedPostgres, dict[str, Any]]]:
+    pg = EmbeddedPostgres(max_connections=60)
+    pg.start()
+    try:
+        pg.psql("CREATE DATABASE docsite")
+        db = {"HOST": pg.host, "PORT": pg.port, "NAME": "docsite", "USER": "postgres"}
+        manage(db, "migrate", "-v", "0")
+        yield pg, db
+    finally:
+        pg.cleanup()
+
+
+def databases(pg: EmbeddedPostgres) -> list[str]:
+    return pg.psql("SELECT datname FROM pg_database ORDER BY 1").split()
+
+
+def run(cmd: list[str], db: dict[str, Any], **env: str) -> subprocess.CompletedProcess[str]:
+    env = site_env(db, DOCSITE_POOL=json.dumps({"min_size": 1, "max_size": 4}), **env)
+    return subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("parallel", "driver"), [("1", "psycopg"), ("2", "psycopg"), ("2", "psycopg2")]
+)
+def test_django_test_runner(
+    tooling_db: tuple[EmbeddedPostgres, dict[str, Any]], parallel: str, driver: str
+) -> None:
+    pg, db = tooling_db
+    result = run(
+        [sys.executable, "-m", "django", "test", "tests.docsite.tooling", "--parallel",
+         parallel, "--settings=tests.docsite.settings", "-v", "2", "--noinput"],
+        db,
+        DOCSITE_DRIVER=driver,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "Ran 4 tests" in output and "OK" in output
+    if parallel == "2":
+        assert "Cloning test database" in output, output[-2000:]
+    assert not [name for name in databases(pg) if name.startswith("test_")], (
+        "a test database was left behind"
+    )
+
+
+def test_pytest_django(tooling_db: tuple[EmbeddedPostgres, dict[str, Any]]) -> None:
+    pg, db = tooling_db
+    result = run(
+        [sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "django", "-p",
+         "no:cacheprovider", "--ds=tests.docsite.settings", "-q",
+         "tests/docsite/tooling/test_pool_in_tests.py"],
+        db,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "4 passed" in output, output[-2000:]
+    assert not [name for name in databases(pg) if name.startswith("test_")]
