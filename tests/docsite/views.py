@@ -76,12 +76,10 @@ def pool_stats(request):
 
 def _whoami() -> dict:
     from asgiref.sync import SyncToAsync
-
-    from connguard.scope import current_scope
-
     from django.core import signals
 
     from connguard.django import scopes
+    from connguard.scope import current_scope
 
     return {
         "installed": scopes._installed,
