@@ -20,6 +20,9 @@ from connguard.testing.postgres import EmbeddedPostgres
 
 from .proxy import FaultProxy
 
+# The docsite's own tests run inside its Django process (test_django_tooling.py).
+collect_ignore = ["docsite"]
+
 REQUIRE_ALL = (
     os.environ.get("CI", "").lower() == "true" or os.environ.get("CONNGUARD_REQUIRE_ALL") == "1"
 )
