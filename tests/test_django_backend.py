@@ -51,7 +51,7 @@ def django_db(pg: Any) -> Iterator[dict[str, Any]]:
     }
     if not settings.configured:
         settings.configure(
-            DATABASES={"default": db},
+            DATABASES={"default": db, "replica": {**db, "OPTIONS": {"pool": {"max_size": 2}}}},
             INSTALLED_APPS=["connguard.django"],
             MIDDLEWARE=["connguard.django.middleware.ConnguardMiddleware"],
             USE_TZ=True,
@@ -101,6 +101,19 @@ def test_connect_is_an_acquire_and_close_a_release(connection: Any) -> None:
     assert not lease.active and pool.stats().in_use == 0
     assert scalar(connection, "SELECT 2") == 2  # acquires again
     assert the_pool().stats().opened == 1, "the physical connection was reused"
+
+
+def test_each_alias_gets_its_own_pool(connection: Any) -> None:
+    from django.db import connections
+
+    from connguard.django import pools
+
+    scalar(connection, "SELECT 1")
+    scalar(connections["replica"], "SELECT 1")
+    by_alias = {pool.name: pool for pool in pools.pools()}
+    assert by_alias["replica"] is not by_alias["default"]
+    assert by_alias["replica"].config.max_size == 2
+    connections["replica"].close()
 
 
 def test_scope_returns_its_leases_and_the_holder_reacquires(connection: Any) -> None:

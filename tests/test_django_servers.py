@@ -112,17 +112,19 @@ def test_report_burst_with_psycopg2(
         sampler.close()
 
 
-def test_async_view_with_thread_pool_orm_calls(
-    site_db: tuple[EmbeddedPostgres, dict[str, Any]], tmp_path: Path
+@pytest.mark.parametrize("prefix", ["/async", "/aorm"])
+def test_async_views(
+    site_db: tuple[EmbeddedPostgres, dict[str, Any]], tmp_path: Path, prefix: str
 ) -> None:
-    """``sync_to_async(thread_sensitive=False)``: the ORM runs in pooled threads that
-    never die; their leases still come back when the request ends."""
+    """``/async``: the ORM through ``sync_to_async(thread_sensitive=False)``, in pooled
+    threads that never die; ``/aorm``: Django's async ORM (``aexists()``). Their
+    leases still come back when the request ends."""
     pg, db = site_db
-    app = "docsite-async"
+    app = f"docsite{prefix.replace('/', '-')}"
     sampler = BackendSampler(pg.dsn, app)
     try:
         with running("uvicorn", db, tmp_path, **site_settings(app)) as srv, sampler:
-            result = burst(srv.port, image_paths(300, prefix="/async"), concurrency=40)
+            result = burst(srv.port, image_paths(300, prefix=prefix), concurrency=40)
             assert result.failed == 0, (result.errors[:3], Counter(result.statuses))
             assert sampler.peak <= POOL["max_size"]
             backends, _ = sampler.wait_for(lambda n: n <= POOL["min_size"], QUIET)

@@ -5,6 +5,7 @@ from . import views
 urlpatterns = [
     path("doc/<int:doc_id>/page/<int:page_no>.png", views.page_image),
     path("async/doc/<int:doc_id>/page/<int:page_no>.png", views.page_image_async),
+    path("aorm/doc/<int:doc_id>/page/<int:page_no>.png", views.page_image_async_orm),
     path("stream/doc/<int:doc_id>", views.document_stream),
     path("slow", views.slow),
     path("one", views.one_query),

@@ -39,6 +39,15 @@ async def page_image_async(request, doc_id: int, page_no: int):
     return HttpResponse(IMAGE, content_type="image/png")
 
 
+async def page_image_async_orm(request, doc_id: int, page_no: int):
+    allowed = await Page.objects.filter(
+        document_id=doc_id, number=page_no, document__public=True
+    ).aexists()
+    if not allowed:
+        raise Http404("no such page")
+    return HttpResponse(IMAGE, content_type="image/png")
+
+
 def document_stream(request, doc_id: int):
     def chunks():
         for page_no in range(1, 4):
