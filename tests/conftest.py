@@ -20,8 +20,8 @@ from connguard.testing.postgres import EmbeddedPostgres
 
 from .proxy import FaultProxy
 
-# The docsite's own tests run inside its Django process (test_django_tooling.py).
-collect_ignore = ["docsite"]
+# These run inside the demo site's Django process (test_django_tooling.py).
+collect_ignore = ["django_tooling"]
 
 REQUIRE_ALL = (
     os.environ.get("CI", "").lower() == "true" or os.environ.get("CONNGUARD_REQUIRE_ALL") == "1"

@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = "tests.docsite.settings"
+SETTINGS = "connguard.demo.site.settings"
 
 # name -> (command builder, worker processes)
 SERVERS: dict[str, int] = {
@@ -51,18 +51,18 @@ def command(server: str, port: int) -> list[str]:
         return [py, "-m", "django", "runserver", bind, "--noreload", f"--settings={SETTINGS}"]
     if server == "gunicorn":
         return [
-            py, "-m", "gunicorn", "tests.docsite.wsgi:application", "-k", "gthread",
+            py, "-m", "gunicorn", "connguard.demo.site.wsgi:application", "-k", "gthread",
             "--threads", "8", "-w", str(SERVERS["gunicorn"]), "-b", bind,
             "--log-level", "warning",
         ]  # fmt: skip
     if server == "uvicorn":
         return [
-            py, "-m", "uvicorn", "tests.docsite.asgi:application", "--host", "127.0.0.1",
+            py, "-m", "uvicorn", "connguard.demo.site.asgi:application", "--host", "127.0.0.1",
             "--port", str(port), "--log-level", "warning",
         ]  # fmt: skip
     if server == "daphne":
         return [py, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-                "tests.docsite.asgi:application"]  # fmt: skip
+                "connguard.demo.site.asgi:application"]  # fmt: skip
     raise ValueError(f"unknown server {server!r}")
 
 

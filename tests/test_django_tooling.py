@@ -50,8 +50,8 @@ def test_django_test_runner(
 ) -> None:
     pg, db = tooling_db
     result = run(
-        [sys.executable, "-m", "django", "test", "tests.docsite.tooling", "--parallel",
-         parallel, "--settings=tests.docsite.settings", "-v", "2", "--noinput"],
+        [sys.executable, "-m", "django", "test", "tests.django_tooling", "--parallel",
+         parallel, "--settings=connguard.demo.site.settings", "-v", "2", "--noinput"],
         db,
         DOCSITE_DRIVER=driver,
     )  # fmt: skip
@@ -69,8 +69,8 @@ def test_pytest_django(tooling_db: tuple[EmbeddedPostgres, dict[str, Any]]) -> N
     pg, db = tooling_db
     result = run(
         [sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "django", "-p",
-         "no:cacheprovider", "--ds=tests.docsite.settings", "-q",
-         "tests/docsite/tooling/test_pool_in_tests.py"],
+         "no:cacheprovider", "--ds=connguard.demo.site.settings", "-q",
+         "tests/django_tooling/test_pool_in_tests.py"],
         db,
     )  # fmt: skip
     output = result.stdout + result.stderr

@@ -2,5 +2,5 @@ from django.apps import AppConfig
 
 
 class DocsiteConfig(AppConfig):
-    name = "tests.docsite"
+    name = "connguard.demo.site"
     label = "docsite"

@@ -1,7 +1,9 @@
+from typing import Any
+
 from django.db import migrations, models
 
 
-def seed(apps, schema_editor):
+def seed(apps: Any, schema_editor: Any) -> None:
     Document = apps.get_model("docsite", "Document")
     Page = apps.get_model("docsite", "Page")
     for d in range(1, 11):
@@ -11,7 +13,7 @@ def seed(apps, schema_editor):
 
 class Migration(migrations.Migration):
     initial = True
-    dependencies = []
+    dependencies: list[tuple[str, str]] = []
     operations = [
         migrations.CreateModel(
             name="Document",

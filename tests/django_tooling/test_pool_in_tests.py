@@ -8,8 +8,8 @@ import threading
 from django.db import connection, connections
 from django.test import TestCase, TransactionTestCase
 
+from connguard.demo.site.models import Document, Page
 from connguard.django import pools
-from tests.docsite.models import Document, Page
 
 
 def leases_in_use() -> int:

@@ -18,23 +18,23 @@ import sys
 if os.environ.get("DOCSITE_DRIVER") == "psycopg2":
     sys.modules["psycopg"] = None  # type: ignore[assignment]  # Django falls back
 
-SECRET_KEY = "docsite-tests-only"
+SECRET_KEY = "connguard-demo-site-not-secret"
 DEBUG = False
 ALLOWED_HOSTS = ["*"]
 USE_TZ = True
-ROOT_URLCONF = "tests.docsite.urls"
-WSGI_APPLICATION = "tests.docsite.wsgi.application"
-ASGI_APPLICATION = "tests.docsite.asgi.application"
+ROOT_URLCONF = "connguard.demo.site.urls"
+WSGI_APPLICATION = "connguard.demo.site.wsgi.application"
+ASGI_APPLICATION = "connguard.demo.site.asgi.application"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-INSTALLED_APPS = ["connguard.django", "tests.docsite"]
+INSTALLED_APPS = ["connguard.django", "connguard.demo.site"]
 if os.environ.get("DOCSITE_DAPHNE") == "1":
     INSTALLED_APPS.insert(0, "daphne")
 
 _middleware = os.environ.get("DOCSITE_MIDDLEWARE", "connguard")
 MIDDLEWARE = {
     "connguard": ["connguard.django.middleware.ConnguardMiddleware"],
-    "close": ["tests.docsite.middleware.DatabaseConnectionMiddleware"],
+    "close": ["connguard.demo.site.middleware.DatabaseConnectionMiddleware"],
     "none": [],
 }[_middleware]
 

@@ -2,5 +2,5 @@ import os
 
 from django.core.asgi import get_asgi_application
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.docsite.settings")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "connguard.demo.site.settings")
 application = get_asgi_application()
