@@ -26,6 +26,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -58,7 +59,9 @@ class Scope:
         self.started_at = time.monotonic()
         self.ended = False
         self._lock = threading.Lock()
-        self._leases: set[Lease] = set()
+        # Weak: a scope never keeps alive a lease its holder dropped (the pool's
+        # backstop takes those back and says where they were acquired).
+        self._leases: weakref.WeakSet[Lease] = weakref.WeakSet()
 
     def add(self, lease: Lease) -> None:
         """Record ``lease`` as owned by this scope.
@@ -88,7 +91,7 @@ class Scope:
         on next use (the Django layer checks the lease before every use).
         """
         with self._lock:
-            leases, self._leases = self._leases, set()
+            leases, self._leases = list(self._leases), weakref.WeakSet()
         count = 0
         for lease in leases:
             if lease.active:

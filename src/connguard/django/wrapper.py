@@ -17,20 +17,61 @@ at checkout only when the wanted time zone differs.
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import sysconfig
 from typing import Any
 
+import asgiref
+import django
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
 from django.db.backends.utils import CursorWrapper
 from django.utils.asyncio import async_unsafe
 
+import connguard
 from connguard.pool import Lease, Pool
 from connguard.scope import Scope, owner_scope
 
 from . import pools
 
 logger = logging.getLogger("connguard.django")
+
+
+def _package_dir(module: Any) -> str:
+    return str(os.path.dirname(module.__file__)) + os.sep
+
+
+# Frames from these files are machinery, not the code that wanted the connection.
+_MACHINERY = (
+    _package_dir(django),
+    _package_dir(asgiref),
+    sysconfig.get_paths()["stdlib"] + os.sep,
+    *(
+        os.path.join(_package_dir(connguard), part)
+        for part in ("django" + os.sep, "backends" + os.sep, "pool" + os.sep, "scope.py")
+    ),
+)
+
+
+def _user_stack(depth: int) -> tuple[Any, ...]:
+    """(code, line) pairs of the first ``depth`` frames outside Django, asgiref, the
+    standard library and connguard's machinery: the view or task that queried.
+
+    Runs once per acquire (per request, not per query); a few microseconds."""
+    frame: Any = sys._getframe(2)
+    out: list[Any] = []
+    walked = 0
+    while frame is not None and depth and walked < 80:
+        code = frame.f_code
+        if not code.co_filename.startswith(_MACHINERY):
+            out.append(code)
+            out.append(frame.f_lineno)
+            depth -= 1
+        frame = frame.f_back
+        walked += 1
+    return tuple(out)
 
 
 def _sql_module() -> Any:
@@ -210,7 +251,8 @@ class ConnguardWrapperMixin:
                 ) from None
         pool = pools.pool_for(self, conn_params)
         owner = owner_scope()
-        lease = pool.acquire(owner=owner)
+        depth = pool.config.stack_depth
+        lease = pool.acquire(owner=owner, stack=_user_stack(depth) if depth else ())
         owner.add(lease)
         self._cg_lease = lease
         self._cg_scope = owner

@@ -93,6 +93,7 @@ class Lease:
         "acquired_at",
         "leak_reported",
         "owner",
+        "stack",
         "thread_id",
     )
 
@@ -104,6 +105,7 @@ class Lease:
         self.acquired_at = acquired_at
         self.owner = owner  # the scope (request, task...) that holds it, if any
         self.thread_id = thread_id  # the thread that asked for it (its name: on demand)
+        self.stack: tuple[Any, ...] = ()  # (code, line) pairs of the acquiring code
         self.leak_reported = False  # set once by housekeeping past leak_threshold
 
     @property
@@ -117,6 +119,14 @@ class Lease:
             if thread.ident == self.thread_id:
                 return thread
         return None
+
+    def where(self) -> list[str]:
+        """Where the lease was acquired: ``file:line in function``, innermost first."""
+        stack = self.stack
+        return [
+            f"{stack[i].co_filename}:{stack[i + 1]} in {stack[i].co_name}"
+            for i in range(0, len(stack), 2)
+        ]
 
     @property
     def thread_name(self) -> str:
@@ -209,6 +219,7 @@ class Pool:
         self._clock = clock
         # Below this many seconds idle an idle connection is handed out untested.
         cfg = self.config
+        self._stack_depth = cfg.stack_depth
         self._check_after = min(
             math.inf if cfg.ping_after_idle is None else cfg.ping_after_idle,
             math.inf if cfg.liveness_after_idle is None else cfg.liveness_after_idle,
@@ -244,6 +255,8 @@ class Pool:
         self._n_connect_errors = 0
         self._n_health_failures = 0
         self._n_leaks = 0
+        self._n_reclaims = 0
+        self._n_dropped = 0
         self._n_closed = dict.fromkeys(CLOSE_REASONS, 0)
         self._h_wait = Histogram()
         self._h_hold = Histogram()
@@ -266,15 +279,26 @@ class Pool:
 
     # ------------------------------------------------------------------ acquire
 
-    def acquire(self, timeout: float | None = None, *, owner: object = None) -> Lease:
+    def acquire(
+        self,
+        timeout: float | None = None,
+        *,
+        owner: object = None,
+        stack: tuple[Any, ...] | None = None,
+    ) -> Lease:
         """Lease a connection, waiting at most ``timeout`` (default: the config's).
 
         The most recently returned idle connection comes first; else a waiter
         queues (FIFO) while an opener thread makes a new connection if there is
         room. Raises ``PoolTimeout`` (``ConnectFailed`` when the database is
         unreachable), ``PoolRefused`` when ``max_waiting`` callers already wait,
-        ``PoolClosed`` when the pool is closed.
+        ``PoolClosed`` when the pool is closed. ``stack`` overrides the recorded
+        acquire site (a layer above that knows which frames are its own passes it);
+        by default ``stack_depth`` frames of the caller are recorded.
         """
+        if stack is None:
+            depth = self._stack_depth
+            stack = _capture_stack(depth) if depth else ()
         clock = self._clock
         start = clock()
         # The hot path: an idle connection, returned recently enough to need no test.
@@ -288,12 +312,15 @@ class Pool:
             else:
                 conn = None
         if conn is not None:
+            lease.stack = stack
             if start - conn.idle_since < self._check_after and start < conn.expires_at:
                 return lease
             if self._healthy(conn, start):
                 return lease
             self._end_lease(lease, "broken", health=True)
-        return self._acquire_slow(start, timeout, owner)
+        lease = self._acquire_slow(start, timeout, owner)
+        lease.stack = stack
+        return lease
 
     def _acquire_slow(self, start: float, timeout: float | None, owner: object) -> Lease:
         """Wait in the queue (or retry after a failed health check)."""
@@ -666,19 +693,68 @@ class Pool:
                         lease.leak_reported = True
                         self._n_leaks += 1
                         leaks.append(lease)
+            held = list(self._leases)
             openers = self._request_open_locked()
         self._start_openers(openers)
         for lease in leaks:
             logger.warning(
-                "pool %r: lease held for %.1f s (leak_threshold=%s s) by thread %s, owner %r",
+                "pool %r: lease held for %.1f s (leak_threshold=%s s) by thread %s for %s; "
+                "acquired at %s",
                 self.name,
                 now - lease.acquired_at,
                 threshold,
                 lease.thread_name,
-                lease.owner,
+                _describe(lease.owner),
+                _first(lease.where()),
             )
+        self._take_back(held)
         for conn, _reason in retired:
             self._close_conn(conn)
+
+    def _take_back(self, held: list[Lease]) -> None:
+        """Take back leases nobody will return (outside the lock).
+
+        *Dropped*: nothing but the pool references the lease any more (its holder
+        let go of it without releasing; scopes hold leases weakly, so they do not
+        count). Always on: nobody can use such a lease again. *Reclaim* (setting
+        ``reclaim``): its owner is gone, the scope ended or the thread died, and it
+        is not executing a statement.
+        """
+        reclaim = self.config.reclaim
+        alive = {thread.ident for thread in threading.enumerate()} if reclaim else set()
+        for lease in held:
+            # References: `held`, the loop variable, getrefcount's argument, the
+            # pool's set. Anything above that is a holder.
+            if lease.active and sys.getrefcount(lease) <= _POOL_REFS:
+                self._end_taken(lease, "dropped")
+                continue
+            if not reclaim or not lease.active:
+                continue
+            owner = lease.owner
+            gone = bool(getattr(owner, "ended", False)) or lease.thread_id not in alive
+            raw = lease.peek()
+            busy = raw is None or self.driver.transaction_status(raw) is TxStatus.ACTIVE
+            if gone and not busy:
+                self._end_taken(lease, "reclaimed")
+
+    def _end_taken(self, lease: Lease, how: str) -> None:
+        with self._lock:
+            if lease._conn is None:
+                return
+            if how == "dropped":
+                self._n_dropped += 1
+            else:
+                self._n_reclaims += 1
+        logger.warning(
+            "pool %r: %s a lease held for %.1f s by thread %s for %s; acquired at %s",
+            self.name,
+            "took back (its holder dropped it)" if how == "dropped" else "reclaimed",
+            self._clock() - lease.acquired_at,
+            lease.thread_name,
+            _describe(lease.owner),
+            _first(lease.where()),
+        )
+        self.release(lease)  # rolls back, fences, hands on
 
     # ------------------------------------------------------------------ close, stats
 
@@ -729,6 +805,8 @@ class Pool:
                 connect_errors=self._n_connect_errors,
                 health_check_failures=self._n_health_failures,
                 leaks=self._n_leaks,
+                reclaims=self._n_reclaims,
+                dropped=self._n_dropped,
                 closed=dict(self._n_closed),
                 acquire_wait=self._h_wait.snapshot(zeros=self._n_acquires - self._h_wait.count),
                 hold_time=self._h_hold.snapshot(),
@@ -834,6 +912,35 @@ class _LeasedConnection:
         lease, self._lease = self._lease, None
         if lease is not None:
             self._pool.release(lease)
+
+
+_POOL_REFS = 4
+_getframe = sys._getframe
+
+
+def _capture_stack(depth: int) -> tuple[Any, ...]:
+    """``depth`` (code, line) pairs from the caller of ``acquire`` outwards.
+
+    Code objects and line numbers only: no frame is kept alive, nothing is
+    formatted until a report needs it.
+    """
+    frame: Any = _getframe(2)
+    out: list[Any] = []
+    while frame is not None and depth:
+        out.append(frame.f_code)
+        out.append(frame.f_lineno)
+        frame = frame.f_back
+        depth -= 1
+    return tuple(out)
+
+
+def _describe(owner: object) -> str:
+    describe = getattr(owner, "describe", None)
+    return str(describe()) if callable(describe) else repr(owner)
+
+
+def _first(where: list[str]) -> str:
+    return where[0] if where else "(not recorded: stack_depth=0)"
 
 
 def _one_line(exc: BaseException) -> str:

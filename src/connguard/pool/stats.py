@@ -120,6 +120,8 @@ class PoolStats:
     connect_errors: int
     health_check_failures: int
     leaks: int
+    reclaims: int
+    dropped: int
     closed: dict[str, int] = field(default_factory=dict)
     # latency histograms
     acquire_wait: HistogramSnapshot | None = None
@@ -133,6 +135,7 @@ class PoolStats:
             "name", "driver", "size", "idle", "in_use", "waiting", "opening", "closing",
             "max_size", "min_size", "acquires", "waits", "timeouts", "refusals", "releases",
             "resets", "opened", "connect_errors", "health_check_failures", "leaks",
+            "reclaims", "dropped",
         ):  # fmt: skip
             out[key] = getattr(self, key)
         for reason in CLOSE_REASONS:
