@@ -662,14 +662,22 @@ class Pool:
 
     def housekeep(self) -> None:
         """Retire old and surplus idle connections, refill to ``min_size``, count
-        leases held past ``leak_threshold``. Called by the housekeeping thread."""
+        leases held past ``leak_threshold``, take back leases nobody will return.
+        Called by the housekeeping thread."""
+        # Two steps so that no local of the first still references a lease when
+        # the second counts references.
+        held = self._housekeep_pool()
+        if held:
+            self._take_back(held)
+
+    def _housekeep_pool(self) -> list[Lease]:
         cfg = self.config
         now = self._clock()
         retired: list[tuple[_Conn, str]] = []
         leaks: list[Lease] = []
         with self._lock:
             if self._closed:
-                return
+                return []
             surplus = self._size - cfg.min_size
             max_idle = cfg.max_idle
             keep: list[_Conn] = []
@@ -707,9 +715,9 @@ class Pool:
                 _describe(lease.owner),
                 _first(lease.where()),
             )
-        self._take_back(held)
         for conn, _reason in retired:
             self._close_conn(conn)
+        return held
 
     def _take_back(self, held: list[Lease]) -> None:
         """Take back leases nobody will return (outside the lock).
