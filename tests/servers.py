@@ -234,7 +234,7 @@ class BackendSampler:
     def count(self) -> tuple[int, int]:
         row = self._conn.execute(
             "SELECT count(*), count(*) FILTER (WHERE state LIKE 'idle in transaction%%') "
-            "FROM pg_stat_activity WHERE application_name = %s",
+            "FROM pg_stat_activity WHERE split_part(application_name, '|cg|', 1) = %s",
             (self.app_name,),
         ).fetchone()
         assert row is not None

@@ -103,6 +103,18 @@ def test_connect_is_an_acquire_and_close_a_release(connection: Any) -> None:
     assert the_pool().stats().opened == 1, "the physical connection was reused"
 
 
+def test_connections_carry_the_application_name_tag(connection: Any) -> None:
+    import os
+
+    from connguard.diagnostics.tags import parse_tag
+
+    name = scalar(connection, "SELECT application_name FROM pg_stat_activity "
+                              "WHERE pid = pg_backend_pid()")  # fmt: skip
+    tag = parse_tag(name)
+    assert tag is not None, name
+    assert (tag.prefix, tag.pid, tag.alias) == ("cg-inproc", os.getpid(), "default")
+
+
 def test_each_alias_gets_its_own_pool(connection: Any) -> None:
     from django.db import connections
 

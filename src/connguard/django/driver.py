@@ -23,10 +23,12 @@ class DjangoDriver:
     def __init__(
         self,
         base: Driver,
+        *,
         connect: Callable[..., Any],
         conn_params: dict[str, Any],
         configure: Callable[[Any], bool],
         autocommit: bool,
+        tag: Callable[[], str] | None = None,
     ) -> None:
         self.base = base
         self.name = base.name
@@ -35,12 +37,15 @@ class DjangoDriver:
         self._conn_params = dict(conn_params)
         self._configure = configure  # returns True when it ran statements
         self._autocommit = autocommit
+        self._tag = tag  # application_name for each new connection (pid may change)
 
     def connect(self, timeout: float) -> Any:
         params = self._conn_params
         if "connect_timeout" not in params:
             # libpq takes whole seconds and treats less than 2 as 2.
             params = {**params, "connect_timeout": max(2, math.ceil(timeout))}
+        if self._tag is not None:
+            params = {**params, "application_name": self._tag()}
         conn = self._connect(**params)
         try:
             self._set_up(conn)

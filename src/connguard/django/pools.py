@@ -9,13 +9,16 @@ effect of reading state.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Mapping
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
+from connguard.diagnostics.tags import make_tag
 from connguard.drivers import load_driver
 from connguard.pool import Pool, PoolConfig, PoolConfigError
 
@@ -65,15 +68,15 @@ def pool_config(options: Mapping[str, Any]) -> PoolConfig:
 
 
 def pool_key(wrapper: Any) -> PoolKey:
-    settings = wrapper.settings_dict
-    options = settings["OPTIONS"]
+    settings_dict = wrapper.settings_dict
+    options = settings_dict["OPTIONS"]
     return (
         wrapper.alias,
-        str(settings["NAME"]),
-        str(settings["USER"]),
-        str(settings["HOST"]),
-        str(settings["PORT"]),
-        str(hash(settings["PASSWORD"])),
+        str(settings_dict["NAME"]),
+        str(settings_dict["USER"]),
+        str(settings_dict["HOST"]),
+        str(settings_dict["PORT"]),
+        str(hash(settings_dict["PASSWORD"])),
         repr(sorted((str(k), repr(v)) for k, v in options.items())),
         str(wrapper.timezone_name),
     )
@@ -94,12 +97,12 @@ def pool_for(wrapper: Any, conn_params: dict[str, Any]) -> Pool:
 
 
 def _new_pool(wrapper: Any, conn_params: dict[str, Any]) -> Pool:
-    settings = wrapper.settings_dict
+    settings_dict = wrapper.settings_dict
     try:
-        config = pool_config(settings["OPTIONS"])
+        config = pool_config(settings_dict["OPTIONS"])
     except PoolConfigError as exc:
         raise ImproperlyConfigured(f"DATABASES[{wrapper.alias!r}]: {exc}") from None
-    autocommit = bool(settings["AUTOCOMMIT"])
+    autocommit = bool(settings_dict["AUTOCOMMIT"])
     base = load_driver("psycopg" if is_psycopg3 else "psycopg2", autocommit=autocommit)
     driver = DjangoDriver(
         base,
@@ -107,8 +110,23 @@ def _new_pool(wrapper: Any, conn_params: dict[str, Any]) -> Pool:
         conn_params=conn_params,
         configure=wrapper.connguard_configure,
         autocommit=autocommit,
+        tag=functools.partial(make_tag, tag_prefix(settings_dict["OPTIONS"]), wrapper.alias),
     )
     return Pool(driver, config, name=wrapper.alias)
+
+
+def tag_prefix(options: Mapping[str, Any]) -> str:
+    """The ``application_name`` prefix: the alias's own ``application_name``, else
+    ``CONNGUARD["application_name"]``, else the project (the settings module's
+    top package)."""
+    own = options.get("application_name")
+    if own:
+        return str(own)
+    configured = getattr(settings, "CONNGUARD", {}).get("application_name")
+    if configured:
+        return str(configured)
+    module = getattr(settings, "SETTINGS_MODULE", None) or "django"
+    return str(module).split(".")[0]
 
 
 def pools() -> list[Pool]:
