@@ -333,3 +333,54 @@ def test_bad_pool_setting_at_connect_is_improperly_configured(
     monkeypatch.setitem(connection.settings_dict["OPTIONS"], "pool", {"max_sise": 3})
     with pytest.raises(ImproperlyConfigured, match="max_sise"):
         scalar(connection, "SELECT 1")
+
+
+def test_status_shows_a_held_lease_with_its_request_and_site(connection: Any) -> None:
+    import io
+    import json
+
+    from django.core import signals
+    from django.core.management import call_command
+
+    signals.request_started.send(
+        sender=None, environ={"REQUEST_METHOD": "GET", "PATH_INFO": "/doc/9/page/2.png"}
+    )
+    try:
+        scalar(connection, "SELECT 1")
+        out = io.StringIO()
+        call_command("connguard", "status", "--json", stdout=out)
+        leases = [lease for entry in json.loads(out.getvalue()) for lease in entry["leases"]]
+        (mine,) = [lease for lease in leases if lease["owner"].get("path") == "/doc/9/page/2.png"]
+        assert mine["owner"]["kind"] == "request" and mine["owner"]["method"] == "GET"
+        assert any(w.startswith(f"{__file__}:") and "in scalar" in w for w in mine["where"])
+        text = io.StringIO()
+        call_command("connguard", "status", stdout=text)
+        assert "request: GET /doc/9/page/2.png" in text.getvalue()
+        assert f"at {__file__}:" in text.getvalue()
+    finally:
+        signals.request_finished.send(sender=None)
+
+
+def test_manage_py_doctor_reads_the_server(connection: Any) -> None:
+    import io
+    import json
+
+    from django.core.management import call_command
+
+    db = connection.settings_dict
+    other = psycopg.connect(
+        host=db["HOST"], port=db["PORT"], user=db["USER"], dbname=db["NAME"],
+        application_name="cg-other-client", autocommit=True,
+    )  # fmt: skip
+    out = io.StringIO()
+    try:
+        try:
+            call_command("connguard", "doctor", "--json", stdout=out)
+        except SystemExit as exc:  # exit status 1 when it finds a problem
+            assert exc.code == 1
+    finally:
+        other.close()
+    data = json.loads(out.getvalue())
+    assert "max_connections" in data["settings"]
+    names = {b["application_name"]: b["class"] for b in data["backends"]}
+    assert names.get("cg-other-client") == "idle", names
