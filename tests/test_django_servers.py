@@ -17,8 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
+from connguard.diagnostics.doctor import collect, diagnose
 from connguard.testing.postgres import EmbeddedPostgres
 
 from .servers import SERVERS, BackendSampler, burst, get, image_paths, manage, running
@@ -156,6 +158,9 @@ def test_stock_django_under_uvicorn_reproduces_the_leak(
         app, DOCSITE_ENGINE="stock", DOCSITE_CONN_MAX_AGE="15", DOCSITE_MIDDLEWARE="none"
     )
     sampler = BackendSampler(pg.dsn, app)
+    # Opened first: the leak fills every slot (this site connects as a superuser, so
+    # even the reserved ones); a real app's role would leave those for the doctor.
+    admin = psycopg.connect(pg.dsn, autocommit=True)
     try:
         with running("uvicorn", db, tmp_path, **env) as srv, sampler:
             result = burst(srv.port, image_paths(300), concurrency=40)
@@ -165,7 +170,12 @@ def test_stock_django_under_uvicorn_reproduces_the_leak(
             exhausted = result.failed > 0
             assert leaked or exhausted, (backends, sampler.peak, Counter(result.statuses))
             assert sampler.peak > POOL["max_size"], "stock Django stayed bounded?"
+            # connguard doctor names the pattern from the server's side.
+            findings = diagnose(collect(admin), idle_threshold=0.5)
+            pileup = [f for f in findings if f.code == "idle-pileup"]
+            assert pileup and "Django under ASGI" in pileup[0].message, findings
     finally:
+        admin.close()
         sampler.close()
 
 
