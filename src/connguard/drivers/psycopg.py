@@ -10,16 +10,16 @@ live.
 from __future__ import annotations
 
 import math
-import os
 import select
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import psycopg
 from psycopg import pq
 
 from connguard.pool.driver import TxStatus
+
+from .libpq import READ_EVENTS, LibpqDriver, socket_readable
 
 __all__ = ["PsycopgDriver"]
 
@@ -40,12 +40,10 @@ _IDLE = int(pq.TransactionStatus.IDLE)
 _UNKNOWN = int(pq.TransactionStatus.UNKNOWN)
 _FATAL_ERROR = int(pq.ExecStatus.FATAL_ERROR)
 
-# POLLERR/POLLHUP/POLLNVAL are always reported; naming them documents the intent.
-_READ_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 _WRITE_EVENTS = select.POLLOUT | select.POLLERR | select.POLLHUP
 
 
-class PsycopgDriver:
+class PsycopgDriver(LibpqDriver):
     """psycopg 3 as the pool sees it.
 
     ``conninfo`` and ``connect_kwargs`` are what you would pass to
@@ -59,23 +57,8 @@ class PsycopgDriver:
     name: str = "psycopg"
     operational_error: type[Exception] = psycopg.OperationalError
 
-    def __init__(
-        self,
-        conninfo: str = "",
-        *,
-        connect_kwargs: Mapping[str, Any] | None = None,
-        autocommit: bool = True,
-        application_name: str | None = None,
-    ) -> None:
-        self.conninfo = conninfo
-        # A private copy: the caller may mutate its mapping later, and connect() must
-        # not write the per-call keys into it either.
-        self.connect_kwargs: dict[str, Any] = dict(connect_kwargs or {})
-        self.autocommit = autocommit
-        self.application_name = application_name
-
-    def __repr__(self) -> str:
-        return f"<PsycopgDriver autocommit={self.autocommit} app={self.application_name!r}>"
+    def socket(self, conn: Any) -> int:
+        return int(conn.pgconn.socket)
 
     def connect(self, timeout: float) -> psycopg.Connection[Any]:
         """Open a connection in the baseline state.
@@ -99,38 +82,6 @@ class PsycopgDriver:
         except Exception:
             pass
 
-    def drop(self, conn: psycopg.Connection[Any]) -> None:
-        """Free ``conn`` without a word to the server.
-
-        In a forked child the socket is shared with the parent; ``PQfinish`` would send
-        the Terminate message on it and the server would end the *parent's* session. So
-        the socket's descriptor number is first pointed at ``/dev/null`` (``dup2``), which
-        drops the child's reference to the socket without touching the socket itself,
-        and only then is the connection closed: libpq frees its memory and "sends"
-        Terminate to ``/dev/null``, where ``send()`` fails harmlessly with ENOTSOCK (no
-        SIGPIPE: it is not a socket), then closes the descriptor, which is now ours.
-
-        Outside a fork this is an abortive close: the server sees EOF instead of
-        Terminate. Never raises.
-        """
-        try:
-            fd = conn.pgconn.socket
-        except Exception:
-            fd = -1  # already closed or lost: libpq owns no socket, plain close is safe
-        if fd >= 0:
-            try:
-                devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    os.dup2(devnull, fd, inheritable=False)
-                finally:
-                    os.close(devnull)
-            except OSError:
-                pass
-        try:
-            conn.close()
-        except Exception:
-            pass
-
     def is_alive(self, conn: psycopg.Connection[Any]) -> bool:
         """True unless ``conn`` is certainly unusable; no round trip (~0.7 µs).
 
@@ -146,9 +97,7 @@ class PsycopgDriver:
             pgconn = conn.pgconn
             if pgconn.transaction_status == _UNKNOWN:
                 return False
-            poller = select.poll()
-            poller.register(pgconn.socket, _READ_EVENTS)
-            return not poller.poll(0)
+            return not socket_readable(pgconn.socket)
         except Exception:
             return False
 
@@ -176,7 +125,7 @@ class PsycopgDriver:
                 _wait(pgconn.socket, _WRITE_EVENTS, deadline, timeout)
             pgconn.consume_input()
             while pgconn.is_busy():
-                _wait(pgconn.socket, _READ_EVENTS, deadline, timeout)
+                _wait(pgconn.socket, READ_EVENTS, deadline, timeout)
                 pgconn.consume_input()
             error: bytes | None = None
             while (result := pgconn.get_result()) is not None:

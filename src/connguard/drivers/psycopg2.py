@@ -9,15 +9,14 @@ connection, so :meth:`Psycopg2Driver.ping` cannot bound its round trip by itself
 from __future__ import annotations
 
 import math
-import os
-import select
-from collections.abc import Mapping
 from typing import Any
 
 import psycopg2
 import psycopg2.extensions as ext
 
 from connguard.pool.driver import TxStatus
+
+from .libpq import LibpqDriver, socket_readable
 
 __all__ = ["Psycopg2Driver"]
 
@@ -37,10 +36,8 @@ _IDLE: int = ext.TRANSACTION_STATUS_IDLE
 _UNKNOWN: int = ext.TRANSACTION_STATUS_UNKNOWN
 _STATUS_READY: int = ext.STATUS_READY
 
-_READ_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
-
-class Psycopg2Driver:
+class Psycopg2Driver(LibpqDriver):
     """psycopg2 as the pool sees it.
 
     ``conninfo`` and ``connect_kwargs`` are what you would pass to ``psycopg2.connect``
@@ -53,23 +50,8 @@ class Psycopg2Driver:
     name: str = "psycopg2"
     operational_error: type[Exception] = psycopg2.OperationalError
 
-    def __init__(
-        self,
-        conninfo: str = "",
-        *,
-        connect_kwargs: Mapping[str, Any] | None = None,
-        autocommit: bool = True,
-        application_name: str | None = None,
-    ) -> None:
-        self.conninfo = conninfo
-        # A private copy: the caller may mutate its mapping later, and connect() must
-        # not write the per-call keys into it either.
-        self.connect_kwargs: dict[str, Any] = dict(connect_kwargs or {})
-        self.autocommit = autocommit
-        self.application_name = application_name
-
-    def __repr__(self) -> str:
-        return f"<Psycopg2Driver autocommit={self.autocommit} app={self.application_name!r}>"
+    def socket(self, conn: Any) -> int:
+        return -1 if conn.closed else int(conn.fileno())
 
     def connect(self, timeout: float) -> Any:
         """Open a connection in the baseline state.
@@ -96,39 +78,6 @@ class Psycopg2Driver:
         except Exception:
             pass
 
-    def drop(self, conn: Any) -> None:
-        """Free ``conn`` without a word to the server.
-
-        In a forked child the socket is shared with the parent; ``PQfinish`` would send
-        the Terminate message on it and the server would end the *parent's* session. The
-        descriptor number is first pointed at ``/dev/null`` (``dup2``), which drops the
-        child's reference to the socket without touching the socket itself; then the
-        connection is closed: libpq frees its memory and its Terminate goes to
-        ``/dev/null``, where ``send()`` fails harmlessly with ENOTSOCK (no SIGPIPE).
-
-        Outside a fork this is an abortive close: the server sees EOF instead of
-        Terminate. Never raises.
-        """
-        fd = -1
-        try:
-            if not conn.closed:
-                fd = conn.fileno()
-        except Exception:
-            pass  # no socket left: a plain close cannot reach the server
-        if fd >= 0:
-            try:
-                devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    os.dup2(devnull, fd, inheritable=False)
-                finally:
-                    os.close(devnull)
-            except OSError:
-                pass
-        try:
-            conn.close()
-        except Exception:
-            pass
-
     def is_alive(self, conn: Any) -> bool:
         """True unless ``conn`` is certainly unusable; no round trip (~0.7 µs).
 
@@ -141,9 +90,7 @@ class Psycopg2Driver:
         try:
             if conn.closed or conn.get_transaction_status() == _UNKNOWN:
                 return False
-            poller = select.poll()
-            poller.register(conn.fileno(), _READ_EVENTS)
-            return not poller.poll(0)
+            return not socket_readable(conn.fileno())
         except Exception:
             return False
 
