@@ -72,14 +72,16 @@ SIZE_MULTI = 10
 # Subject keys, in table order; the first is connguard's headline row.
 CG = "connguard"
 CG_NOLIVE = "connguard liveness_after_idle=0"
+CG_NOSTACK = "connguard stack_depth=0"
 CG_CM = "connguard with pool.connection()"
 PP = "psycopg_pool"
 PP_CM = "psycopg_pool with pool.connection()"
 SA = "SQLAlchemy QueuePool"
-SUBJECTS = (CG, CG_NOLIVE, CG_CM, PP, PP_CM, SA)
+SUBJECTS = (CG, CG_NOSTACK, CG_NOLIVE, CG_CM, PP, PP_CM, SA)
 CALLS = {
     CG: "acquire() + release(lease)",
     CG_NOLIVE: "acquire() + release(lease)",
+    CG_NOSTACK: "acquire() + release(lease)",
     CG_CM: "with pool.connection()",
     PP: "getconn() + putconn()",
     PP_CM: "with pool.connection()",
@@ -89,6 +91,7 @@ CALLS = {
 COMPARE = {
     CG: {"psycopg_pool": PP, "sqlalchemy": SA},
     CG_NOLIVE: {"psycopg_pool": PP, "sqlalchemy": SA},
+    CG_NOSTACK: {"psycopg_pool": PP, "sqlalchemy": SA},
     CG_CM: {"psycopg_pool": PP_CM, "sqlalchemy": SA},
 }
 
@@ -161,12 +164,15 @@ class Pools:
         self.psycopg_pool: psycopg_pool.ConnectionPool[Any] | None = None
         self.sqlalchemy: QueuePool | None = None
         try:
-            for key, always_test in ((CG, False), (CG_NOLIVE, True)):
+            variants = {
+                CG: {},  # the defaults: stack_depth=4, liveness_after_idle=0.5
+                CG_NOSTACK: {"stack_depth": 0},  # what recording the acquire site costs
+                CG_NOLIVE: {"liveness_after_idle": 0},  # what testing every checkout costs
+            }
+            for key, overrides in variants.items():
                 driver = load_driver("psycopg", conninfo=dsn, application_name=f"{APP}-cg")
-                cfg = PoolConfig(
-                    min_size=size, max_size=size, liveness_after_idle=0 if always_test else 0.5
-                )
-                self.connguard[key] = Pool(driver, cfg, name=f"bench-{size}-{always_test}")
+                cfg = PoolConfig(min_size=size, max_size=size, **overrides)  # type: ignore[arg-type]
+                self.connguard[key] = Pool(driver, cfg, name=f"bench-{size}-{key}")
             self.psycopg_pool = psycopg_pool.ConnectionPool(
                 dsn,
                 min_size=size,
@@ -204,7 +210,7 @@ class Pools:
 
     def counters(self, subject: str) -> tuple[int, int] | None:
         """(acquires, acquires that had to queue) so far, where the library counts them."""
-        if subject in (CG, CG_NOLIVE, CG_CM):
+        if subject in (CG, CG_NOLIVE, CG_NOSTACK, CG_CM):
             st = self.connguard[CG if subject == CG_CM else subject].stats()
             return st.acquires, st.waits
         if subject in (PP, PP_CM) and self.psycopg_pool is not None:
@@ -214,7 +220,7 @@ class Pools:
 
     def loop(self, subject: str, query: bool) -> Callable[[int], None]:
         """A tight loop doing ``k`` cycles of ``subject``."""
-        if subject in (CG, CG_NOLIVE):
+        if subject in (CG, CG_NOLIVE, CG_NOSTACK):
             return _connguard_loop(self.connguard[subject], query)
         if subject == CG_CM:
             return _connguard_cm_loop(self.connguard[CG], query)
