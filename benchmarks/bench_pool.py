@@ -453,7 +453,7 @@ class Monitor:
 
     def expect_backends(self, pools: Pools) -> None:
         n = pools.size
-        want = {f"{APP}-cg": 2 * n, f"{APP}-pp": n, f"{APP}-sa": n}
+        want = {f"{APP}-cg": len(pools.connguard) * n, f"{APP}-pp": n, f"{APP}-sa": n}
         got = self.backends()
         self.seen.append(got)
         if got != want:
