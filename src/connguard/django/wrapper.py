@@ -67,7 +67,7 @@ def _user_stack(depth: int) -> tuple[Any, ...]:
         code = frame.f_code
         if not code.co_filename.startswith(_MACHINERY):
             out.append(code)
-            out.append(frame.f_lineno)
+            out.append(frame.f_lasti)  # made a line number only when reported
             depth -= 1
         frame = frame.f_back
         walked += 1

@@ -124,7 +124,7 @@ class Lease:
         """Where the lease was acquired: ``file:line in function``, innermost first."""
         stack = self.stack
         return [
-            f"{stack[i].co_filename}:{stack[i + 1]} in {stack[i].co_name}"
+            f"{stack[i].co_filename}:{_line(stack[i], stack[i + 1])} in {stack[i].co_name}"
             for i in range(0, len(stack), 2)
         ]
 
@@ -298,7 +298,17 @@ class Pool:
         """
         if stack is None:
             depth = self._stack_depth
-            stack = _capture_stack(depth) if depth else ()
+            if depth == 3:  # the default, unrolled: about 0.25 µs
+                frame = _getframe(1)
+                outer = frame.f_back
+                outmost = outer.f_back if outer is not None else None
+                if outmost is not None:
+                    stack = (frame.f_code, frame.f_lasti, outer.f_code, outer.f_lasti,  # type: ignore[union-attr]
+                             outmost.f_code, outmost.f_lasti)  # fmt: skip
+                else:
+                    stack = _capture_stack(depth)
+            else:
+                stack = _capture_stack(depth) if depth else ()
         clock = self._clock
         start = clock()
         # The hot path: an idle connection, returned recently enough to need no test.
@@ -927,19 +937,28 @@ _getframe = sys._getframe
 
 
 def _capture_stack(depth: int) -> tuple[Any, ...]:
-    """``depth`` (code, line) pairs from the caller of ``acquire`` outwards.
+    """``depth`` (code, instruction offset) pairs from the caller of ``acquire`` out.
 
-    Code objects and line numbers only: no frame is kept alive, nothing is
-    formatted until a report needs it.
+    Code objects and offsets only: no frame is kept alive, and the offset becomes a
+    line number (:func:`_line`) only when a report needs it; ``f_lineno`` would be
+    computed from the line table at every acquire.
     """
     frame: Any = _getframe(2)
     out: list[Any] = []
     while frame is not None and depth:
         out.append(frame.f_code)
-        out.append(frame.f_lineno)
+        out.append(frame.f_lasti)
         frame = frame.f_back
         depth -= 1
     return tuple(out)
+
+
+def _line(code: Any, offset: int) -> int | str:
+    """The source line of instruction ``offset`` in ``code``."""
+    for start, end, line in code.co_lines():
+        if start <= offset < end and line is not None:
+            return int(line)
+    return "?"
 
 
 def _describe(owner: object) -> str:
