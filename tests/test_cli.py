@@ -1,22 +1,26 @@
-"""The ``connguard`` command line: the demo end to end, and its error contract.
+"""The ``connguard`` command line: the demo's terminal output and interruption, and
+the error contract (one line, exit status 2, never a password).
 
 The demo runs in a subprocess, as a user would run it, so that the exit status, the
-streams and the clean-up of its private server are what is checked, not a function's
-return value. Option and masking checks call :func:`connguard.cli.main` in-process
-because they need no server and run in milliseconds.
+streams and the clean-up of everything it started are what is checked, not a
+function's return value. Option and masking checks call :func:`connguard.cli.main`
+in-process because they need no server and run in milliseconds. The demo's figures
+and its HTML report are tested in ``test_demo.py``.
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +30,17 @@ from connguard import __version__, cli
 from connguard.cli import main, mask_dsn
 
 SECRET = "hunter2-s3cret"
+SHORT = ["--requests", "120", "--concurrency", "30", "--quiet-seconds", "3", "--no-live"]
 
 
-def _env() -> dict[str, str]:
+def _env(tmp: Path | None = None) -> dict[str, str]:
     """Our environment minus libpq's variables, which would redirect or authenticate
-    the demo's connections behind the test's back."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    the demo's connections behind the test's back; TMPDIR ``tmp`` if given, to see
+    what the demo leaves there."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    if tmp is not None:
+        env["TMPDIR"] = str(tmp)
+    return env
 
 
 def _run(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -53,124 +62,213 @@ def _assert_one_error_line(stderr: str) -> None:
     assert "Traceback" not in stderr
 
 
-# -- the demo, end to end --------------------------------------------------------------
+# -- the command line's shape ------------------------------------------------------------
+
+
+def test_every_command_registers_itself(capsys: pytest.CaptureFixture[str]) -> None:
+    """One ``add_<name>_command`` per subcommand in ``COMMANDS``; --help lists them."""
+    assert cli.add_demo_command in cli.COMMANDS
+    assert main(["--help"]) == 0
+    assert "demo" in capsys.readouterr().out
+    assert main(["demo", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--requests", "--concurrency", "--server", "--dsn", "--max-connections",
+                   "--quiet-seconds", "--report", "--no-live", "--json", "--port"):  # fmt: skip
+        assert option in out
+
+
+# -- the demo in a terminal's place ------------------------------------------------------
 
 
 @pytest.mark.real
-@pytest.mark.parametrize(
-    ("driver", "max_size"),
-    [("psycopg", 10), ("psycopg2", 3)],
-)
-def test_demo_json_end_to_end(driver: str, max_size: int) -> None:
-    threads, queries = 20, 10
-    proc = _run(
-        "demo",
-        "--threads", str(threads),
-        "--queries-per-thread", str(queries),
-        "--max-size", str(max_size),
-        "--driver", driver,
-        "--json",
-    )  # fmt: skip
+@pytest.mark.servers
+def test_demo_plain_output(tmp_path: Path) -> None:
+    """--no-live: progress lines, the side-by-side table, the verdict, the report's
+    path; no terminal escapes (it is for logs and CI)."""
+    report = tmp_path / "report.html"
+    proc = subprocess.run(
+        [sys.executable, "-m", "connguard.cli", "demo", *SHORT, "--report", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        check=False,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
-    result = json.loads(proc.stdout)
-    stats = result["stats"]
-
-    assert result["driver"] == stats["driver"] == driver
-    assert result["threads"] == threads
-    assert result["queries_done"] == result["queries_expected"] == threads * queries
-    assert result["errors"] == 0
-    # The server never saw more of the pool's connections than max_size...
-    assert 1 <= result["peak_server_backends"] <= max_size
-    assert result["peak_pool_size"] <= max_size
-    assert result["bounded"] is True
-    assert result["samples"] >= 2
-    # ...and the pool's own books balance.
-    assert stats["acquires"] == stats["releases"] == threads * queries
-    assert stats["in_use"] == stats["waiting"] == 0
-    assert stats["timeouts"] == stats["leaks"] == stats["connect_errors"] == 0
-    assert stats["max_size"] == max_size
-    assert stats["size"] <= max_size
-    assert stats["opened"] <= max_size  # nothing was closed, so nothing was reopened
-    assert stats["acquire_wait"]["count"] == threads * queries
-    assert stats["hold_time"]["count"] == threads * queries
-    for name in ("acquire_wait", "hold_time"):
-        ms = result["latency_ms"][name]
-        assert 0 <= ms["p50"] <= ms["p99"] <= ms["max"]
-    assert result["pool_warnings"] == []
-    assert "password" not in result["dsn"]
+    out = proc.stdout
+    assert "\x1b[" not in out
+    assert "run 1/2: stock Django" in out and "run 2/2: connguard" in out
+    assert re.search(r"^  \[stock\] quiet .* backends \d+/40", out, re.MULTILINE), out
+    assert re.search(r"^ +stock Django +connguard$", out, re.MULTILINE), out
+    for figure in ("peak backends", "backends after 3 s quiet", "failed requests",
+                   "latency p50 / p99", "connections opened"):  # fmt: skip
+        assert re.search(rf"^  {re.escape(figure)} +\S", out, re.MULTILINE), figure
+    assert re.search(r"^  peak backends +\d+ \(of max_connections 40\) +\d+ \(of max_size 10\)$",
+                     out, re.MULTILINE), out  # fmt: skip
+    assert re.search(r"^(The leak, reproduced and fixed: s|S)tock Django peaked at ", out, re.M)
+    assert out.endswith(f"report: {report}\n")
+    assert report.is_file()
+    assert list(tmp_path.iterdir()) == [report]  # nothing else in the working directory
 
 
-@pytest.mark.real
-def test_demo_text_output(capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["demo", "--threads", "6", "--queries-per-thread", "3", "--max-size", "2"])
-    out, err = capsys.readouterr()
-    assert status == 0, err
-    assert err == ""
-    assert re.search(r"queries done +18 / 18 \(6 x 3\)", out), out
-    assert "peak server backends" in out and "max_size 2: bounded" in out
-    assert "acquires=18 releases=18" in out
-    assert "in_use=0" in out
-    assert "acquire wait" in out and "hold time" in out
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
+def _descendants(root: int) -> set[int]:
+    parents: dict[int, int] = {}
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat_file.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            parents[int(stat_file.parent.name)] = int(
+                stat_file.read_text().rsplit(")", 1)[1].split()[1]
+            )
+        except (OSError, IndexError, ValueError):
             continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat_file.parent.name))
-    return kids
+    found: set[int] = set()
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parents.items():
+            if (ppid == root or ppid in found) and pid not in found:
+                found.add(pid)
+                grew = True
+    return found
 
 
-def _cmdline(pid: int) -> list[str]:
+def _alive(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-    except OSError:
-        return []
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@dataclass(frozen=True)
+class Interruption:
+    signum: int
+    to_group: bool
+    """True: the whole process group, as a terminal's Ctrl-C (PostgreSQL gets it too);
+    False: the demo alone, as ``kill <pid>``."""
+    when: str
+    """The progress line after which to interrupt, then ``after`` seconds more."""
+    after: float
+    quiet: str
+    status: int
+    message: str
+
+
+INTERRUPTIONS = {
+    "ctrl-c-stock-quiet": Interruption(
+        signal.SIGINT, True, "[stock] quiet", 0.0, "30", 130, "connguard: interrupted\n"
+    ),
+    "ctrl-c-connguard-run": Interruption(
+        signal.SIGINT, True, "run 2/2", 1.5, "1", 130, "connguard: interrupted\n"
+    ),
+    "sigterm-stock-quiet": Interruption(
+        signal.SIGTERM, False, "[stock] quiet", 0.0, "30", 143, "connguard: terminated\n"
+    ),
+}
 
 
 @pytest.mark.real
+@pytest.mark.servers
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-def test_demo_ctrl_c_cleans_up() -> None:
-    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it: the server's
-    processes get it too, and the command must still exit 130 with one line and
-    leave neither the postmaster nor its data directory behind."""
+@pytest.mark.parametrize("case", INTERRUPTIONS.values(), ids=INTERRUPTIONS.keys())
+def test_interrupted_demo_leaves_no_process_and_no_directory(
+    tmp_path: Path, case: Interruption
+) -> None:
+    """Interrupted mid-run, the demo exits with one line, and neither a process it
+    started (PostgreSQL, the web server, the migration) nor a temporary directory is
+    left."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "connguard.cli", "demo", "--queries-per-thread", "1000000"],
+        [sys.executable, "-m", "connguard.cli", "demo", "--no-live", "--requests", "300",
+         "--quiet-seconds", case.quiet, "--report", str(tmp_path / "r.html")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_env(),
+        env=_env(tmp),
         stdin=subprocess.DEVNULL,
         start_new_session=True,
-    )
+    )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
+    started: set[int] = set()
     try:
-        postmaster, data_dir = None, None
-        deadline = time.monotonic() + 30
-        while postmaster is None and time.monotonic() < deadline:
-            for kid in _children(proc.pid):
-                argv = _cmdline(kid)
-                if argv and argv[0].endswith("postgres") and "-D" in argv:
-                    postmaster, data_dir = kid, Path(argv[argv.index("-D") + 1])
-            time.sleep(0.02)
-        assert postmaster is not None and data_dir is not None, "the demo started no server"
-        time.sleep(0.5)  # into the threads' work
-        assert proc.poll() is None, proc.communicate()
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        deadline = time.monotonic() + 60
+        while not any(case.when in line for line in lines):
+            assert proc.poll() is None, (lines, proc.stderr.read() if proc.stderr else "")
+            assert time.monotonic() < deadline, f"never reached {case.when!r}: {lines}"
+            started |= _descendants(proc.pid)
+            time.sleep(0.05)
+        until = time.monotonic() + case.after
+        while True:
+            started |= _descendants(proc.pid)
+            if time.monotonic() >= until:
+                break
+            time.sleep(0.05)
+        assert started, "the demo started no process"
+        assert proc.poll() is None, lines
+        if case.to_group:
+            os.killpg(proc.pid, case.signum)
+        else:
+            os.kill(proc.pid, case.signum)
+        _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, err
-    assert err == "connguard: interrupted\n"
-    assert out == ""
-    assert not Path(f"/proc/{postmaster}").exists()
-    assert not data_dir.parent.exists()
+    assert proc.returncode == case.status, err
+    assert err == case.message
+    time.sleep(0.2)  # orphans the kernel has not reaped yet
+    assert [pid for pid in started if _alive(pid)] == []
+    assert list(tmp.iterdir()) == []
+    assert not (tmp_path / "r.html").exists()
+
+
+_BROKEN_SERVER = """
+import sys
+import connguard.demo.servers as servers
+servers.command = lambda server, port: [
+    sys.executable, "-c", "import sys; print('boom: the site cannot start'); sys.exit(3)"
+]
+from connguard.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_failed_run_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """A web server that does not start: one line naming it and why (from its log),
+    exit status 1, and the PostgreSQL and temporary directories are gone."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BROKEN_SERVER, "demo", "--no-live",
+         "--report", str(tmp_path / "r.html")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(tmp),
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    started: set[int] = set()
+    while proc.poll() is None:
+        started |= _descendants(proc.pid)
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, err
+    assert err == (
+        "connguard: error: uvicorn did not start for the stock Django run: "
+        "boom: the site cannot start\n"
+    )
+    assert "run 1/2: stock Django" in out
+    time.sleep(0.2)
+    assert started and [pid for pid in started if _alive(pid)] == []
+    assert list(tmp.iterdir()) == []
 
 
 # -- errors: one line, exit 2 ----------------------------------------------------------
@@ -191,7 +289,7 @@ def test_unreachable_dsn_is_one_line_without_password(refused_port: int, form: s
         dsn = f"host=127.0.0.1 port={refused_port} user=app password={SECRET} dbname=x"
     else:
         dsn = f"postgresql://app:{SECRET}@127.0.0.1:{refused_port}/x"
-    proc = _run("demo", "--dsn", dsn, "--threads", "2", timeout=30)
+    proc = _run("demo", "--dsn", dsn, timeout=30)
     assert proc.returncode == 2
     assert proc.stdout == ""
     _assert_one_error_line(proc.stderr)
@@ -199,33 +297,58 @@ def test_unreachable_dsn_is_one_line_without_password(refused_port: int, form: s
     assert "cannot connect" in proc.stderr and str(refused_port) in proc.stderr
 
 
+def test_port_in_use_is_one_line() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _run("demo", "--port", str(port), timeout=30)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    _assert_one_error_line(proc.stderr)
+    assert f"port {port} on 127.0.0.1 is in use" in proc.stderr
+
+
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "says"),
     [
-        ["demo", "--threads", "0"],
-        ["demo", "--threads", "-3"],
-        ["demo", "--queries-per-thread", "many"],
-        ["demo", "--max-size", "0"],
-        ["demo", "--driver", "sqlite"],
-        ["demo", "--bogus"],
-        ["nonsense"],
-        [],
+        (["demo", "--requests", "0"], "--requests"),
+        (["demo", "--requests", "many"], "--requests"),
+        (["demo", "--concurrency", "0"], "--concurrency"),
+        (["demo", "--concurrency", "100000"], "--concurrency"),
+        (["demo", "--server", "nginx"], "--server"),
+        (["demo", "--quiet-seconds", "-1"], "--quiet-seconds"),
+        (["demo", "--quiet-seconds", "nan"], "--quiet-seconds"),
+        (["demo", "--max-connections", "0"], "--max-connections"),
+        (["demo", "--max-connections", "12"], "at least 13"),
+        (["demo", "--server", "gunicorn", "--max-connections", "22"], "at least 23"),
+        (["demo", "--dsn", "host=x", "--max-connections", "50"], "--max-connections"),
+        (["demo", "--dsn", " "], "--dsn is empty"),
+        (["demo", "--port", "0"], "--port"),
+        (["demo", "--port", "70000"], "--port"),
+        (["demo", "--report", "/nonexistent/dir/r.html"], "does not exist"),
+        (["demo", "--report", "/"], "is a directory"),
+        (["demo", "--bogus"], "--bogus"),
+        (["nonsense"], "nonsense"),
+        ([], "COMMAND"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(
-    argv: list[str], capsys: pytest.CaptureFixture[str]
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert out == ""
     _assert_one_error_line(err)
+    assert says in err
 
 
-def test_threads_zero_in_a_subprocess() -> None:
-    proc = _run("demo", "--threads", "0", timeout=30)
+def test_bad_option_in_a_subprocess() -> None:
+    proc = _run("demo", "--requests", "0", timeout=30)
     assert proc.returncode == 2
+    assert proc.stdout == ""
     _assert_one_error_line(proc.stderr)
-    assert "--threads" in proc.stderr
+    assert "--requests" in proc.stderr
 
 
 def test_stray_password_argument_is_masked(capsys: pytest.CaptureFixture[str]) -> None:
@@ -236,28 +359,36 @@ def test_stray_password_argument_is_masked(capsys: pytest.CaptureFixture[str]) -
     assert SECRET not in err
 
 
-def test_missing_driver(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    def no_driver(*args: Any, **kwargs: Any) -> Any:
-        raise ImportError(
-            "psycopg2 is not importable (psycopg2: No module named 'psycopg2'): "
-            "install django-connguard[psycopg2]"
-        )
-
-    monkeypatch.setattr(cli, "load_driver", no_driver)
-    assert main(["demo", "--dsn", f"host=127.0.0.1 password={SECRET}", "--driver", "psycopg2"]) == 2
+def test_invalid_dsn_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--dsn", f"hots=db password={SECRET}"]) == 2
     err = capsys.readouterr().err
     _assert_one_error_line(err)
-    assert "install django-connguard[psycopg2]" in err
+    assert "invalid --dsn" in err and SECRET not in err
+
+
+@pytest.mark.parametrize(("server", "advice"), [("uvicorn", "[demo]"), ("daphne", "daphne")])
+def test_missing_web_server(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], server: str, advice: str
+) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name == server else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert main(["demo", "--server", server]) == 2
+    err = capsys.readouterr().err
+    _assert_one_error_line(err)
+    assert f"{server} is not installed" in err and advice in err
 
 
 def test_missing_postgres_binaries(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     monkeypatch.setenv("CONNGUARD_PG_BIN", str(tmp_path))
-    assert main(["demo"]) == 2
-    err = capsys.readouterr().err
+    assert main(["demo", "--report", str(tmp_path / "r.html")]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
     _assert_one_error_line(err)
     assert "--dsn" in err
 

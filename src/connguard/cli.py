@@ -1,50 +1,48 @@
-"""The ``connguard`` command: see the pool's guarantees on a real server in seconds.
+"""The ``connguard`` command line.
 
-``connguard demo`` exists so that a newcomer can check the claim the whole project
-rests on (many threads, a bounded number of server connections, nothing leaked)
-without writing a Django project first: it starts a throwaway PostgreSQL (or uses
-``--dsn``), hammers one pool from many threads, and measures the server side
-independently through ``pg_stat_activity`` rather than trusting the pool's own
-gauges.
+``connguard demo`` is the user report, reproduced and fixed in one command: the
+report's site under a real web server, the report's burst of image loads against
+stock Django and then against connguard, what PostgreSQL saw, side by side (see
+:mod:`connguard.demo`).
 
-Errors a user can cause (bad options, an unreachable server, a missing driver or
-missing PostgreSQL binaries) end in one ``connguard: error: ...`` line and exit
-status 2, never a traceback, and never a password: every DSN and every driver
-message goes through :func:`mask_dsn` before it is printed.
+Each subcommand is one ``add_<name>_command`` function that registers its parser on
+the subparsers object and points it at one ``cmd_<name>`` function; :data:`COMMANDS`
+lists them. A command returns its exit status.
+
+Errors a user can cause (bad options, a port in use, an unreachable server, missing
+packages or PostgreSQL binaries) end in one ``connguard: error: ...`` line and exit
+status 2, never a traceback, and never a password: every message that may quote a
+DSN goes through :func:`mask_dsn` before it is printed. Ctrl-C ends with
+``connguard: interrupted`` and status 130 after everything started was removed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
-import logging
 import os
 import re
-import signal
 import sys
-import threading
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NoReturn, TextIO
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from connguard import __version__
-from connguard.drivers import load_driver
-from connguard.pool import Driver, Pool, PoolConfig
+from connguard.demo import DemoError
 
-__all__ = ["main", "mask_dsn"]
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from connguard.demo.runner import DemoOptions
+
+__all__ = ["COMMANDS", "main", "mask_dsn"]
 
 PROG = "connguard"
-DEMO_APP_NAME = "connguard-demo"
-"""``application_name`` of the pool's connections: what the sampler counts."""
-MONITOR_APP_NAME = "connguard-demo-monitor"
-"""The sampler's own connection, named differently so that it never counts itself."""
-DEMO_QUERY = "SELECT pg_sleep(0.002)"
-SAMPLE_INTERVAL = 0.05
-EMBEDDED_MAX_CONNECTIONS = 40
-CONNECT_TIMEOUT = 5.0
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+DEBUG_ENV_VAR = "CONNGUARD_DEBUG"
+"""Set to 1 to get the traceback of an unexpected error instead of one line."""
 
 # -- masking ---------------------------------------------------------------------------
 
@@ -88,6 +86,10 @@ def _one_line(exc: BaseException) -> str:
     return mask_dsn(_first_line(str(exc)) or type(exc).__name__)
 
 
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {mask_dsn(_first_line(message))}", file=sys.stderr, flush=True)
+
+
 # -- argument parsing ------------------------------------------------------------------
 
 
@@ -115,409 +117,244 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = low - 1
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer from {low} to {high} (got {value!r})"
+            )
+        return number
+
+    return parse
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number <= 3600:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be seconds from 0 to 3600 (got {value!r})")
+    return number
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(
         prog=PROG,
-        description="connguard: a bounded, leak-proof, observable PostgreSQL connection pool.",
+        description="connguard: Django database connections that come back.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    demo = commands.add_parser(
-        "demo",
-        help="run many threads through one small pool against PostgreSQL",
-        description=(
-            "Start a throwaway PostgreSQL (or use --dsn), run THREADS threads of short "
-            "queries through one pool of at most MAX_SIZE connections, and show that the "
-            "server never saw more than MAX_SIZE of them, with the pool's statistics."
-        ),
-    )
-    demo.add_argument(
-        "--dsn",
-        help="use this server (libpq conninfo or URL) instead of starting one",
-    )
-    demo.add_argument("--threads", type=_positive_int, default=50, help="default: 50")
-    demo.add_argument("--queries-per-thread", type=_positive_int, default=40, help="default: 40")
-    demo.add_argument(
-        "--max-size", type=_positive_int, default=10, help="pool max_size (default: 10)"
-    )
-    demo.add_argument(
-        "--driver",
-        choices=("psycopg", "psycopg2"),
-        default=None,
-        help="default: psycopg if installed, else psycopg2",
-    )
-    demo.add_argument("--json", action="store_true", help="print one JSON document")
-    demo.set_defaults(func=_cmd_demo)
+    for add_command in COMMANDS:
+        add_command(commands)
     return parser
 
 
-# -- demo ------------------------------------------------------------------------------
+# -- connguard demo --------------------------------------------------------------------
+
+DEMO_DEFAULT_REPORT = "connguard-demo-report.html"
 
 
-@dataclass
-class _Sampler:
-    """Counts the pool's backends on the server every ``SAMPLE_INTERVAL`` seconds.
+def add_demo_command(commands: argparse._SubParsersAction[_Parser]) -> None:
+    """Register ``connguard demo``."""
+    from connguard.demo.servers import DEMO_SERVERS  # noqa: PLC0415
 
-    A separate plain connection, not the pool, so that the bound is checked by the
-    server rather than by the code under test; the pool's own size is sampled too,
-    for comparison.
-    """
-
-    driver: Driver
-    conn: Any
-    pool: Pool
-    stop: threading.Event = field(default_factory=threading.Event)
-    peak_backends: int = 0
-    peak_pool_size: int = 0
-    samples: int = 0
-    error: BaseException | None = None
-    _thread: threading.Thread | None = None
-
-    def sample(self) -> None:
-        with self.conn.cursor() as cur:
-            cur.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                (DEMO_APP_NAME,),
-            )
-            row = cur.fetchone()
-        self.peak_backends = max(self.peak_backends, int(row[0]))
-        self.peak_pool_size = max(self.peak_pool_size, self.pool.stats().size)
-        self.samples += 1
-
-    def _run(self) -> None:
-        try:
-            self.sample()
-            while not self.stop.wait(SAMPLE_INTERVAL):
-                self.sample()
-        except Exception as exc:
-            self.error = exc
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="connguard-demo-sampler")
-        self._thread.daemon = True
-        self._thread.start()
-
-    def halt(self) -> None:
-        self.stop.set()
-        if self._thread is not None:
-            self._thread.join(5.0)
-
-    def finish(self) -> None:
-        """Stop sampling and take one last sample, so a very short run counts too."""
-        self.halt()
-        if self.error is None:
-            try:
-                self.sample()
-            except Exception as exc:
-                self.error = exc
-
-
-@dataclass
-class _Work:
-    """What the worker threads share: the pool, the start and stop signals, and one
-    tally slot per thread (each thread writes only its own, so no lock is needed)."""
-
-    pool: Pool
-    queries: int
-    done: list[int]
-    go: threading.Event = field(default_factory=threading.Event)
-    stop: threading.Event = field(default_factory=threading.Event)
-    errors: list[BaseException] = field(default_factory=list)
-
-    def worker(self, index: int) -> None:
-        """Run ``queries`` short queries, one lease each; stop everyone on the first error.
-
-        ``conn.cursor()`` rather than ``conn.execute()``: psycopg2 connections have no
-        ``execute``.
-        """
-        self.go.wait()
-        for _ in range(self.queries):
-            if self.stop.is_set():
-                return
-            try:
-                with self.pool.connection() as conn, conn.cursor() as cur:
-                    cur.execute(DEMO_QUERY)
-                    cur.fetchone()
-            except Exception as exc:
-                if not self.stop.is_set():
-                    self.errors.append(exc)
-                    self.stop.set()
-                return
-            self.done[index] += 1
-
-
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Let cleanup finish even if Ctrl-C is pressed again: a half-cleaned-up run would
-    leave a postmaster and its files behind. Only the main thread may set handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-class _LogCollector(logging.Handler):
-    """Keeps the pool's warnings for the report instead of letting them interleave with
-    it on stderr (on Ctrl-C in a terminal the server is interrupted too, and the
-    pool's reconnect warnings would bury the one-line "interrupted")."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if len(self.messages) < 100:
-            self.messages.append(mask_dsn(_first_line(record.getMessage())))
-
-
-@contextlib.contextmanager
-def _collect_pool_logs() -> Iterator[_LogCollector]:
-    logger = logging.getLogger("connguard")
-    collector = _LogCollector()
-    propagate = logger.propagate
-    logger.addHandler(collector)
-    logger.propagate = False
-    try:
-        yield collector
-    finally:
-        logger.removeHandler(collector)
-        logger.propagate = propagate
-
-
-@contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Hold Ctrl-C back until the block ends, then raise KeyboardInterrupt.
-
-    For server start-up: interrupting initdb or the postmaster half-way makes the
-    server's children die uncleanly, leaving shared-memory segments behind. The block
-    takes well under a second. A failure in the block after Ctrl-C (from a terminal,
-    the server's processes get the signal too) is reported as the interrupt it is.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
-    try:
-        yield
-    except Exception:
-        if pending:
-            raise KeyboardInterrupt from None
-        raise
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if pending:
-        raise KeyboardInterrupt
-
-
-def _connect_monitor(driver_name: str | None, dsn: str) -> tuple[Driver, Any]:
-    try:
-        driver = load_driver(driver_name, conninfo=dsn, application_name=MONITOR_APP_NAME)
-    except ImportError as exc:
-        raise CliError(_one_line(exc)) from None
-    try:
-        conn = driver.connect(CONNECT_TIMEOUT)
-    except Exception as exc:
-        raise CliError(f"cannot connect to '{mask_dsn(dsn)}': {_one_line(exc)}") from None
-    return driver, conn
-
-
-def _start_embedded(max_size: int) -> Any:
-    """Start the throwaway server; imported lazily so ``--dsn`` and ``--version`` work
-    without the test bed's imports, and missing binaries become one clear line."""
-    from connguard.testing.postgres import EmbeddedPostgres, find_bin_dir  # noqa: PLC0415
-
-    try:
-        find_bin_dir()
-    except RuntimeError as exc:
-        raise CliError(f"{_one_line(exc)}; or pass --dsn to use a running server") from None
-    # Room for the pool, the sampler and a margin, even with a larger --max-size.
-    server = EmbeddedPostgres(max_connections=max(EMBEDDED_MAX_CONNECTIONS, max_size + 10))
-    try:
-        with _sigint_deferred():
-            server.start()
-    except RuntimeError as exc:
-        server.cleanup()
-        raise CliError(f"cannot start the embedded PostgreSQL: {_one_line(exc)}") from None
-    except BaseException:
-        server.cleanup()
-        raise
-    return server
-
-
-def _ms(hist: dict[str, Any] | None) -> dict[str, float]:
-    if not hist:
-        return {"p50": 0.0, "p99": 0.0, "max": 0.0, "mean": 0.0}
-    return {k: round(float(hist[k]) * 1000.0, 3) for k in ("p50", "p99", "max", "mean")}
-
-
-def _run_demo(args: argparse.Namespace, dsn: str, server_label: str) -> dict[str, Any]:
-    """Run the threads against ``dsn`` and return the JSON-ready result.
-
-    The pool, the sampler and the threads are torn down however this ends (success,
-    error or Ctrl-C); the caller owns only the server.
-    """
-    threads, queries, max_size = args.threads, args.queries_per_thread, args.max_size
-    monitor_driver, monitor = _connect_monitor(args.driver, dsn)
-    pool: Pool | None = None
-    sampler: _Sampler | None = None
-    work: _Work | None = None
-    workers: list[threading.Thread] = []
-    try:
-        with monitor.cursor() as cur:
-            cur.execute("SHOW server_version")
-            server_version = str(cur.fetchone()[0])
-        driver = load_driver(args.driver, conninfo=dsn, application_name=DEMO_APP_NAME)
-        config = PoolConfig(min_size=min(2, max_size), max_size=max_size, timeout=10.0)
-        pool = Pool(driver, config, name="demo")
-        sampler = _Sampler(monitor_driver, monitor, pool)
-        sampler.start()
-        work = _Work(pool, queries, [0] * threads)
-        for i in range(threads):
-            t = threading.Thread(
-                target=work.worker,
-                args=(i,),
-                name=f"connguard-demo-{i}",
-                daemon=True,  # never keep a Ctrl-C'd process alive
-            )
-            t.start()
-            workers.append(t)
-        started = time.perf_counter()
-        work.go.set()  # all threads start together, to contend for real
-        for t in workers:
-            t.join()
-        elapsed = time.perf_counter() - started
-        sampler.finish()
-        if sampler.error is not None:
-            raise CliError(f"sampling pg_stat_activity failed: {_one_line(sampler.error)}")
-        stats = pool.stats().as_dict()
-    finally:
-        with _sigint_ignored():
-            if work is not None:
-                work.stop.set()
-                work.go.set()
-            if sampler is not None:
-                sampler.halt()
-            if pool is not None:
-                pool.close()  # wakes waiters with PoolClosed
-            deadline = time.monotonic() + 5.0
-            for t in workers:
-                t.join(max(0.0, deadline - time.monotonic()))
-            monitor_driver.close(monitor)
-    errors = work.errors
-    total = sum(work.done)
-    return {
-        "server": server_label,
-        "server_version": server_version,
-        "dsn": mask_dsn(dsn),
-        "driver": driver.name,
-        "threads": threads,
-        "queries_per_thread": queries,
-        "queries_expected": threads * queries,
-        "queries_done": total,
-        "errors": len(errors),
-        "first_error": _one_line(errors[0]) if errors else None,
-        "elapsed_s": round(elapsed, 4),
-        "queries_per_s": round(total / elapsed, 1) if elapsed > 0 else None,
-        "max_size": max_size,
-        "peak_server_backends": sampler.peak_backends,
-        "peak_pool_size": sampler.peak_pool_size,
-        "samples": sampler.samples,
-        "bounded": sampler.peak_backends <= max_size and sampler.peak_pool_size <= max_size,
-        "latency_ms": {
-            "acquire_wait": _ms(stats["acquire_wait"]),
-            "hold_time": _ms(stats["hold_time"]),
-        },
-        "stats": stats,
-    }
-
-
-def _print_table(result: dict[str, Any], out: TextIO) -> None:
-    stats = result["stats"]
-    wait, hold = result["latency_ms"]["acquire_wait"], result["latency_ms"]["hold_time"]
-    gauges = ("size", "idle", "in_use", "waiting", "opening", "closing")
-    counters = (
-        "acquires", "releases", "waits", "timeouts", "refusals", "resets", "opened",
-        "connect_errors", "health_check_failures", "leaks",
-    )  # fmt: skip
-    closed = [k for k in stats if k.startswith("closed_")]
-    bounded = "bounded" if result["bounded"] else "NOT BOUNDED"
-    qps = result["queries_per_s"]
-    rows = [
-        ("server", f"{result['server']} (PostgreSQL {result['server_version']})"),
-        ("driver", result["driver"]),
-        ("threads", str(result["threads"])),
-        (
-            "queries done",
-            f"{result['queries_done']} / {result['queries_expected']} "
-            f"({result['threads']} x {result['queries_per_thread']})",
+    demo = commands.add_parser(
+        "demo",
+        help="the user report, reproduced with stock Django and fixed with connguard",
+        description=(
+            "Start a throwaway PostgreSQL (or use --dsn) with a small max_connections, "
+            "serve a document viewer (pages as images, a permission query per image) "
+            "under a real web server, and replay a burst of parallel image loads "
+            "against it twice: stock Django with CONN_MAX_AGE=15 and "
+            "CONN_HEALTH_CHECKS=True, then the same site on connguard. Shows what "
+            "PostgreSQL saw, live, then a summary and an HTML report."
         ),
-        ("elapsed", f"{result['elapsed_s']:.2f} s" + (f" ({qps:.0f} queries/s)" if qps else "")),
-        (
-            "peak server backends",
-            f"{result['peak_server_backends']} (max_size {result['max_size']}: {bounded}; "
-            f"{result['threads']} threads shared them)",
-        ),
-        ("peak pool size", f"{result['peak_pool_size']} ({result['samples']} samples)"),
-        ("pool gauges", " ".join(f"{k}={stats[k]}" for k in gauges)),
-        ("pool counters", " ".join(f"{k}={stats[k]}" for k in counters[:5])),
-        ("", " ".join(f"{k}={stats[k]}" for k in counters[5:])),
-        ("closed", " ".join(f"{k.removeprefix('closed_')}={stats[k]}" for k in closed)),
-        ("acquire wait", f"p50 {wait['p50']:.3f} ms  p99 {wait['p99']:.3f} ms  "
-                         f"max {wait['max']:.3f} ms"),
-        ("hold time", f"p50 {hold['p50']:.3f} ms  p99 {hold['p99']:.3f} ms  "
-                      f"max {hold['max']:.3f} ms"),
-    ]  # fmt: skip
-    if result["pool_warnings"]:
-        warnings = result["pool_warnings"]
-        rows.append(("pool warnings", f"{len(warnings)}, first: {warnings[0]}"))
-    if result["errors"]:
-        rows.append(("errors", f"{result['errors']}: {result['first_error']}"))
-    width = max(len(label) for label, _ in rows)
-    print(f"{PROG} demo: one pool, many threads", file=out)
-    for label, value in rows:
-        print(f"  {label:<{width}}  {value}", file=out)
-    print("  (latencies are histogram bucket bounds: upper estimates)", file=out)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    server: Any = None
-    try:
-        if args.dsn is not None:
-            dsn, label = args.dsn, f"--dsn {mask_dsn(args.dsn)}"
-        else:
-            server = _start_embedded(args.max_size)
-            dsn, label = server.dsn, f"embedded, {server.host}:{server.port}"
-        with _collect_pool_logs() as logs:
-            result = _run_demo(args, dsn, label)
-        result["pool_warnings"] = logs.messages
-    finally:
-        if server is not None:
-            with _sigint_ignored():
-                server.cleanup()
-    if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        _print_table(result, sys.stdout)
-    sys.stdout.flush()
-    ok = (
-        result["errors"] == 0
-        and result["bounded"]
-        and result["queries_done"] == result["queries_expected"]
     )
-    if not ok:
-        reason = result["first_error"] or "the pool exceeded max_size"
-        print(f"{PROG}: error: demo failed: {reason}", file=sys.stderr)
+    demo.add_argument(
+        "--requests", type=_positive_int, default=600, help="image requests per run (default: 600)"
+    )
+    demo.add_argument(
+        "--concurrency",
+        type=_bounded_int(1, 500),
+        default=30,
+        help="requests in flight at once (default: 30)",
+    )
+    demo.add_argument(
+        "--server", choices=DEMO_SERVERS, default="uvicorn", help="web server (default: uvicorn)"
+    )
+    demo.add_argument(
+        "--dsn",
+        help=(
+            "use this PostgreSQL (libpq conninfo or URL) instead of starting one; the demo "
+            "creates a database connguard_demo there and drops it afterwards. The stock "
+            "run may take every free connection of that server for a while: not for a "
+            "server others use"
+        ),
+    )
+    demo.add_argument(
+        "--max-connections",
+        type=_bounded_int(1, 10_000),
+        default=None,
+        help="max_connections of the embedded PostgreSQL (default: 40)",
+    )
+    demo.add_argument(
+        "--quiet-seconds",
+        type=_seconds,
+        default=20.0,
+        help="seconds of sampling after each burst, where the leak shows (default: 20)",
+    )
+    demo.add_argument(
+        "--port",
+        type=_bounded_int(1, 65_535),
+        default=None,
+        help="the web server's port on 127.0.0.1 (default: any free port)",
+    )
+    demo.add_argument(
+        "--report",
+        type=Path,
+        default=Path(DEMO_DEFAULT_REPORT),
+        help=f"where to write the HTML report (default: ./{DEMO_DEFAULT_REPORT})",
+    )
+    demo.add_argument(
+        "--no-live",
+        action="store_true",
+        help="print plain progress lines instead of a live view (for logs and CI)",
+    )
+    demo.add_argument(
+        "--json",
+        action="store_true",
+        help="print the figures as one JSON document on stdout (progress goes to stderr)",
+    )
+    demo.set_defaults(func=cmd_demo)
+
+
+def _check_installed(server: str) -> None:
+    """Say what is missing before starting anything, rather than fail half-way. The
+    ``demo`` extra brings Django, psycopg, uvicorn and gunicorn; daphne (Twisted) is
+    left out of it for its weight."""
+    from connguard.demo.servers import SERVER_MODULES  # noqa: PLC0415
+
+    extra = "'django-connguard[demo]'"
+    for module, what, package in (
+        ("django", "Django", extra),
+        ("psycopg", "psycopg 3", extra),
+        (SERVER_MODULES[server], server, extra if server != "daphne" else "daphne"),
+    ):
+        if importlib.util.find_spec(module) is None:
+            raise CliError(f"{what} is not installed: python -m pip install {package}")
+
+
+def _demo_options(args: argparse.Namespace) -> DemoOptions:
+    """The command line as :class:`~connguard.demo.runner.DemoOptions`, after the
+    checks argparse cannot make (they depend on each other or on the machine)."""
+    from connguard.demo.runner import DemoOptions, min_connections  # noqa: PLC0415
+    from connguard.demo.servers import port_in_use  # noqa: PLC0415
+
+    if args.dsn is not None and args.max_connections is not None:
+        raise CliError(
+            "--max-connections sets up the embedded PostgreSQL; with --dsn the server's "
+            "own max_connections applies"
+        )
+    if args.dsn is not None and not args.dsn.strip():
+        raise CliError("--dsn is empty")
+    max_connections = 40 if args.max_connections is None else args.max_connections
+    needed = min_connections(args.server)
+    if args.dsn is None and max_connections < needed:
+        raise CliError(
+            f"--max-connections {max_connections} is too small: connguard's pool under "
+            f"{args.server} and the demo's monitor need at least {needed}"
+        )
+    report: Path = args.report
+    if report.is_dir():
+        raise CliError(f"--report {report} is a directory: name a file")
+    parent = report.resolve().parent
+    if not parent.is_dir():
+        raise CliError(f"--report {report}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CliError(f"--report {report}: directory {parent} is not writable")
+    if args.port is not None and port_in_use(args.port):
+        raise CliError(f"port {args.port} on 127.0.0.1 is in use: pick another --port")
+    _check_installed(args.server)
+    return DemoOptions(
+        requests=args.requests,
+        concurrency=args.concurrency,
+        server=args.server,
+        dsn=args.dsn,
+        max_connections=max_connections,
+        quiet_seconds=args.quiet_seconds,
+        port=args.port,
+    )
+
+
+def _live_console(stream: TextIO) -> Console | None:
+    """A rich console on ``stream`` when a live view makes sense there, else None."""
+    if not stream.isatty() or importlib.util.find_spec("rich") is None:
+        return None
+    from rich.console import Console  # noqa: PLC0415
+
+    return Console(file=stream)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run ``connguard demo``; see :func:`add_demo_command`."""
+    from connguard.demo.figures import DemoResult  # noqa: PLC0415
+    from connguard.demo.interrupts import Interrupts  # noqa: PLC0415
+    from connguard.demo.report import write_report  # noqa: PLC0415
+    from connguard.demo.runner import run_demo  # noqa: PLC0415
+    from connguard.demo.view import (  # noqa: PLC0415
+        LiveView,
+        PlainView,
+        View,
+        plain_summary,
+        rich_summary,
+    )
+
+    options = _demo_options(args)
+    progress = sys.stderr if args.json else sys.stdout
+    console = None if args.no_live else _live_console(progress)
+    view: View = LiveView(console) if console is not None else PlainView(progress)
+    interrupts = Interrupts()
+    try:
+        with interrupts:
+            try:
+                result: DemoResult = run_demo(options, view, interrupts)
+            finally:
+                view.close()
+            result.report = str(write_report(result, args.report))
+    except KeyboardInterrupt:
+        if interrupts.terminated:
+            print(f"{PROG}: terminated", file=sys.stderr, flush=True)
+            return EXIT_TERMINATED
+        raise
+    if args.json:
+        json.dump(result.as_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif console is not None:
+        rich_summary(result, console)
+        console.print(f"report: {result.report}", highlight=False, markup=False)
+    else:
+        plain_summary(result, sys.stdout)
+        print(f"report: {result.report}")
+    sys.stdout.flush()
+    cg = result.run("connguard")
+    if cg.failed or cg.peak_backends > (cg.budget or 0):
+        _error(
+            f"the connguard run did not hold its bounds (peak {cg.peak_backends} backends, "
+            f"{cg.failed} failed requests): see {result.report}"
+        )
         return EXIT_FAILED
     return EXIT_OK
 
 
 # -- entry point -----------------------------------------------------------------------
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction[_Parser]], None], ...] = (add_demo_command,)
+"""Every subcommand's registration function, in the order ``--help`` lists them."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -527,19 +364,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except _UsageError as exc:
         # Masked: "unrecognized arguments" may echo a mis-quoted DSN's password.
-        print(f"{PROG}: error: {mask_dsn(_first_line(str(exc)))}", file=sys.stderr)
+        _error(str(exc))
         return EXIT_USAGE
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     try:
         status: int = args.func(args)
     except CliError as exc:
-        # Built from masked parts already: masking again could swallow the punctuation
-        # that follows a masked DSN.
-        print(f"{PROG}: error: {_first_line(str(exc))}", file=sys.stderr)
+        _error(str(exc))
         return EXIT_USAGE
+    except DemoError as exc:
+        _error(str(exc))
+        return exc.status
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # ``connguard demo --json | head``: the reader left; the work is done and cleaned
@@ -547,6 +385,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV_VAR) == "1":
+            raise
+        _error(f"{type(exc).__name__}: {_one_line(exc)} ({DEBUG_ENV_VAR}=1 shows where)")
         return EXIT_FAILED
     return status
 

@@ -1,6 +1,7 @@
 """The user report's site, configurable from the environment for the acceptance tests.
 
-DOCSITE_DB          JSON: {"HOST", "PORT", "NAME", "USER", "PASSWORD"}
+DOCSITE_DB          JSON: {"HOST", "PORT", "NAME", "USER", "PASSWORD", "OPTIONS"}; OPTIONS
+                    (e.g. sslmode, from ``connguard demo --dsn``) go to the driver
 DOCSITE_ENGINE      connguard (default) | stock | native (Django's own psycopg_pool)
 DOCSITE_CONN_MAX_AGE  "0", "15", "None"...
 DOCSITE_HEALTH_CHECKS "1" for CONN_HEALTH_CHECKS = True
@@ -42,6 +43,7 @@ _db = json.loads(os.environ.get("DOCSITE_DB", "{}"))
 _engine = os.environ.get("DOCSITE_ENGINE", "connguard")
 _max_age_text = os.environ.get("DOCSITE_CONN_MAX_AGE", "0")
 _options: dict[str, object] = {
+    **_db.get("OPTIONS", {}),
     "application_name": os.environ.get("DOCSITE_APP_NAME", "docsite"),
 }
 if _engine in ("connguard", "native"):
@@ -67,8 +69,18 @@ DATABASES = {
 
 CONNGUARD = {"retry_after": 2}
 
+# Server errors (5xx) go to stderr, one line each with the exception: the server's
+# log is where ``connguard demo`` reads why requests failed (an HTTP client sees only
+# "500"). Django's defaults print nothing when DEBUG is off.
 LOGGING = {
     "version": 1,
-    "handlers": {"stderr": {"class": "logging.StreamHandler"}},
-    "loggers": {"connguard": {"handlers": ["stderr"], "level": "WARNING"}},
+    "formatters": {"one_line": {"()": "connguard.demo.site.logs.OneLineFormatter"}},
+    "handlers": {
+        "stderr": {"class": "logging.StreamHandler"},
+        "request_errors": {"class": "logging.StreamHandler", "formatter": "one_line"},
+    },
+    "loggers": {
+        "connguard": {"handlers": ["stderr"], "level": "WARNING"},
+        "django.request": {"handlers": ["request_errors"], "level": "ERROR", "propagate": False},
+    },
 }

@@ -6,6 +6,7 @@ slow view, a streaming view, async variants, and this process's pool statistics.
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -88,10 +89,15 @@ def one_query(request: HttpRequest) -> HttpResponse:
 
 
 def pool_stats(request: HttpRequest) -> JsonResponse:
-    """This process's pools: gauges, counters and the active leases with owners."""
+    """This process's pools: gauges, counters and the active leases with owners.
+
+    Each entry names the process (``pid``): under several worker processes, a client
+    polling this view adds up the latest figures of each.
+    """
     data: list[dict[str, Any]] = []
     for pool in pools.pools():
         stats = pool.stats().as_dict()
+        stats["pid"] = os.getpid()
         stats["leases"] = [
             {
                 "owner": getattr(lease.owner, "kind", None),
