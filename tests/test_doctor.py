@@ -182,3 +182,46 @@ def test_without_pg_monitor_doctor_says_what_it_cannot_see(private_pg: Any) -> N
             assert (someone["query"] == doctor.HIDDEN) is limited, (role, someone)
     finally:
         other.close()
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "connguard", "doctor", *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.mark.real
+@pytest.mark.private
+def test_cli_doctor_exit_status_follows_the_findings(private_pg: Any) -> None:
+    code, out, err = run_cli("--dsn", private_pg.dsn)
+    assert code == 0, err
+    assert "No problems found." in out and "max_connections 50" in out
+    held = [psycopg.connect(private_pg.dsn, autocommit=True, application_name="legacy")
+            for _ in range(3)]  # fmt: skip
+    try:
+        for i, conn in enumerate(held):
+            conn.execute(f"SELECT {i}")
+        code, out, err = run_cli("--dsn", private_pg.dsn, "--idle-threshold", "0", "--json")
+        assert code == 1, (out, err)
+        data = json.loads(out)
+        assert data["problem"] and "idle-pileup" in {f["code"] for f in data["findings"]}
+    finally:
+        for conn in held:
+            conn.close()
+
+
+def test_cli_doctor_bad_dsn_is_one_masked_line() -> None:
+    code, out, err = run_cli("--dsn", "host=127.0.0.1 port=1 user=x password=hunter2")
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "hunter2" not in err and "cannot connect to the server" in err
+    code, _, err = run_cli("--dsn", "x", "--max-size", "default=zero")
+    assert code == 2 and "ALIAS=N" in err

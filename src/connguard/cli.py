@@ -27,7 +27,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from connguard import __version__
 from connguard.demo import DemoError
@@ -351,9 +351,94 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- doctor ----------------------------------------------------------------------------
+
+
+def _max_size(value: str) -> tuple[str, int]:
+    alias, sep, number = value.partition("=")
+    if not sep or not alias or not number.isdigit() or int(number) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected ALIAS=N with N >= 1 (for example default=10), got {value!r}"
+        )
+    return alias, int(number)
+
+
+def add_doctor_command(commands: argparse._SubParsersAction[_Parser]) -> None:
+    """Register ``connguard doctor``."""
+    doctor = commands.add_parser(
+        "doctor",
+        help="read pg_stat_activity and explain who holds which connection",
+        description=(
+            "Read pg_stat_activity and pg_settings on a PostgreSQL server, classify every "
+            "client backend (active, idle in a pool, idle in transaction, likely leak), "
+            "check the connection budget and say what to change. Exit status 1 when it "
+            "finds a problem. Needs only a role with pg_monitor. No Django project needed "
+            "(inside one, use: python manage.py connguard doctor)."
+        ),
+    )
+    doctor.add_argument("--dsn", required=True, help="the server (libpq conninfo or URL)")
+    doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
+    doctor.add_argument(
+        "--idle-threshold",
+        type=_seconds,
+        default=300.0,
+        help="seconds idle before an untagged backend counts as a likely leak (default: 300)",
+    )
+    doctor.add_argument(
+        "--max-size",
+        type=_max_size,
+        action="append",
+        default=[],
+        metavar="ALIAS=N",
+        help="a pool's max_size, for the budget (repeatable; default: not checked)",
+    )
+    doctor.add_argument(
+        "--pgbouncer", metavar="DSN", help="pgbouncer's admin console, to read its pool mode"
+    )
+    doctor.set_defaults(func=cmd_doctor)
+
+
+def _connect(dsn: str, what: str) -> Any:
+    from connguard.drivers import load_driver  # noqa: PLC0415
+
+    try:
+        driver = load_driver(None, conninfo=dsn, application_name="connguard-doctor")
+    except ImportError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        return driver.connect(10.0)
+    except Exception as exc:
+        raise CliError(f"cannot connect to {what}: {_one_line(exc)}") from None
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Run ``connguard doctor``; see :func:`add_doctor_command`."""
+    from connguard.diagnostics import doctor  # noqa: PLC0415
+
+    conn = _connect(args.dsn, "the server")
+    bouncer = _connect(args.pgbouncer, "pgbouncer") if args.pgbouncer else None
+    try:
+        text, status = doctor.run(
+            conn,
+            as_json_output=args.json,
+            idle_threshold=args.idle_threshold,
+            max_size=dict(args.max_size),
+            pgbouncer=bouncer,
+        )
+    finally:
+        conn.close()
+        if bouncer is not None:
+            bouncer.close()
+    sys.stdout.write(mask_dsn(text))
+    return status
+
+
 # -- entry point -----------------------------------------------------------------------
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction[_Parser]], None], ...] = (add_demo_command,)
+COMMANDS: tuple[Callable[[argparse._SubParsersAction[_Parser]], None], ...] = (
+    add_demo_command,
+    add_doctor_command,
+)
 """Every subcommand's registration function, in the order ``--help`` lists them."""
 
 
