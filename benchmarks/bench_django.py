@@ -2,11 +2,13 @@
 
 One run, real web servers, real PostgreSQL, real HTTP over loopback::
 
-    python benchmarks/bench_django.py [--quick] [--json PATH]
+    python benchmarks/bench_django.py [--quick] [--json PATH] [--rounds R]
+                                      [--servers gunicorn,uvicorn] [--variants K,...]
 
-The site is ``tests/docsite`` (configured by environment variables, see its
-``settings.py``); every request is ``GET /one``, a view that runs exactly one
-query (``SELECT 1``). Servers (started with ``tests/servers.py``):
+The site is the demo/test site that ``tests/servers.py`` serves (its ``SETTINGS``;
+configured by environment variables, see that ``settings.py``); every request is
+``GET /one``, a view that runs exactly one query (``SELECT 1``). Servers (started
+with ``tests/servers.py``):
 
 * ``gunicorn``: gthread worker, 2 processes x 8 threads (WSGI);
 * ``uvicorn``: 1 process (ASGI; Django runs the sync view in a thread).
@@ -24,27 +26,51 @@ Variants, per server:
   PostgreSQL that requires a password (scram-sha-256) on TCP, so that every new
   connection costs an authentication handshake.
 
-N (pool size per process) is the same for ``native`` and ``connguard``.
+N (pool size per process) is the same for ``native`` and ``connguard`` (4; fewer
+than gunicorn's 8 threads, so requests do queue for a connection). Not run by
+default: ``native-n8`` and ``connguard-n8``, the same with N = 8, to tell the cost
+of queueing from per-request overhead (``--variants persistent,native-n8,connguard-n8``).
 
 Load: ``wrk`` (``apt-get install -y wrk``), keep-alive HTTP/1.1, a fixed number of
-open connections (the concurrency), for a warm-up (discarded) then a timed window.
-Without wrk a Python threaded client is used instead, and the report says so:
-on 2 cores it is itself the bottleneck, so its figures are not comparable.
+open connections (the concurrency). Without wrk a Python threaded client is used
+instead and the report says so: on 2 cores it is itself the bottleneck, so its
+figures are not comparable with wrk's.
 
-Each (server, variant) is started afresh in every round; rounds interleave the
-variants in a rotating order, and each figure is the median over rounds.
-Everything (PostgreSQL, the web server, the load generator) shares the machine.
+gunicorn gets ``--worker-connections 16`` (via ``GUNICORN_CMD_ARGS``): with
+keep-alive, a gthread worker keeps every connection it accepts, and without a cap
+one worker typically grabs 25-31 of wrk's 32 connections, so the other idles and
+throughput swings by +-30 % from start to start. The cap (= concurrency / workers)
+splits them 16/16.
+
+Procedure, per server: start every variant's server at once (idle ones cost
+nothing), warm each up, then run R rounds; a round gives each variant one timed
+window, in a rotating order. Figures are medians over the rounds, and every
+ratio is also computed per round (adjacent windows), so that slow drifts of the
+machine's load (other jobs on a shared box) hit both sides of a ratio alike.
+
+``--inprocess`` measures something else, with no server and no load generator:
+the CPU time one thread spends per request, calling Django's WSGI handler
+directly for ``GET /one`` (one child process per variant, min over batches), so
+the per-request overhead of each variant shows without the noise of a loaded,
+shared machine. ``--inprocess --profile`` adds a cProfile of the connguard variant.
+
+For each window the script also records CPU time: of the web server's process
+tree and of the PostgreSQL cluster's (the postmaster's tree, including exited
+backends), per request, which other load on the machine barely affects; and the
+CPU used by everything else on the machine ("foreign" load, in cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import http.client
 import importlib.metadata
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -63,7 +89,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.servers import SERVERS, manage, running  # noqa: E402
+from tests.servers import SERVERS, Server, manage, running  # noqa: E402
 
 from connguard.testing.postgres import EmbeddedPostgres  # noqa: E402
 
@@ -71,19 +97,24 @@ POOL_SIZE = 4  # N: connections per process, native pool and connguard alike
 CONCURRENCY = 32  # open HTTP connections of the load generator
 PATH = "/one"
 PASSWORD = "bench-scram-secret"
-MAX_CONNECTIONS = 300  # room for the stock variants (one connection per thread or more)
+MAX_CONNECTIONS = 600  # room for the stock variants: under ASGI, CONN_MAX_AGE=None leaks
 SERVER_NAMES = ("gunicorn", "uvicorn")
+# gthread keeps each keep-alive connection in the worker that accepted it: cap it.
+SERVER_ENV = {
+    "gunicorn": {"GUNICORN_CMD_ARGS": f"--worker-connections {CONCURRENCY // SERVERS['gunicorn']}"},
+    "uvicorn": {},
+}
 
 
 @dataclass(frozen=True)
 class Params:
     rounds: int
-    warmup_s: float
-    duration_s: float
+    warmup_s: int  # per server, once, before the rounds
+    window_s: int  # one timed window per variant per round (wrk takes whole seconds)
 
 
-FULL = Params(rounds=2, warmup_s=3.0, duration_s=6.0)
-QUICK = Params(rounds=1, warmup_s=1.0, duration_s=3.0)
+FULL = Params(rounds=14, warmup_s=3, window_s=1)
+QUICK = Params(rounds=3, warmup_s=1, window_s=1)
 
 
 @dataclass(frozen=True)
@@ -94,61 +125,54 @@ class Variant:
     env: dict[str, str]
 
 
-_POOL = json.dumps({"min_size": POOL_SIZE, "max_size": POOL_SIZE})
+def _pooled(engine: str, size: int) -> dict[str, str]:
+    return {
+        "DOCSITE_ENGINE": engine,
+        "DOCSITE_CONN_MAX_AGE": "0",
+        "DOCSITE_POOL": json.dumps({"min_size": size, "max_size": size}),
+        "DOCSITE_MIDDLEWARE": "connguard" if engine == "connguard" else "none",
+    }
+
+
+_PERSISTENT = {
+    "DOCSITE_ENGINE": "stock",
+    "DOCSITE_CONN_MAX_AGE": "None",
+    "DOCSITE_MIDDLEWARE": "none",
+}
+_CLOSE = {"DOCSITE_ENGINE": "stock", "DOCSITE_CONN_MAX_AGE": "0", "DOCSITE_MIDDLEWARE": "close"}
+N8 = 8  # = gunicorn's threads per worker: no request ever queues for a connection
 VARIANTS = (
-    Variant(
-        "persistent",
-        "stock, CONN_MAX_AGE=None",
-        "trust",
-        {"DOCSITE_ENGINE": "stock", "DOCSITE_CONN_MAX_AGE": "None", "DOCSITE_MIDDLEWARE": "none"},
-    ),
-    Variant(
-        "native",
-        f"Django native pool (N={POOL_SIZE})",
-        "trust",
-        {
-            "DOCSITE_ENGINE": "native",
-            "DOCSITE_CONN_MAX_AGE": "0",
-            "DOCSITE_POOL": _POOL,
-            "DOCSITE_MIDDLEWARE": "none",
-        },
-    ),
-    Variant(
-        "close",
-        "stock + close-after-request",
-        "trust",
-        {"DOCSITE_ENGINE": "stock", "DOCSITE_CONN_MAX_AGE": "0", "DOCSITE_MIDDLEWARE": "close"},
-    ),
-    Variant(
-        "connguard",
-        f"connguard (N={POOL_SIZE})",
-        "trust",
-        {
-            "DOCSITE_ENGINE": "connguard",
-            "DOCSITE_CONN_MAX_AGE": "0",
-            "DOCSITE_POOL": _POOL,
-            "DOCSITE_MIDDLEWARE": "connguard",
-        },
-    ),
-    Variant(
-        "close+scram",
-        "stock + close-after-request, scram",
-        "scram",
-        {"DOCSITE_ENGINE": "stock", "DOCSITE_CONN_MAX_AGE": "0", "DOCSITE_MIDDLEWARE": "close"},
-    ),
+    Variant("persistent", "stock, CONN_MAX_AGE=None", "trust", _PERSISTENT),
+    Variant("native", f"Django native pool (N={POOL_SIZE})", "trust", _pooled("native", POOL_SIZE)),
+    Variant("close", "stock + close-after-request", "trust", _CLOSE),
+    Variant("connguard", f"connguard (N={POOL_SIZE})", "trust", _pooled("connguard", POOL_SIZE)),
+    Variant("close+scram", "stock + close-after-request, scram", "scram", _CLOSE),
     Variant(
         "connguard+scram",
         f"connguard (N={POOL_SIZE}), scram",
         "scram",
-        {
-            "DOCSITE_ENGINE": "connguard",
-            "DOCSITE_CONN_MAX_AGE": "0",
-            "DOCSITE_POOL": _POOL,
-            "DOCSITE_MIDDLEWARE": "connguard",
-        },
+        _pooled("connguard", POOL_SIZE),
     ),
 )
-BY_KEY = {v.key: v for v in VARIANTS}
+# Not run by default (--variants): the same pools sized like gunicorn's thread count,
+# to tell queueing for a connection apart from per-request overhead.
+EXTRA_VARIANTS = (
+    Variant("native-n8", f"Django native pool (N={N8})", "trust", _pooled("native", N8)),
+    Variant("connguard-n8", f"connguard (N={N8})", "trust", _pooled("connguard", N8)),
+)
+BY_KEY = {v.key: v for v in (*VARIANTS, *EXTRA_VARIANTS)}
+# Order of the windows in a round (then rotated round by round): each ratio's two
+# sides run next to each other, so a change in the machine's load hits both alike.
+RUN_ORDER = (
+    "native-n8",
+    "connguard-n8",
+    "native",
+    "connguard",
+    "persistent",
+    "close",
+    "close+scram",
+    "connguard+scram",
+)
 
 # (name, numerator, denominator, target ratio of throughputs, what the target says)
 RATIOS = (
@@ -156,6 +180,8 @@ RATIOS = (
     ("connguard / CONN_MAX_AGE=None", "connguard", "persistent", 0.95, ">= 0.95 (within 5%)"),
     ("connguard / close-middleware (scram)", "connguard+scram", "close+scram", 5.0, ">= 5.00"),
     ("connguard / close-middleware (trust)", "connguard", "close", None, "(information)"),
+    ("connguard N=8 / native pool N=8", "connguard-n8", "native-n8", None, "(information)"),
+    ("connguard N=8 / CONN_MAX_AGE=None", "connguard-n8", "persistent", None, "(information)"),
 )
 
 
@@ -195,9 +221,9 @@ class Load:
         return self.ok / self.duration_s
 
 
-def run_wrk(port: int, seconds: float, script: Path) -> Load:
+def run_wrk(port: int, seconds: int, script: Path) -> Load:
     cmd = [
-        "wrk", "-t", "1", "-c", str(CONCURRENCY), "-d", f"{max(1, round(seconds))}s",
+        "wrk", "-t", "1", "-c", str(CONCURRENCY), "-d", f"{seconds}s",
         "--timeout", "10s", "--latency", "-s", str(script), f"http://127.0.0.1:{port}{PATH}",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
@@ -292,29 +318,90 @@ class LoadGenerator:
         first = (ver.stdout or ver.stderr).splitlines()
         return f"wrk ({first[0].strip() if first else '?'})"
 
-    def run(self, port: int, seconds: float) -> Load:
+    def run(self, port: int, seconds: int) -> Load:
         if self.wrk is not None:
             return run_wrk(port, seconds, self.script)
         return run_python_client(port, seconds)
+
+
+# --------------------------------------------------------------------- CPU accounting
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _all_stats() -> dict[int, tuple[int, int, int]]:
+    """pid -> (ppid, own CPU ticks, reaped children's CPU ticks), from /proc."""
+    out: dict[int, tuple[int, int, int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(b")") + 2 :].split()  # after "pid (comm) "
+        # fields[0] is state (field 3); ppid is field 4; utime..cstime are 14..17
+        out[int(entry.name)] = (
+            int(fields[1]),
+            int(fields[11]) + int(fields[12]),
+            int(fields[13]) + int(fields[14]),
+        )
+    return out
+
+
+def tree_cpu(roots: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by each root's process tree, exited members included
+    (their time is in their reaper's "children" counters)."""
+    stats = _all_stats()
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for pid, (ppid, _, _) in stats.items():
+        children[ppid].append(pid)
+    out: dict[str, float] = {}
+    for name, root in roots.items():
+        ticks, todo = 0, [root]
+        while todo:
+            pid = todo.pop()
+            if pid in stats:
+                ticks += stats[pid][1] + stats[pid][2]
+                todo.extend(children.get(pid, ()))
+        out[name] = ticks / _TICK
+    return out
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (all cores)."""
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    idle = cpu[3] + cpu[4]  # idle + iowait
+    return (sum(cpu[:8]) - idle) / _TICK  # user..steal (guest time is in user)
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process and its reaped children (wrk)."""
+    a = resource.getrusage(resource.RUSAGE_SELF)
+    b = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
 # --------------------------------------------------------------------- database side
 
 
 class Watcher:
-    """Counts the site's backends (peak, every 100 ms) and sessions started."""
+    """A side connection to a cluster: counts a site's backends (peak, every 100 ms)
+    and the sessions started on the site's database."""
 
-    def __init__(self, dsn: str, app_name: str) -> None:
-        self.app_name = app_name
+    def __init__(self, dsn: str) -> None:
         self.conn = psycopg.connect(dsn, autocommit=True, application_name="bench-watcher")
         self.peak = 0
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def backends(self) -> int:
+    def backends(self, app: str) -> int:
+        # connguard tags its connections "<application_name>|cg|host|pid|alias".
         row = self.conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-            (self.app_name,),
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %(app)s "
+            "OR starts_with(application_name, %(app)s || '|')",
+            {"app": app},
         ).fetchone()
         return int(row[0]) if row else 0
 
@@ -326,21 +413,35 @@ class Watcher:
         ).fetchone()
         return int(row[0]) if row else 0
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            self.peak = max(self.peak, self.backends())
+    def settled_sessions(self, timeout: float = 1.0) -> int:
+        """:meth:`sessions` once two readings 50 ms apart agree: backends report
+        their session when they flush statistics, a little after they start."""
+        deadline = time.monotonic() + timeout
+        last = self.sessions()
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = self.sessions()
+            if now == last:
+                break
+            last = now
+        return last
 
     @contextlib.contextmanager
-    def sampling(self) -> Iterator[None]:
-        self.peak = self.backends()
+    def sampling(self, app: str) -> Iterator[None]:
+        self.peak = self.backends(app)
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+
+        def run() -> None:
+            while not self._stop.wait(0.1):
+                self.peak = max(self.peak, self.backends(app))
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
         try:
             yield
         finally:
             self._stop.set()
-            self._thread.join()
+            thread.join()
 
     def close(self) -> None:
         self.conn.close()
@@ -350,14 +451,25 @@ class Watcher:
 class Database:
     pg: EmbeddedPostgres
     site: dict[str, Any]  # DOCSITE_DB
-    dsn: str  # for the watcher, to the site's database
+    dsn: str  # to the site's database, for the watcher
+    watcher: Watcher
+
+    @property
+    def postmaster(self) -> int:
+        pid = self.pg.pid
+        if pid is None:
+            raise RuntimeError("PostgreSQL is not running")
+        return pid
 
     def hba_methods(self) -> list[str]:
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            rows = conn.execute(
-                "SELECT DISTINCT type, auth_method FROM pg_hba_file_rules ORDER BY 1, 2"
-            ).fetchall()
+        rows = self.watcher.conn.execute(
+            "SELECT DISTINCT type, auth_method FROM pg_hba_file_rules ORDER BY 1, 2"
+        ).fetchall()
         return [f"{t}:{m}" for t, m in rows]
+
+    def password_encryption(self) -> str:
+        row = self.watcher.conn.execute("SHOW password_encryption").fetchone()
+        return str(row[0]) if row else "?"
 
 
 @contextlib.contextmanager
@@ -368,28 +480,59 @@ def database(password: str | None) -> Iterator[Database]:
         pg.psql("CREATE DATABASE docsite")
         site: dict[str, Any] = {"HOST": pg.host, "PORT": pg.port, "NAME": "docsite"}
         site["USER"] = pg.user
-        if password is not None:
-            site["PASSWORD"] = password
         dsn = f"host={pg.host} port={pg.port} dbname=docsite user={pg.user}"
         if password is not None:
+            site["PASSWORD"] = password
             dsn += f" password={password}"
         # Also proves the credentials work through the site's own settings.
         manage(site, "migrate", "-v", "0", DOCSITE_APP_NAME="bench-migrate")
-        yield Database(pg, site, dsn)
+        watcher = Watcher(dsn)
+        try:
+            yield Database(pg, site, dsn, watcher)
+        finally:
+            watcher.close()
     finally:
         pg.cleanup()
 
 
-# --------------------------------------------------------------------- one measurement
+# --------------------------------------------------------------------- measurements
 
 
 @dataclass
 class Sample:
+    """One timed window of one variant."""
+
+    round_no: int
     load: Load
-    warmup: Load
-    peak_backends: int
+    web_cpu_s: float  # the web server's process tree
+    pg_cpu_s: float  # the PostgreSQL cluster serving it
+    bench_cpu_s: float  # this script and wrk
+    foreign_cores: float  # everything else on the machine, in cores
     sessions_started: int
-    pool_stats: Any
+    peak_backends: int
+
+    def per_request_us(self, seconds: float) -> float:
+        return 1e6 * seconds / max(1, self.load.requests)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round_no,
+            "rps": self.load.rps,
+            "requests": self.load.requests,
+            "duration_s": self.load.duration_s,
+            "p50_ms": self.load.p50_ms,
+            "p90_ms": self.load.p90_ms,
+            "p99_ms": self.load.p99_ms,
+            "mean_ms": self.load.mean_ms,
+            "max_ms": self.load.max_ms,
+            "errors": self.load.errors,
+            "web_cpu_us_per_request": self.per_request_us(self.web_cpu_s),
+            "pg_cpu_us_per_request": self.per_request_us(self.pg_cpu_s),
+            "bench_and_wrk_cpu_s": self.bench_cpu_s,
+            "foreign_load_cores": self.foreign_cores,
+            "sessions_started": self.sessions_started,
+            "peak_backends": self.peak_backends,
+        }
 
 
 @dataclass
@@ -397,6 +540,8 @@ class Cell:
     server: str
     variant: str
     samples: list[Sample] = field(default_factory=list)
+    warmup: Load | None = None
+    pool_stats: Any = None
 
     def median(self, attr: str) -> float:
         return statistics.median(getattr(s.load, attr) for s in self.samples)
@@ -404,6 +549,14 @@ class Cell:
     @property
     def rps(self) -> float:
         return self.median("rps")
+
+    @property
+    def web_us(self) -> float:
+        return statistics.median(s.per_request_us(s.web_cpu_s) for s in self.samples)
+
+    @property
+    def pg_us(self) -> float:
+        return statistics.median(s.per_request_us(s.pg_cpu_s) for s in self.samples)
 
     @property
     def errors(self) -> int:
@@ -419,6 +572,10 @@ class Cell:
             1000 * s.sessions_started / max(1, s.load.requests) for s in self.samples
         )
 
+    @property
+    def foreign(self) -> float:
+        return statistics.median(s.foreign_cores for s in self.samples)
+
 
 def fetch_stats(port: int) -> Any:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -429,31 +586,72 @@ def fetch_stats(port: int) -> Any:
         conn.close()
 
 
-def measure(
+def window(
+    srv: Server, app: str, db: Database, *, load: LoadGenerator, seconds: int, round_no: int
+) -> Sample:
+    roots = {"web": srv.process.pid, "pg": db.postmaster}
+    with db.watcher.sampling(app):
+        sessions0 = db.watcher.settled_sessions()
+        cpu0, busy0, own0 = tree_cpu(roots), machine_busy(), own_cpu()
+        t0 = time.monotonic()
+        timed = load.run(srv.port, seconds)
+        elapsed = time.monotonic() - t0
+        cpu1, busy1, own1 = tree_cpu(roots), machine_busy(), own_cpu()
+        sessions1 = db.watcher.settled_sessions()
+    if srv.process.poll() is not None:
+        raise RuntimeError(f"{srv.name} died:\n{srv.log_text()[-3000:]}")
+    web, pg, own = cpu1["web"] - cpu0["web"], cpu1["pg"] - cpu0["pg"], own1 - own0
+    foreign = max(0.0, (busy1 - busy0) - web - pg - own) / elapsed
+    return Sample(
+        round_no=round_no,
+        load=timed,
+        web_cpu_s=web,
+        pg_cpu_s=pg,
+        bench_cpu_s=own,
+        foreign_cores=foreign,
+        sessions_started=sessions1 - sessions0,
+        peak_backends=db.watcher.peak,
+    )
+
+
+def bench_server(
     server: str,
-    variant: Variant,
+    variants: list[Variant],
+    dbs: dict[str, Database],
     *,
-    db: Database,
     load: LoadGenerator,
     params: Params,
     log_dir: Path,
-    round_no: int,
-) -> Sample:
-    app = f"bench-{server}-{variant.key}-{round_no}"
-    watcher = Watcher(db.dsn, app)
-    try:
-        with running(server, db.site, log_dir, DOCSITE_APP_NAME=app, **variant.env) as srv:
-            warm = load.run(srv.port, params.warmup_s)
-            with watcher.sampling():
-                before = watcher.sessions()
-                timed = load.run(srv.port, params.duration_s)
-                after = watcher.sessions()
-            stats = fetch_stats(srv.port)
-            if srv.process.poll() is not None:
-                raise RuntimeError(f"{server} died:\n{srv.log_text()[-3000:]}")
-        return Sample(timed, warm, watcher.peak, after - before, stats)
-    finally:
-        watcher.close()
+) -> dict[str, Cell]:
+    """Every variant's server up at once; warm-up, then rounds of windows."""
+    cells = {v.key: Cell(server, v.key) for v in variants}
+    apps = {v.key: f"bench-{server}-{v.key}" for v in variants}
+    with contextlib.ExitStack() as stack:
+        srvs: dict[str, Server] = {}
+        for v in variants:
+            env = {**SERVER_ENV[server], **v.env, "DOCSITE_APP_NAME": apps[v.key]}
+            srvs[v.key] = stack.enter_context(running(server, dbs[v.db].site, log_dir, **env))
+        for v in variants:
+            cells[v.key].warmup = load.run(srvs[v.key].port, params.warmup_s)
+        for r in range(params.rounds):
+            shift = r % len(variants)
+            order = [*variants[shift:], *variants[:shift]]
+            line = []
+            for v in order:
+                sample = window(
+                    srvs[v.key],
+                    apps[v.key],
+                    dbs[v.db],
+                    load=load,
+                    seconds=params.window_s,
+                    round_no=r,
+                )
+                cells[v.key].samples.append(sample)
+                line.append(f"{v.key} {sample.load.rps:.0f}")
+            print(f"  {server} round {r + 1}/{params.rounds}: " + ", ".join(line), flush=True)
+        for v in variants:
+            cells[v.key].pool_stats = fetch_stats(srvs[v.key].port)
+    return cells
 
 
 # --------------------------------------------------------------------- environment
@@ -482,14 +680,13 @@ def environment(load: LoadGenerator, dbs: dict[str, Database]) -> dict[str, Any]
             timeout=5,
             check=True,
         ).stdout.strip()
-    with psycopg.connect(dbs["trust"].dsn) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
+    row = dbs["trust"].watcher.conn.execute("SHOW server_version").fetchone()
     return {
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": platform.platform(),
         "cpu": cpu,
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0,
-        "connguard": f"{version('django-connguard')} ({commit})",
+        "connguard": f"{version('django-connguard')} (git {commit})",
         "django": version("django"),
         "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__}, libpq {psycopg.pq.version()})",
         "psycopg_pool": version("psycopg-pool"),
@@ -499,8 +696,10 @@ def environment(load: LoadGenerator, dbs: dict[str, Database]) -> dict[str, Any]
         "asgiref": version("asgiref"),
         "postgresql_server": str(row[0]) if row else "?",
         "pg_hba_trust_server": ", ".join(dbs["trust"].hba_methods()),
-        "pg_hba_scram_server": ", ".join(dbs["scram"].hba_methods()),
+        "pg_hba_scram_server": ", ".join(dbs["scram"].hba_methods())
+        + f" (password_encryption={dbs['scram'].password_encryption()})",
         "load_generator": load.name,
+        "loadavg_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -515,17 +714,22 @@ def ratio_table(cells: dict[tuple[str, str], Cell]) -> list[dict[str, Any]]:
             if a is None or b is None or not b.rps:
                 continue
             ratio = a.rps / b.rps
-            per_round = [
+            paired = [
                 sa.load.rps / sb.load.rps
-                for sa, sb in zip(a.samples, b.samples, strict=False)
+                for sa, sb in zip(a.samples, b.samples, strict=True)
                 if sb.load.rps
             ]
+            cpu_a, cpu_b = a.web_us + a.pg_us, b.web_us + b.pg_us
             out.append(
                 {
                     "server": server,
                     "ratio": name,
                     "value": ratio,
-                    "per_round": per_round,
+                    "paired_median": statistics.median(paired),
+                    "paired_min": min(paired),
+                    "paired_max": max(paired),
+                    "per_round": paired,
+                    "cpu_per_request_other_over_connguard": cpu_b / cpu_a if cpu_a else None,
                     "target": says,
                     "met": None if target is None else ratio >= target,
                 }
@@ -542,38 +746,151 @@ def print_report(
         print(f"  {key:20} {value}")
     print()
     print(
-        f"GET {PATH} (one SELECT 1), {CONCURRENCY} keep-alive connections, "
-        f"{params.warmup_s:g} s warm-up + {params.duration_s:g} s timed, "
-        f"median of {params.rounds} round(s); pool N={POOL_SIZE} per process"
+        f"GET {PATH} (one SELECT 1), {CONCURRENCY} keep-alive connections; "
+        f"{params.warmup_s} s warm-up, then {params.rounds} rounds of one {params.window_s} s "
+        f"window per variant; medians over rounds; pool N={POOL_SIZE} per process"
     )
-    width = max(len(v.label) for v in VARIANTS)
-    head = (
-        f"  {'server':9} {'variant':{width}} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'errors':>6} {'peak conns':>10} {'new conns/1k req':>16}  req/s per round"
+    width = max(len(v.label) for v in BY_KEY.values())
+    print(
+        f"  {'server':9} {'variant':{width}} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'errors':>6} {'web µs/req':>10} {'PG µs/req':>9} {'new conns/1k':>12} "
+        f"{'peak conns':>10} {'foreign':>7}"
     )
-    print(head)
     for server in SERVER_NAMES:
-        for v in VARIANTS:
+        for v in BY_KEY.values():
             c = cells.get((server, v.key))
             if c is None:
                 continue
-            rounds = " ".join(f"{s.load.rps:.0f}" for s in c.samples)
             print(
-                f"  {server:9} {v.label:{width}} {c.rps:8.0f} {c.median('p50_ms'):7.2f} "
-                f"{c.median('p99_ms'):7.2f} {c.errors:6d} {c.peak_backends:10d} "
-                f"{c.sessions_per_1k:16.1f}  {rounds}"
+                f"  {server:9} {v.label:{width}} {c.rps:7.0f} {c.median('p50_ms'):7.2f} "
+                f"{c.median('p99_ms'):7.2f} {c.errors:6d} {c.web_us:10.0f} {c.pg_us:9.0f} "
+                f"{c.sessions_per_1k:12.1f} {c.peak_backends:10d} {c.foreign:7.2f}"
             )
+    print(
+        "  (web/PG µs/req: CPU time of the server's / PostgreSQL's processes per request;"
+        "\n   foreign: cores used by other processes on the machine during the windows)"
+    )
     print()
-    print("Ratios of throughput (req/s)")
+    print(
+        "Ratios of throughput: of medians; and median [min-max] of the per-round paired "
+        "ratios; CPU/req: other ÷ connguard (web + PG)"
+    )
     table = ratio_table(cells)
     for r in table:
         verdict = {None: "", True: "MET", False: "NOT MET"}[r["met"]]
-        rounds = " ".join(f"{x:.2f}" for x in r["per_round"])
+        cpu = r["cpu_per_request_other_over_connguard"]
         print(
-            f"  {r['server']:9} {r['ratio']:38} {r['value']:6.2f}  target {r['target']:20} "
-            f"{verdict:8} rounds: {rounds}"
+            f"  {r['server']:9} {r['ratio']:37} {r['value']:5.2f}  paired "
+            f"{r['paired_median']:5.2f} [{r['paired_min']:.2f}-{r['paired_max']:.2f}]  "
+            f"CPU/req {cpu:5.2f}  target {r['target']:20} {verdict}"
         )
     return table
+
+
+# --------------------------------------------------------------------- in-process mode
+
+INPROCESS_VARIANTS = ("persistent", "native", "connguard", "connguard-nomw")
+INPROCESS_BATCHES = 5
+
+
+def _inprocess_env(key: str) -> dict[str, str]:
+    if key == "connguard-nomw":  # the engine alone, without ConnguardMiddleware
+        return {**BY_KEY["connguard"].env, "DOCSITE_MIDDLEWARE": "none"}
+    return BY_KEY[key].env
+
+
+def inprocess_child(key: str, n: int, profile: bool) -> None:
+    """Runs in a child process whose environment selects the variant."""
+    import cProfile
+    import io
+    import pstats
+    from wsgiref.util import setup_testing_defaults
+
+    from django.core.wsgi import get_wsgi_application
+
+    app = get_wsgi_application()
+    statuses: list[str] = []
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
+        statuses.append(status)
+
+    def one() -> None:
+        environ: dict[str, Any] = {"PATH_INFO": PATH, "REQUEST_METHOD": "GET"}
+        setup_testing_defaults(environ)
+        response = app(environ, start_response)
+        for _ in response:
+            pass
+        response.close()  # sends request_finished, as every WSGI server does
+
+    for _ in range(max(200, n // 5)):
+        one()
+    cpu, wall = [], []
+    for _ in range(INPROCESS_BATCHES):
+        c0, w0 = time.thread_time(), time.perf_counter()
+        for _ in range(n):
+            one()
+        cpu.append((time.thread_time() - c0) / n * 1e6)
+        wall.append((time.perf_counter() - w0) / n * 1e6)
+    if any(not st.startswith("200") for st in statuses):
+        raise RuntimeError(f"{key}: non-200 responses: {sorted(set(statuses))}")
+    print("INPROCESS " + json.dumps({"variant": key, "cpu_us": cpu, "wall_us": wall}))
+    if profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(n):
+            one()
+        prof.disable()
+        out = io.StringIO()
+        stats = pstats.Stats(prof, stream=out)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(r"connguard|django/db|dispatch", 45)
+        print(out.getvalue())
+
+
+def inprocess(db: Database, n: int, profile: bool, rounds: int) -> list[dict[str, Any]]:
+    """Each variant in its own child process, ``rounds`` times, variants interleaved."""
+    from tests.servers import site_env
+
+    merged: dict[str, dict[str, Any]] = {
+        k: {"variant": k, "cpu_us": [], "wall_us": []} for k in INPROCESS_VARIANTS
+    }
+    for r in range(rounds):
+        for key in INPROCESS_VARIANTS:
+            env = site_env(
+                db.site, DOCSITE_APP_NAME=f"bench-inprocess-{key}", **_inprocess_env(key)
+            )
+            cmd = [sys.executable, __file__, "--inprocess-child", key, "--requests", str(n)]
+            if profile and key == "connguard" and r == rounds - 1:
+                cmd.append("--profile")
+            out = subprocess.run(
+                cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"in-process {key} failed:\n{out.stdout}\n{out.stderr}")
+            lines = out.stdout.splitlines()
+            line = next(ln for ln in lines if ln.startswith("INPROCESS "))
+            got = json.loads(line.removeprefix("INPROCESS "))
+            merged[key]["cpu_us"] += got["cpu_us"]
+            merged[key]["wall_us"] += got["wall_us"]
+            if "--profile" in cmd:
+                print("\n".join(ln for ln in lines if not ln.startswith("INPROCESS ")))
+        print(f"  in-process round {r + 1}/{rounds} done", flush=True)
+    results = [merged[k] for k in INPROCESS_VARIANTS]
+    base = min(results[0]["cpu_us"])
+    print()
+    print(
+        f"In-process WSGI, one thread, GET {PATH}: µs per request, min [median] of "
+        f"{rounds} x {INPROCESS_BATCHES} batches of {n} (variants interleaved)"
+    )
+    print(f"  {'variant':16} {'thread CPU':>18} {'wall':>18} {'CPU - persistent':>17}")
+    for r in results:
+        cpu, wall = r["cpu_us"], r["wall_us"]
+        print(
+            f"  {r['variant']:16} {min(cpu):8.1f} [{statistics.median(cpu):6.1f}] "
+            f"{min(wall):8.1f} [{statistics.median(wall):6.1f}] {min(cpu) - base:+17.1f}"
+        )
+    print("  (connguard-nomw: connguard's engine without ConnguardMiddleware)")
+    return results
 
 
 # --------------------------------------------------------------------- main
@@ -581,18 +898,44 @@ def print_report(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 short round (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="2 short rounds (smoke run)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    parser.add_argument("--rounds", type=int, help="override the number of rounds")
     parser.add_argument(
         "--servers", default=",".join(SERVER_NAMES), help="comma-separated subset to run"
     )
     parser.add_argument(
-        "--variants", default=",".join(BY_KEY), help="comma-separated subset to run"
+        "--variants",
+        default=",".join(v.key for v in VARIANTS),
+        help=f"comma-separated, from: {', '.join(BY_KEY)} (default: all but the last two)",
     )
+    parser.add_argument(
+        "--inprocess",
+        action="store_true",
+        help="instead: CPU per request of Django's WSGI handler called in-process",
+    )
+    parser.add_argument("--profile", action="store_true", help="with --inprocess: cProfile")
+    parser.add_argument("--requests", type=int, default=1500, help="--inprocess batch size")
+    parser.add_argument("--inprocess-child", metavar="VARIANT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.inprocess_child:
+        inprocess_child(args.inprocess_child, args.requests, args.profile)
+        return 0
+    if args.inprocess:
+        with database(None) as db:
+            results = inprocess(db, args.requests, args.profile, args.rounds or 6)
+        if args.json is not None:
+            args.json.write_text(json.dumps({"inprocess": results}, indent=2) + "\n")
+        return 0
     params = QUICK if args.quick else FULL
+    if args.rounds:
+        params = Params(args.rounds, params.warmup_s, params.window_s)
     servers = [s for s in SERVER_NAMES if s in args.servers.split(",")]
-    variants = [v for v in VARIANTS if v.key in args.variants.split(",")]
+    wanted = args.variants.split(",")
+    unknown = [k for k in wanted if k not in BY_KEY]
+    if unknown:
+        parser.error(f"unknown variant(s): {', '.join(unknown)}")
+    variants = [BY_KEY[k] for k in RUN_ORDER if k in wanted]
     began = time.perf_counter()
 
     with contextlib.ExitStack() as stack:
@@ -601,38 +944,20 @@ def main(argv: list[str] | None = None) -> int:
         if load.wrk is None:
             print("WARNING: wrk not found (apt-get install -y wrk); using a Python client, "
                   "which is the bottleneck on a small machine", flush=True)  # fmt: skip
-        print("starting PostgreSQL (trust and scram-sha-256) ...", flush=True)
+        print("starting PostgreSQL (trust, and scram-sha-256 on TCP) ...", flush=True)
         dbs = {
             "trust": stack.enter_context(database(None)),
             "scram": stack.enter_context(database(PASSWORD)),
         }
         env = environment(load, dbs)
         cells: dict[tuple[str, str], Cell] = {}
-        for round_no in range(params.rounds):
-            for server in servers:
-                shift = round_no % len(variants)
-                for v in [*variants[shift:], *variants[:shift]]:
-                    print(
-                        f"round {round_no + 1}/{params.rounds}: {server} {v.label} ...",
-                        end=" ",
-                        flush=True,
-                    )
-                    sample = measure(
-                        server,
-                        v,
-                        db=dbs[v.db],
-                        load=load,
-                        params=params,
-                        log_dir=workdir,
-                        round_no=round_no,
-                    )
-                    cell = cells.setdefault((server, v.key), Cell(server, v.key))
-                    cell.samples.append(sample)
-                    print(
-                        f"{sample.load.rps:.0f} req/s, p99 {sample.load.p99_ms:.1f} ms, "
-                        f"errors {sum(sample.load.errors.values())}",
-                        flush=True,
-                    )
+        for server in servers:
+            print(f"{server}: starting {len(variants)} servers, warming up ...", flush=True)
+            for key, cell in bench_server(
+                server, variants, dbs, load=load, params=params, log_dir=workdir
+            ).items():
+                cells[server, key] = cell
+        env["loadavg_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
     elapsed = time.perf_counter() - began
     table = print_report(cells, env, params)
@@ -645,12 +970,12 @@ def main(argv: list[str] | None = None) -> int:
             "params": {
                 "rounds": params.rounds,
                 "warmup_s": params.warmup_s,
-                "duration_s": params.duration_s,
+                "window_s": params.window_s,
                 "concurrency": CONCURRENCY,
                 "path": PATH,
                 "pool_size_per_process": POOL_SIZE,
                 "processes": {s: SERVERS[s] for s in servers},
-                "gunicorn": "gthread, 2 workers x 8 threads",
+                "gunicorn": "gthread, 2 workers x 8 threads, --worker-connections 16",
                 "postgres_max_connections": MAX_CONNECTIONS,
             },
             "environment": env,
@@ -662,26 +987,14 @@ def main(argv: list[str] | None = None) -> int:
                     "rps_median": c.rps,
                     "p50_ms_median": c.median("p50_ms"),
                     "p99_ms_median": c.median("p99_ms"),
-                    "peak_backends": c.peak_backends,
+                    "web_cpu_us_per_request_median": c.web_us,
+                    "pg_cpu_us_per_request_median": c.pg_us,
                     "new_connections_per_1k_requests": c.sessions_per_1k,
-                    "samples": [
-                        {
-                            "rps": s.load.rps,
-                            "requests": s.load.requests,
-                            "duration_s": s.load.duration_s,
-                            "p50_ms": s.load.p50_ms,
-                            "p90_ms": s.load.p90_ms,
-                            "p99_ms": s.load.p99_ms,
-                            "mean_ms": s.load.mean_ms,
-                            "max_ms": s.load.max_ms,
-                            "errors": s.load.errors,
-                            "warmup_rps": s.warmup.rps,
-                            "peak_backends": s.peak_backends,
-                            "sessions_started": s.sessions_started,
-                            "pool_stats": s.pool_stats,
-                        }
-                        for s in c.samples
-                    ],
+                    "peak_backends": c.peak_backends,
+                    "errors": c.errors,
+                    "warmup_rps": c.warmup.rps if c.warmup else None,
+                    "samples": [s.as_dict() for s in c.samples],
+                    "pool_stats_one_worker": c.pool_stats,
                 }
                 for c in cells.values()
             ],
