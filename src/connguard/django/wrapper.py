@@ -16,6 +16,7 @@ at checkout only when the wanted time zone differs.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -43,11 +44,37 @@ def _package_dir(module: Any) -> str:
     return str(os.path.dirname(module.__file__)) + os.sep
 
 
+def _installed_dirs(*names: str) -> list[str]:
+    """Directories of the installed packages among ``names`` (without importing them)."""
+    dirs = []
+    for name in names:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None and spec.origin:
+            dirs.append(os.path.dirname(spec.origin) + os.sep)
+    return dirs
+
+
 # Frames from these files are machinery, not the code that wanted the connection.
 _MACHINERY = (
     _package_dir(django),
     _package_dir(asgiref),
     sysconfig.get_paths()["stdlib"] + os.sep,
+    *_installed_dirs(
+        "gunicorn",
+        "uvicorn",
+        "daphne",
+        "twisted",
+        "granian",
+        "celery",
+        "kombu",
+        "billiard",
+        "h11",
+        "anyio",
+        "starlette",
+    ),
     *(
         os.path.join(_package_dir(connguard), part)
         for part in ("django" + os.sep, "backends" + os.sep, "pool" + os.sep, "scope.py")
@@ -127,6 +154,7 @@ class ConnguardWrapperMixin:
     # Django's short-lived ``__no_db__`` wrapper (CREATE/DROP DATABASE) connects
     # directly: pooling a connection to the maintenance database helps nobody.
     _cg_direct: Any = None
+    _cg_pool_cache: tuple[tuple[Any, ...], Pool] | None = None
 
     settings_dict: dict[str, Any]
     alias: str
@@ -249,7 +277,7 @@ class ConnguardWrapperMixin:
                     f"Invalid transaction isolation level {isolation} specified. "
                     "Use one of the psycopg.IsolationLevel values."
                 ) from None
-        pool = pools.pool_for(self, conn_params)
+        pool = self._cg_pool_for(conn_params)
         owner = owner_scope()
         depth = pool.config.stack_depth
         lease = pool.acquire(owner=owner, stack=_user_stack(depth) if depth else ())
@@ -260,6 +288,24 @@ class ConnguardWrapperMixin:
         if isolation is not None and connection.isolation_level != self.isolation_level:
             connection.isolation_level = self.isolation_level
         return connection
+
+    def _cg_pool_for(self, conn_params: dict[str, Any]) -> Pool:
+        """The pool for the current settings, remembered on the wrapper: the full pool
+        key (``repr`` of every option) costs several microseconds per acquire, this
+        check about one. Settings replaced (test databases, ``override_settings``,
+        a new ``OPTIONS`` value) change the probe and fall back to the registry."""
+        settings = self.settings_dict
+        options = settings["OPTIONS"]
+        probe = (
+            settings["NAME"], settings["USER"], settings["HOST"], settings["PORT"],
+            settings["PASSWORD"], self.timezone_name, len(options), *map(id, options.values()),  # type: ignore[attr-defined]
+        )  # fmt: skip
+        cached = self._cg_pool_cache
+        if cached is not None and cached[0] == probe and not cached[1].closed:
+            return cached[1]
+        pool = pools.pool_for(self, conn_params)
+        self._cg_pool_cache = (probe, pool)
+        return pool
 
     def init_connection_state(self) -> None:
         if self._cg_lease is None:
