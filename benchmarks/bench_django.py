@@ -66,10 +66,8 @@ import argparse
 import collections
 import contextlib
 import http.client
-import importlib.metadata
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -92,6 +90,7 @@ if str(ROOT) not in sys.path:
 from tests.servers import SERVERS, Server, manage, running  # noqa: E402
 
 from connguard.testing.postgres import EmbeddedPostgres  # noqa: E402
+from machine import dist_version, git_commit, machine  # noqa: E402
 
 POOL_SIZE = 4  # N: connections per process, native pool and connguard alike
 CONCURRENCY = 32  # open HTTP connections of the load generator
@@ -658,35 +657,11 @@ def bench_server(
 
 
 def environment(load: LoadGenerator, dbs: dict[str, Database]) -> dict[str, Any]:
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "-"
-
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    commit = "?"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
+    version = dist_version
     row = dbs["trust"].watcher.conn.execute("SHOW server_version").fetchone()
     return {
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0,
-        "connguard": f"{version('django-connguard')} (git {commit})",
+        **machine(),
+        "connguard": f"{version('django-connguard')} (git {git_commit()})",
         "django": version("django"),
         "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__}, libpq {psycopg.pq.version()})",
         "psycopg_pool": version("psycopg-pool"),

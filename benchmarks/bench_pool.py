@@ -40,12 +40,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.metadata
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -61,6 +57,7 @@ from sqlalchemy.pool import QueuePool
 
 from connguard.drivers import load_driver
 from connguard.pool import Pool, PoolConfig
+from machine import dist_version, git_commit, machine
 
 SQL = "SELECT 1"
 APP = "bench_pool"  # application_name prefix: lets us count each library's backends
@@ -478,36 +475,10 @@ class Monitor:
 
 
 def environment(server_version: str) -> dict[str, Any]:
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "?"
-
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    commit = "?"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        here = Path(__file__).resolve().parent
-        commit = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
     return {
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0,
-        "connguard": version("django-connguard"),
-        "connguard_git": commit,
+        **machine(),
+        "connguard": dist_version("django-connguard"),
+        "connguard_git": git_commit(),
         "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__}, libpq {psycopg.pq.version()})",
         "psycopg_pool": psycopg_pool.__version__,
         "sqlalchemy": sqlalchemy.__version__,
