@@ -10,6 +10,9 @@ DOCSITE_MIDDLEWARE  connguard (default) | close (the report's close-everything m
 DOCSITE_DAPHNE      "1": daphne in INSTALLED_APPS (runserver then serves ASGI)
 DOCSITE_APP_NAME    application_name, so tests count this site's backends
 DOCSITE_DRIVER      psycopg2: hide psycopg 3 so Django (and connguard) use psycopg2
+DOCSITE_EXTRA_URLS  a module whose ``urlpatterns`` are mounted under ``/x/`` (the test
+                    suite's probe views live in ``tests/``, not in the package)
+DOCSITE_ASSUME_ROLE OPTIONS["assume_role"]
 """
 
 import json
@@ -46,6 +49,8 @@ _options: dict[str, object] = {
     **_db.get("OPTIONS", {}),
     "application_name": os.environ.get("DOCSITE_APP_NAME", "docsite"),
 }
+if os.environ.get("DOCSITE_ASSUME_ROLE"):
+    _options["assume_role"] = os.environ["DOCSITE_ASSUME_ROLE"]
 if _engine in ("connguard", "native"):
     _options["pool"] = json.loads(os.environ.get("DOCSITE_POOL", "{}")) or True
 
@@ -68,6 +73,7 @@ DATABASES = {
 }
 
 CONNGUARD = {"retry_after": 2}
+EXTRA_URLS = os.environ.get("DOCSITE_EXTRA_URLS", "")
 
 # Server errors (5xx) go to stderr, one line each with the exception: the server's
 # log is where ``connguard demo`` reads why requests failed (an HTTP client sees only

@@ -1,4 +1,5 @@
-from django.urls import path
+from django.conf import settings
+from django.urls import include, path
 
 from . import views
 
@@ -12,3 +13,6 @@ urlpatterns = [
     path("connguard/stats", views.pool_stats),
     path("connguard/whoami", views.whoami),
 ]
+
+if getattr(settings, "EXTRA_URLS", ""):
+    urlpatterns.append(path("x/", include(settings.EXTRA_URLS)))
