@@ -32,6 +32,7 @@ class FakeConnection:
         self.fail_reset = False
         self.pid = os.getpid()
         self.pings = 0
+        self.cancels = 0
         self._holder_lock = threading.Lock()
         self.holder: int | None = None
 
@@ -103,6 +104,9 @@ class FakeDriver:
         conn.pings += 1
         if not conn.alive:
             raise FakeOperationalError("server closed the connection")
+
+    def cancel(self, conn: FakeConnection) -> None:
+        conn.cancels += 1
 
     def transaction_status(self, conn: FakeConnection) -> TxStatus:
         return TxStatus.UNKNOWN if not conn.alive else conn.status

@@ -55,7 +55,7 @@ def pool(driver: FakeDriver, clock: ManualClock) -> Iterator[Pool]:
 
 
 def conn_of(lease: object) -> FakeConnection:
-    c = lease.connection  # type: ignore[attr-defined]
+    c = lease.raw  # type: ignore[attr-defined]
     assert isinstance(c, FakeConnection)
     return c
 
@@ -418,7 +418,10 @@ def test_stats_snapshot_and_histograms(pool: Pool) -> None:
 def test_connection_context_manager(pool: Pool) -> None:
     with pool.connection() as conn:
         conn.status = TxStatus.INTRANS
-    assert conn.status is TxStatus.IDLE
+        raw = conn.lease.raw
+    assert raw.status is TxStatus.IDLE, "rolled back on the way out"
+    with pytest.raises(LeaseEnded):
+        _ = conn.status  # the fence: the block is over
     with pytest.raises(RuntimeError), pool.connection():
         raise RuntimeError("boom")
     assert pool.stats().in_use == 0

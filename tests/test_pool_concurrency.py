@@ -66,7 +66,7 @@ def test_many_threads_keep_every_invariant() -> None:
                     with outcomes_lock:
                         outcomes["timeout"] += 1
                     continue
-                conn = lease.connection
+                conn = lease.raw
                 assert isinstance(conn, FakeConnection)
                 conn.use()
                 roll = rng.random()
@@ -193,8 +193,8 @@ class PoolMachine(RuleBasedStateMachine):
             return None
         assert room, "leased more connections than max_size"
         assert lease not in self.held
-        conn = lease.connection
-        assert all(conn is not other.connection for other in self.held), "leased twice"
+        conn = lease.raw
+        assert all(conn is not other.raw for other in self.held), "leased twice"
         self.held.add(lease)
         settle(self.pool, self.driver)
         return lease
@@ -208,7 +208,7 @@ class PoolMachine(RuleBasedStateMachine):
     def release(self, lease: Lease | None, status: TxStatus, reset: bool, dead: bool) -> None:
         if lease is None:
             return
-        conn = lease.connection
+        conn = lease.raw
         conn.status = status
         conn.alive = not dead
         lease.release(reset=reset)

@@ -29,7 +29,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any, ParamSpec, TypeVar
 
 from .pool import Lease
@@ -84,14 +84,23 @@ class Scope:
         with self._lock:
             return [lease for lease in self._leases if lease.active]
 
-    def release_all(self) -> int:
+    def release_all(self, *, early: bool = False) -> int:
         """Give back every lease taken in the scope; the scope stays open.
 
         Returns how many were still active. Their holders re-acquire transparently
-        on next use (the Django layer checks the lease before every use).
+        on next use (the Django layer checks the lease before every use). ``early``
+        (the response is ready but the request is not over): keep the leases that are
+        pinned, with a transaction or a server-side cursor open; taking those away
+        would break a streaming export half way. They go back when the scope ends.
         """
         with self._lock:
-            leases, self._leases = list(self._leases), weakref.WeakSet()
+            leases = list(self._leases)
+            if early:
+                kept = [lease for lease in leases if lease.active and lease.pinned]
+                leases = [lease for lease in leases if lease not in kept]
+            else:
+                kept = []
+            self._leases = weakref.WeakSet(kept)
         count = 0
         for lease in leases:
             if lease.active:
@@ -169,12 +178,15 @@ def owner_scope() -> Scope:
     """The scope that should own a lease taken now.
 
     The current scope if there is one, else the thread's implicit scope (created on
-    first use), which ends when the thread dies.
+    first use), which ends when the thread dies. A current scope that has *ended* is
+    returned as it is (the caller refuses to lease for it): code still running for
+    a request whose client hung up must not get a connection that nobody would ever
+    give back, as a fallback to an executor thread's never-ending scope would.
     """
     scope = _current.get()
     if scope is None and _ambient is not None:
         scope = _ambient()
-    if scope is not None and not scope.ended:
+    if scope is not None and (not scope.ended or scope.kind != "thread"):
         return scope
     holder = _thread_scopes.scope
     if holder is None or holder.scope.ended:
@@ -206,11 +218,18 @@ class scope:  # lower-case on purpose: used like a function, ``with connguard.sc
     block (or decorated function) ends.
 
     ``with connguard.scope("nightly-report"): ...`` or ``@connguard.scope("job")``.
+    One object may be nested, re-entered and shared between threads and tasks: each
+    ``with`` block (each call of a decorated function) opens a scope of its own, and
+    which block is leaving is kept per context, not on the object.
     """
 
     def __init__(self, name: str = "scope", **info: Any) -> None:
         self.name = name
         self.info = info
+        # This object's open blocks in the running context, innermost last.
+        self._open: ContextVar[tuple[tuple[Scope, Token[Scope | None]], ...]] = ContextVar(
+            f"connguard_scope_{id(self)}", default=()
+        )
 
     @contextmanager
     def _opened(self) -> Iterator[Scope]:
@@ -223,11 +242,24 @@ class scope:  # lower-case on purpose: used like a function, ``with connguard.sc
             _current.reset(token)
 
     def __enter__(self) -> Scope:
-        self._cm = self._opened()
-        return self._cm.__enter__()
+        opened = Scope(self.name, kind="scope", info=dict(self.info))
+        token = _current.set(opened)
+        self._open.set((*self._open.get(), (opened, token)))
+        return opened
 
     def __exit__(self, *exc: Any) -> None:
-        self._cm.__exit__(*exc)
+        stack = self._open.get()
+        if not stack:
+            raise RuntimeError(f"connguard.scope({self.name!r}): __exit__ without __enter__")
+        (opened, token), rest = stack[-1], stack[:-1]
+        self._open.set(rest)
+        try:
+            opened.end()
+        finally:
+            try:
+                _current.reset(token)
+            except ValueError:  # entered in another context (a copied one)
+                _current.set(None)
 
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
         if inspect.iscoroutinefunction(func):

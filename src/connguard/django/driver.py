@@ -3,9 +3,10 @@
 The pool's openers call :meth:`DjangoDriver.connect`, which uses the backend's own
 connect parameters and then runs the per-connection set-up Django would otherwise
 run on every checkout (time zone, ``assume_role``, psycopg2's JSONB loader) once,
-when the physical connection is opened. A reset (``DISCARD ALL``) undoes that
-set-up, so :meth:`reset` runs it again: the connection always goes back to the
-pool in its configured baseline.
+when the physical connection is opened. A reset discards all session state, that
+set-up included, so :meth:`reset` re-applies it in the same round trip (its SQL comes
+from ``baseline``): the connection always goes back to the pool in its configured
+baseline, and a holder that ran ``RESET ROLE`` cannot hand the login role on.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class DjangoDriver:
         connect: Callable[..., Any],
         conn_params: dict[str, Any],
         configure: Callable[[Any], bool],
+        baseline: Callable[[], str],
         autocommit: bool,
         tag: Callable[[], str] | None = None,
     ) -> None:
@@ -36,6 +38,8 @@ class DjangoDriver:
         self._connect = connect  # the backend's Database.connect
         self._conn_params = dict(conn_params)
         self._configure = configure  # returns True when it ran statements
+        self._baseline = baseline  # the same set-up as SQL, appended to a reset
+        self.changes_session = base.changes_session  # type: ignore[attr-defined]
         self._autocommit = autocommit
         self._tag = tag  # application_name for each new connection (pid may change)
 
@@ -60,8 +64,10 @@ class DjangoDriver:
         conn.autocommit = self._autocommit
 
     def reset(self, conn: Any) -> None:
-        self.base.reset(conn)
-        self._set_up(conn)
+        self.base.reset(conn, then=self._baseline())  # type: ignore[call-arg]
+
+    def cancel(self, conn: Any) -> None:
+        self.base.cancel(conn)
 
     def close(self, conn: Any) -> None:
         self.base.close(conn)

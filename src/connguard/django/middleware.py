@@ -4,7 +4,9 @@ and turn pool overload into a fast HTTP 503.
 Put it first in ``MIDDLEWARE``. Without it connections still come back when the
 request finishes (Django's ``request_finished`` signal), but that is after a slow
 client has read the whole response; with it they come back before the first byte is
-sent. A streaming response that queries later simply acquires again.
+sent. A streaming response that queries later simply acquires again; a connection
+with a transaction or a server-side cursor open (a ``QuerySet.iterator()`` export
+being streamed) stays with the request until it finishes.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class ConnguardMiddleware:
             response = overload_response(error)
         scope = current_scope()
         if scope is not None and scope.kind == "request":
-            scope.release_all()
+            scope.release_all(early=True)
         return response
 
 

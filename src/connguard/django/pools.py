@@ -36,7 +36,6 @@ PSYCOPG_POOL_ONLY = {
     "reconnect_timeout": "connguard keeps retrying with backoff; see reconnect_backoff_max",
     "check": "connguard checks liveness itself; see ping_after_idle and liveness_after_idle",
     "configure": "connguard runs Django's per-connection set-up itself",
-    "reset": "connguard rolls back or resets on release itself",
     "kwargs": "put connection arguments in OPTIONS",
     "connection_class": "not supported",
     "open": "connguard pools always open lazily",
@@ -58,6 +57,13 @@ def pool_config(options: Mapping[str, Any]) -> PoolConfig:
             "pool", f"OPTIONS['pool'] must be a dict of pool settings or True (got {raw!r})"
         )
     for key in raw:
+        if key == "reset" and callable(raw[key]):
+            raise PoolConfigError(
+                "reset",
+                "OPTIONS['pool']['reset'] is a policy name here, not psycopg_pool's "
+                "callable: connguard resets connections itself; use 'auto' (the "
+                "default), 'always' or 'rollback'",
+            )
         if key in PSYCOPG_POOL_ONLY:
             raise PoolConfigError(
                 str(key),
@@ -109,6 +115,7 @@ def _new_pool(wrapper: Any, conn_params: dict[str, Any]) -> Pool:
         connect=wrapper.Database.connect,
         conn_params=conn_params,
         configure=wrapper.connguard_configure,
+        baseline=wrapper.connguard_baseline_sql,
         autocommit=autocommit,
         tag=functools.partial(make_tag, tag_prefix(settings_dict["OPTIONS"]), wrapper.alias),
     )

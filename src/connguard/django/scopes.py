@@ -54,6 +54,16 @@ def request_started(sender: Any, environ: Any = None, scope: Any = None, **kwarg
     context = _thread_sensitive_context.get(None)
     if context is not None:
         _request_contexts[context] = opened
+        # If the request never finishes (a client that hung up mid-stream: Django's
+        # ASGI handler then never closes the response), the scope still ends when the
+        # request's context is collected. Only a flag is set here, since a finalizer
+        # may run in any thread at any moment; the pool's housekeeping takes back the
+        # scope's leases that are not in use ("orphaned").
+        weakref.finalize(context, _mark_ended, opened)
+
+
+def _mark_ended(scope: Scope) -> None:
+    scope.ended = True
 
 
 def request_finished(sender: Any, **kwargs: Any) -> None:
@@ -61,9 +71,9 @@ def request_finished(sender: Any, **kwargs: Any) -> None:
     if current is not None and current.kind == "request":
         current.end()
         leave()
-        context = _thread_sensitive_context.get(None)
-        if context is not None:
-            _request_contexts.pop(context, None)
+        # The ended scope stays registered against the request's context (until the
+        # context is collected): code still running for the request in an executor
+        # thread must find it ended, not fall back to its thread's scope.
 
 
 def install() -> None:

@@ -16,11 +16,15 @@ at checkout only when the wanted time zone differs.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import os
 import sys
 import sysconfig
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import asgiref
@@ -28,11 +32,12 @@ import django
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
-from django.db.backends.utils import CursorWrapper
+from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 from django.utils.asyncio import async_unsafe
 
 import connguard
-from connguard.pool import Lease, Pool
+from connguard.drivers.session import literal
+from connguard.pool import Lease, LeaseEnded, Pool
 from connguard.scope import Scope, owner_scope
 
 from . import pools
@@ -113,35 +118,164 @@ def _sql_module() -> Any:
 
 
 class FencedCursorMixin:
-    """Refuses to run once the lease the cursor was made under has ended."""
+    """Every call a Django cursor makes on its driver cursor (execute, fetch,
+    iteration, scroll, COPY, close...) is one fenced use of the lease the cursor was
+    made under: it raises Django's ``OperationalError`` once that lease has ended, and
+    the lease cannot end (be handed to someone else) while the call runs. Statements
+    are shown to the lease (reset policy ``"auto"``), and a server-side cursor pins
+    its lease until it is closed: an early release would break the stream."""
 
     db: Any
+    cursor: Any
     _cg_lease: Lease | None
 
     def __init__(self, cursor: Any, db: Any) -> None:
         super().__init__(cursor, db)  # type: ignore[call-arg]
-        self._cg_lease = db._cg_lease
+        lease = db._cg_cursor_lease
+        db._cg_cursor_lease = None
+        self._cg_lease = lease if lease is not None else db._cg_lease
+        if self._cg_lease is not None and getattr(cursor, "name", None):
+            _pin(self._cg_lease, self)
 
-    def _cg_check(self) -> None:
+    def _cg_enter(self) -> Lease | None:
         lease = self._cg_lease
-        if lease is not None and lease.peek() is None:
+        if lease is not None:
             with self.db.wrap_database_errors:
-                lease.connection  # noqa: B018 - raises LeaseEnded, wrapped by Django
+                lease.enter()
+        return lease
 
     def execute(self, sql: Any, params: Any = None) -> Any:
-        self._cg_check()
-        return super().execute(sql, params)  # type: ignore[misc]
+        lease = self._cg_enter()
+        if lease is None:
+            return super().execute(sql, params)  # type: ignore[misc]
+        try:
+            lease.note_statement(sql)
+            return super().execute(sql, params)  # type: ignore[misc]
+        finally:
+            lease.exit()
 
     def executemany(self, sql: Any, param_list: Any) -> Any:
-        self._cg_check()
-        return super().executemany(sql, param_list)  # type: ignore[misc]
+        lease = self._cg_enter()
+        if lease is None:
+            return super().executemany(sql, param_list)  # type: ignore[misc]
+        try:
+            lease.note_statement(sql)
+            return super().executemany(sql, param_list)  # type: ignore[misc]
+        finally:
+            lease.exit()
 
     def callproc(self, procname: Any, params: Any = None, kparams: Any = None) -> Any:
-        self._cg_check()
-        return super().callproc(procname, params, kparams)  # type: ignore[misc]
+        lease = self._cg_enter()
+        if lease is None:
+            return super().callproc(procname, params, kparams)  # type: ignore[misc]
+        try:
+            lease.dirty = True  # a procedure may do anything to the session
+            return super().callproc(procname, params, kparams)  # type: ignore[misc]
+        finally:
+            lease.exit()
+
+    def __iter__(self) -> Iterator[Any]:
+        lease = self._cg_lease
+        if lease is None:
+            yield from super().__iter__()  # type: ignore[misc]
+            return
+        fetch = self.cursor.fetchone
+        while True:
+            self._cg_enter()
+            try:
+                with self.db.wrap_database_errors:
+                    row = fetch()
+            finally:
+                lease.exit()
+            if row is None:
+                return
+            yield row
+
+    def __getattr__(self, attr: str) -> Any:
+        """Every other method of the driver's cursor (fetchone, fetchmany, fetchall,
+        scroll, nextset, copy_expert, ...) through the fence; plain attributes as
+        they are."""
+        value = getattr(self.cursor, attr)
+        lease = self._cg_lease
+        if lease is None or not callable(value):
+            return super().__getattr__(attr)  # type: ignore[misc]
+        if attr == "close":
+            return functools.partial(self._cg_close, value)
+        if attr in ("copy", "stream"):
+            return functools.partial(self._cg_span, value)
+        wrap = self.db.wrap_database_errors
+
+        def fenced(*args: Any, **kwargs: Any) -> Any:
+            self._cg_enter()
+            try:
+                with wrap:
+                    return value(*args, **kwargs)
+            finally:
+                lease.exit()
+
+        return fenced
+
+    def _cg_close(self, close: Callable[[], Any]) -> None:
+        """Close through the fence; once the lease has ended, the cursor went with
+        the session (the reset closed it) and touching it would reach someone else's
+        connection, so nothing is done."""
+        lease = self._cg_lease
+        assert lease is not None
+        try:
+            lease.enter()
+        except LeaseEnded:
+            _unpin(lease, self)
+            return
+        try:
+            with self.db.wrap_database_errors:
+                close()
+        finally:
+            _unpin(lease, self)
+            lease.exit()
+
+    @contextlib.contextmanager
+    def _cg_span(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """``cursor.copy(...)`` and ``cursor.stream(...)`` (psycopg 3) hold the
+        connection for as long as they are open: one fenced use for the whole span."""
+        lease = self._cg_enter()
+        assert lease is not None
+        try:
+            with self.db.wrap_database_errors:
+                result = method(*args, **kwargs)
+                if hasattr(result, "__enter__"):
+                    with result as inner:
+                        yield inner
+                else:
+                    yield result
+        finally:
+            lease.exit()
+
+
+def _pin(lease: Lease, cursor: object) -> None:
+    """A server-side cursor is open on the lease's connection (see Lease.pinned).
+
+    Unpinned when the cursor is closed, or when the Django cursor is collected
+    unclosed (a stream abandoned half way): the finalizer only discards from a set,
+    which is safe wherever the collector runs."""
+    pins = lease.server_cursors
+    if pins is None:
+        pins = lease.server_cursors = set()
+    key = id(cursor)
+    pins.add(key)
+    weakref.finalize(cursor, pins.discard, key)
+
+
+def _unpin(lease: Lease, cursor: object) -> None:
+    pins = lease.server_cursors
+    if pins is not None:
+        pins.discard(id(cursor))
 
 
 class FencedCursorWrapper(FencedCursorMixin, CursorWrapper):
+    pass
+
+
+class FencedCursorDebugWrapper(FencedCursorMixin, CursorDebugWrapper):
     pass
 
 
@@ -150,6 +284,7 @@ class ConnguardWrapperMixin:
 
     # Set before Django's __init__ assigns ``self.connection = None``.
     _cg_lease: Lease | None = None
+    _cg_cursor_lease: Lease | None = None  # create_cursor -> make_cursor hand-over
     _cg_scope: Scope | None = None
     # Django's short-lived ``__no_db__`` wrapper (CREATE/DROP DATABASE) connects
     # directly: pooling a connection to the maintenance database helps nobody.
@@ -279,12 +414,19 @@ class ConnguardWrapperMixin:
                 ) from None
         pool = self._cg_pool_for(conn_params)
         owner = owner_scope()
+        if owner.ended:
+            # The request (or task) this code works for is over: the client hung up,
+            # or a thread outlived its request. A connection taken now would belong
+            # to nobody.
+            raise pool._error(  # the driver's OperationalError, wrapped by Django
+                LeaseEnded, f"the {owner.describe()} this code works for has ended"
+            )
         depth = pool.config.stack_depth
         lease = pool.acquire(owner=owner, stack=_user_stack(depth) if depth else ())
         owner.add(lease)
         self._cg_lease = lease
         self._cg_scope = owner
-        connection = lease.connection
+        connection = lease.raw
         if isolation is not None and connection.isolation_level != self.isolation_level:
             connection.isolation_level = self.isolation_level
         return connection
@@ -308,15 +450,28 @@ class ConnguardWrapperMixin:
         return pool
 
     def init_connection_state(self) -> None:
-        if self._cg_lease is None:
+        lease = self._cg_lease
+        if lease is None:
             super().init_connection_state()  # type: ignore[misc]
             return
         BaseDatabaseWrapper.init_connection_state(self)
         # Set up once per physical connection by the driver; here only when the
         # wanted time zone differs (client-side comparison, no round trip).
-        connection = self.connection
-        if self._configure_timezone(connection) and not self.get_autocommit():  # type: ignore[attr-defined]
-            connection.commit()
+        with self.wrap_database_errors, lease.using() as connection:  # type: ignore[attr-defined]
+            if self._configure_timezone(connection) and not self.get_autocommit():  # type: ignore[attr-defined]
+                connection.commit()
+
+    def connguard_baseline_sql(self) -> str:
+        """The per-connection set-up as SQL, re-applied in the same round trip as a
+        reset (see :meth:`connguard_configure`)."""
+        statements = []
+        timezone_name = self.timezone_name  # type: ignore[attr-defined]
+        if timezone_name:
+            statements.append(f"SET TIME ZONE {literal(timezone_name)}")
+        role = self.settings_dict["OPTIONS"].get("assume_role")
+        if role:
+            statements.append(f"SET ROLE {literal(role)}")
+        return "; ".join(statements)
 
     def connguard_configure(self, connection: Any) -> bool:
         """Per-physical-connection set-up; True when it ran statements.
@@ -361,5 +516,50 @@ class ConnguardWrapperMixin:
     def close_if_health_check_failed(self) -> None:
         """The pool checks every connection at checkout; no extra round trip."""
 
+    # ---------------------------------------------------------------- fenced uses
+
+    def create_cursor(self, name: Any = None) -> Any:
+        """Make the driver's cursor inside the fence and remember which lease it was
+        made under: its later calls are fenced by that lease, whatever the wrapper
+        holds by then."""
+        lease = self._cg_lease
+        if lease is None:
+            return super().create_cursor(name)  # type: ignore[misc]
+        with self.wrap_database_errors:  # type: ignore[attr-defined]
+            lease.enter()
+        try:
+            cursor = super().create_cursor(name)  # type: ignore[misc]
+        finally:
+            lease.exit()
+        self._cg_cursor_lease = lease
+        return cursor
+
     def make_cursor(self, cursor: Any) -> Any:
         return FencedCursorWrapper(cursor, self)
+
+    def make_debug_cursor(self, cursor: Any) -> Any:
+        return FencedCursorDebugWrapper(cursor, self)
+
+    def _commit(self) -> None:
+        lease = self._cg_lease
+        if lease is None:
+            super()._commit()  # type: ignore[misc]
+            return
+        with self.wrap_database_errors, lease.using() as connection:  # type: ignore[attr-defined]
+            connection.commit()
+
+    def _rollback(self) -> None:
+        lease = self._cg_lease
+        if lease is None:
+            super()._rollback()  # type: ignore[misc]
+            return
+        with self.wrap_database_errors, lease.using() as connection:  # type: ignore[attr-defined]
+            connection.rollback()
+
+    def _set_autocommit(self, autocommit: bool) -> None:
+        lease = self._cg_lease
+        if lease is None:
+            super()._set_autocommit(autocommit)  # type: ignore[misc]
+            return
+        with self.wrap_database_errors, lease.using() as connection:  # type: ignore[attr-defined]
+            connection.autocommit = autocommit

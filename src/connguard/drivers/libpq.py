@@ -11,6 +11,8 @@ import select
 from collections.abc import Mapping
 from typing import Any
 
+from .session import RESET_SQL, changes_session
+
 # POLLERR/POLLHUP/POLLNVAL are always reported; naming them documents the intent.
 READ_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
@@ -48,6 +50,12 @@ class LibpqDriver:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} autocommit={self.autocommit} app={self.application_name!r}>"
+
+    changes_session = staticmethod(changes_session)
+
+    def reset_sql(self, then: str = "") -> str:
+        """The one query string that resets a session and re-applies ``then``."""
+        return f"{RESET_SQL}; {then}" if then else RESET_SQL
 
     def socket(self, conn: Any) -> int:
         """The connection's socket descriptor, or -1 when libpq holds none."""

@@ -158,20 +158,32 @@ class PsycopgDriver(LibpqDriver):
         """
         conn.rollback()
 
-    def reset(self, conn: psycopg.Connection[Any]) -> None:
-        """Roll back, then ``DISCARD ALL``, then restore the baseline autocommit.
+    def cancel(self, conn: psycopg.Connection[Any]) -> None:
+        """Cancel the running statement from any thread (libpq's cancel request, sent
+        over its own connection; bounded by 5 s). Never raises."""
+        try:
+            cancel_safe = getattr(conn, "cancel_safe", None)
+            if cancel_safe is not None:  # psycopg >= 3.2: no blocking without a bound
+                cancel_safe(timeout=5.0)
+            else:
+                conn.cancel()
+        except Exception:
+            pass
 
-        ``DISCARD ALL`` (which includes ``CLOSE ALL``, so WITH HOLD cursors go too)
-        refuses to run inside a transaction block, and with autocommit off psycopg would
-        open one in front of it: autocommit is switched on for the statement, which costs
-        no round trip.
+    def reset(self, conn: psycopg.Connection[Any], then: str = "") -> None:
+        """Roll back, discard all session state, run ``then``, restore autocommit: one
+        round trip (two with a transaction open).
 
-        ``DISCARD ALL`` also deallocates the statements psycopg prepared automatically
+        The reset is ``DISCARD ALL`` spelled out (:data:`~connguard.drivers.session.RESET_SQL`,
+        which includes ``CLOSE ALL``, so WITH HOLD cursors go too) so that ``then`` (the
+        baseline set-up: time zone, role) shares its query string. A multi-statement
+        string runs as one implicit transaction, so autocommit is switched on for it
+        (no round trip) lest psycopg open a transaction in front of it.
+
+        It also deallocates the statements psycopg prepared automatically
         (``prepare_threshold``), so psycopg's cache of them must be emptied or the next
-        holder gets "prepared statement _pg3_N does not exist". psycopg 3.3 tries to
-        notice the command tag itself but only does so the first time it sees the query
-        (and, left to auto-prepare ``DISCARD ALL``, breaks on the 5th reset), hence
-        ``prepare=False`` and :func:`_forget_prepared`.
+        holder gets "prepared statement _pg3_N does not exist": ``prepare=False`` and
+        :func:`_forget_prepared`.
 
         On failure the connection is in an undefined state and must be closed.
         """
@@ -179,7 +191,7 @@ class PsycopgDriver(LibpqDriver):
             conn.rollback()
         if not conn.autocommit:
             conn.autocommit = True
-        conn.execute("DISCARD ALL", prepare=False)
+        conn.execute(self.reset_sql(then).encode(), prepare=False)
         _forget_prepared(conn)
         if conn.autocommit != self.autocommit:
             conn.autocommit = self.autocommit

@@ -150,19 +150,29 @@ class Psycopg2Driver(LibpqDriver):
             with conn.cursor() as cur:
                 cur.execute("ROLLBACK")
 
-    def reset(self, conn: Any) -> None:
-        """Roll back, then ``DISCARD ALL``, then restore the baseline autocommit.
+    def cancel(self, conn: Any) -> None:
+        """Cancel the running statement from any thread (libpq's ``PQcancel``, which
+        psycopg2 documents as thread-safe). Never raises."""
+        try:
+            conn.cancel()
+        except Exception:
+            pass
 
-        ``DISCARD ALL`` (which includes ``CLOSE ALL``, so WITH HOLD cursors go too)
-        refuses to run inside a transaction block and psycopg2 would open one in front of
-        it with autocommit off: autocommit is switched on for the statement, which costs
-        no round trip. On failure the connection must be closed.
+    def reset(self, conn: Any, then: str = "") -> None:
+        """Roll back, discard all session state, run ``then``, restore autocommit: one
+        round trip (more with a transaction open).
+
+        The reset is ``DISCARD ALL`` spelled out (:data:`~connguard.drivers.session.RESET_SQL`,
+        which includes ``CLOSE ALL``, so WITH HOLD cursors go too) so that ``then`` (the
+        baseline set-up) shares its query string; psycopg2 would open a transaction in
+        front of it with autocommit off, so autocommit is switched on for it (no round
+        trip). On failure the connection must be closed.
         """
         self.rollback(conn)
         if not conn.autocommit:
             conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute("DISCARD ALL")
+            cur.execute(self.reset_sql(then))
         if conn.autocommit != self.autocommit:
             conn.autocommit = self.autocommit
 

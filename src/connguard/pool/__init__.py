@@ -6,7 +6,7 @@ the :class:`Driver` protocol.
 
 from .config import PoolConfig, PoolConfigError
 from .driver import Driver, TxStatus
-from .engine import Lease, Pool
+from .engine import Pool
 from .errors import (
     ConnectFailed,
     LeaseEnded,
@@ -16,11 +16,14 @@ from .errors import (
     PoolRefused,
     PoolTimeout,
 )
+from .lease import FencedConnection, FencedCursor, Lease
 from .stats import HistogramSnapshot, PoolStats
 
 __all__ = [
     "ConnectFailed",
     "Driver",
+    "FencedConnection",
+    "FencedCursor",
     "HistogramSnapshot",
     "Lease",
     "LeaseEnded",

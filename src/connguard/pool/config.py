@@ -14,6 +14,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+RESET_POLICIES = ("auto", "always", "rollback")
+"""The values of :attr:`PoolConfig.reset`."""
+
 
 class PoolConfigError(ValueError):
     """A pool setting has a value the pool cannot use.
@@ -77,6 +80,18 @@ class PoolConfig:
     and which is not executing a statement: rolled back, fenced, counted, logged."""
     housekeeping_interval: float = 1.0
     """How often the housekeeping thread visits this pool."""
+    reset: str = "auto"
+    """What a connection goes through before its next holder gets it, beyond the
+    rollback of an open transaction, which always happens:
+
+    * ``"auto"``: a full reset (``DISCARD ALL`` and the per-connection set-up again)
+      only when the holder may have changed session state: a statement seen through
+      the fence that sets, listens, prepares, locks, creates temporary objects..., a
+      procedure call, or a server-side cursor left open. A request that changed
+      nothing pays no round trip.
+    * ``"always"``: a full reset on every release (one round trip).
+    * ``"rollback"``: only the rollback; session state crosses to the next holder.
+    """
 
     def __post_init__(self) -> None:
         _int(self, "min_size", 0)
@@ -105,6 +120,11 @@ class PoolConfig:
             )
         _seconds(self, "housekeeping_interval")
         _int(self, "stack_depth", 0)
+        if self.reset not in RESET_POLICIES:
+            raise PoolConfigError(
+                "reset",
+                f"reset must be one of {', '.join(map(repr, RESET_POLICIES))} (got {self.reset!r})",
+            )
         if not isinstance(self.reclaim, bool):
             raise PoolConfigError(
                 "reclaim", f"reclaim must be True or False (got {self.reclaim!r})"

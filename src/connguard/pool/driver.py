@@ -85,6 +85,15 @@ class Driver(Protocol):
         """Make one round trip to the server; raise the driver's error if it fails."""
         ...
 
+    def cancel(self, conn: Any) -> None:
+        """Ask the server to cancel the statement running on ``conn``, from any thread.
+
+        The one call the pool makes on a connection another thread may be using: it
+        must be thread-safe (libpq's cancel request goes over a separate connection)
+        and bounded in time. Never raises.
+        """
+        ...
+
     def transaction_status(self, conn: Any) -> TxStatus:
         """Where ``conn`` stands; must not do I/O."""
         ...
@@ -92,7 +101,11 @@ class Driver(Protocol):
     def reset(self, conn: Any) -> None:
         """Bring ``conn`` back to its baseline: roll back any open transaction and
         discard session state (``DISCARD ALL`` or equivalent) so the next holder
-        sees a fresh session. Raise the driver's error if that fails."""
+        sees a fresh session. Raise the driver's error if that fails.
+
+        A driver may also offer ``changes_session(sql) -> bool``: whether a statement
+        may change session state (reset policy ``"auto"``). Without it, every
+        statement seen through the fence counts as one that may."""
         ...
 
     def rollback(self, conn: Any) -> None:

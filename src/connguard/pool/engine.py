@@ -51,6 +51,7 @@ from .errors import (
     specialize,
 )
 from .housekeeper import housekeeper
+from .lease import FencedConnection, Lease, _Conn, capture_stack, where
 from .stats import BUCKET_BOUNDS, CLOSE_REASONS, Histogram, PoolStats
 
 logger = logging.getLogger("connguard.pool")
@@ -59,117 +60,10 @@ Clock = Callable[[], float]
 _monotonic = time.monotonic  # waits and backoff pace real time, never the injected clock
 _get_ident = threading.get_ident
 _bucket = bisect.bisect_left
+_getframe = sys._getframe
 
 _IDLE = TxStatus.IDLE
 _ROLLBACK_STATES = frozenset({TxStatus.INTRANS, TxStatus.INERROR})
-
-
-class _Conn:
-    """One physical connection and what the pool knows of it."""
-
-    __slots__ = ("created_at", "expires_at", "idle_since", "pid", "raw")
-
-    def __init__(self, raw: Any, now: float, expires_at: float) -> None:
-        self.raw = raw
-        self.created_at = now
-        self.expires_at = expires_at  # retire at or after this instant (inf: never)
-        self.idle_since = now  # when it last became idle (or was opened)
-        self.pid = os.getpid()  # the process that opened it; see fork safety
-
-
-class Lease:
-    """One checkout of one connection, by one holder.
-
-    A lease ends exactly once: when released, when its pool closes it, or when it
-    is taken back. After that :attr:`connection` raises :class:`LeaseEnded`, so a
-    holder that kept the lease cannot reach a connection that is now someone
-    else's.
-    """
-
-    __slots__ = (
-        "__weakref__",
-        "_conn",
-        "_pool",
-        "acquired_at",
-        "leak_reported",
-        "owner",
-        "stack",
-        "thread_id",
-    )
-
-    def __init__(
-        self, pool: Pool, conn: _Conn, acquired_at: float, owner: object, thread_id: int
-    ) -> None:
-        self._pool = pool
-        self._conn: _Conn | None = conn  # None once the lease has ended (fence)
-        self.acquired_at = acquired_at
-        self.owner = owner  # the scope (request, task...) that holds it, if any
-        self.thread_id = thread_id  # the thread that asked for it (its name: on demand)
-        self.stack: tuple[Any, ...] = ()  # (code, line) pairs of the acquiring code
-        self.leak_reported = False  # set once by housekeeping past leak_threshold
-
-    @property
-    def pool(self) -> Pool:
-        return self._pool
-
-    @property
-    def thread(self) -> threading.Thread | None:
-        """The thread that acquired the lease, or None once it has ended."""
-        for thread in threading.enumerate():
-            if thread.ident == self.thread_id:
-                return thread
-        return None
-
-    def where(self) -> list[str]:
-        """Where the lease was acquired: ``file:line in function``, innermost first."""
-        stack = self.stack
-        return [
-            f"{stack[i].co_filename}:{_line(stack[i], stack[i + 1])} in {stack[i].co_name}"
-            for i in range(0, len(stack), 2)
-        ]
-
-    @property
-    def thread_name(self) -> str:
-        thread = self.thread
-        return thread.name if thread is not None else f"thread {self.thread_id} (ended)"
-
-    @property
-    def active(self) -> bool:
-        """True until the lease ends."""
-        return self._conn is not None
-
-    @property
-    def connection(self) -> Any:
-        """The driver's connection; raises :class:`LeaseEnded` once the lease ended."""
-        conn = self._conn
-        if conn is None:
-            raise self._pool._error(
-                LeaseEnded, "this lease has ended; acquire a new one to use the database"
-            )
-        return conn.raw
-
-    def peek(self) -> Any:
-        """The driver's connection while the lease is active, else None.
-
-        For callers that re-acquire on None instead of handling :class:`LeaseEnded`
-        (the Django layer checks this before every use).
-        """
-        conn = self._conn
-        return None if conn is None else conn.raw
-
-    def release(self, *, reset: bool = False) -> None:
-        """Give the connection back; see :meth:`Pool.release`."""
-        self._pool.release(self, reset=reset)
-
-    def __enter__(self) -> Any:
-        return self.connection
-
-    def __exit__(self, *exc: object) -> None:
-        self._pool.release(self)
-
-    def __repr__(self) -> str:
-        state = "active" if self._conn is not None else "ended"
-        return f"<Lease {state} pool={self._pool.name!r} thread={self.thread_name!r}>"
 
 
 class _Waiter:
@@ -217,12 +111,19 @@ class Pool:
         self.config = config if config is not None else PoolConfig()
         self.name = name
         self._clock = clock
+        self._housekeeping = housekeeping
         # Below this many seconds idle an idle connection is handed out untested.
         cfg = self.config
         self._stack_depth = cfg.stack_depth
         self._check_after = min(
             math.inf if cfg.ping_after_idle is None else cfg.ping_after_idle,
             math.inf if cfg.liveness_after_idle is None else cfg.liveness_after_idle,
+        )
+        self._reset_always = cfg.reset == "always"
+        self._reset_auto = cfg.reset == "auto"
+        changes = getattr(driver, "changes_session", None)
+        self._changes_session: Callable[[Any], bool] = (
+            changes if callable(changes) else _any_statement
         )
         self._lock = threading.Lock()
         self._stopping = threading.Event()  # set on close: wakes openers in backoff
@@ -233,7 +134,13 @@ class Pool:
         self._opening = 0  # of _size: being opened by an opener thread
         self._closing = 0  # of _size: being closed outside the lock
         self._idle: list[_Conn] = []  # LIFO: the end is the most recently returned
-        self._leases: set[Lease] = set()  # every active lease
+        # Every lease not yet ended, held weakly: weak reference -> its connection.
+        self._leases: dict[weakref.ref[Lease], _Conn] = {}
+        # Weak references whose lease was collected unreleased (appended by the
+        # weakref callback, which may run in any thread, even under our lock: so it
+        # only appends; housekeeping and the slow acquire path take them back).
+        self._dropped: collections.deque[weakref.ref[Lease]] = collections.deque()
+        self._on_drop = self._dropped.append
         # FIFO of callers waiting. Invariant: never both _idle and _waiters non-empty.
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._closed = False
@@ -243,24 +150,7 @@ class Pool:
         self._backoff_until = 0.0
         self._backoff_delay = 0.0
         self._last_connect_error: BaseException | None = None  # since the last success
-
-        # stats: counters and histograms, written only under _lock
-        self._n_acquires = 0
-        self._n_waits = 0
-        self._n_timeouts = 0
-        self._n_refusals = 0
-        self._n_releases = 0
-        self._n_resets = 0
-        self._n_opened = 0
-        self._n_connect_errors = 0
-        self._n_health_failures = 0
-        self._n_leaks = 0
-        self._n_reclaims = 0
-        self._n_dropped = 0
-        self._n_closed = dict.fromkeys(CLOSE_REASONS, 0)
-        self._h_wait = Histogram()
-        self._h_hold = Histogram()
-        self._h_connect = Histogram()
+        self._reset_counters()
 
         op_error = driver.operational_error
         self._errors: dict[type[PoolError], type[PoolError]] = {
@@ -277,6 +167,26 @@ class Pool:
         if housekeeping:
             housekeeper().register(self)
 
+    def _reset_counters(self) -> None:
+        """Counters and histograms, written only under _lock (zeroed in a forked child)."""
+        self._n_acquires = 0
+        self._n_waits = 0
+        self._n_timeouts = 0
+        self._n_refusals = 0
+        self._n_releases = 0
+        self._n_resets = 0
+        self._n_opened = 0
+        self._n_connect_errors = 0
+        self._n_health_failures = 0
+        self._n_leaks = 0
+        self._n_reclaims = 0
+        self._n_dropped = 0
+        self._n_revoked = 0
+        self._n_closed = dict.fromkeys(CLOSE_REASONS, 0)
+        self._h_wait = Histogram()
+        self._h_hold = Histogram()
+        self._h_connect = Histogram()
+
     # ------------------------------------------------------------------ acquire
 
     def acquire(
@@ -286,15 +196,16 @@ class Pool:
         owner: object = None,
         stack: tuple[Any, ...] | None = None,
     ) -> Lease:
-        """Lease a connection, waiting at most ``timeout`` (default: the config's).
+        """Lease a connection, returning within ``timeout`` (default: the config's).
 
         The most recently returned idle connection comes first; else a waiter
         queues (FIFO) while an opener thread makes a new connection if there is
-        room. Raises ``PoolTimeout`` (``ConnectFailed`` when the database is
-        unreachable), ``PoolRefused`` when ``max_waiting`` callers already wait,
-        ``PoolClosed`` when the pool is closed. ``stack`` overrides the recorded
-        acquire site (a layer above that knows which frames are its own passes it);
-        by default ``stack_depth`` frames of the caller are recorded.
+        room. Health checks count against the same deadline. Raises ``PoolTimeout``
+        (``ConnectFailed`` when the database is unreachable), ``PoolRefused`` when
+        ``max_waiting`` callers already wait, ``PoolClosed`` when the pool is closed.
+        ``stack`` overrides the recorded acquire site (a layer above that knows which
+        frames are its own passes it); by default ``stack_depth`` frames of the caller
+        are recorded.
         """
         if stack is None:
             depth = self._stack_depth
@@ -306,9 +217,9 @@ class Pool:
                     stack = (frame.f_code, frame.f_lasti, outer.f_code, outer.f_lasti,  # type: ignore[union-attr]
                              outmost.f_code, outmost.f_lasti)  # fmt: skip
                 else:
-                    stack = _capture_stack(depth)
+                    stack = capture_stack(depth)
             else:
-                stack = _capture_stack(depth) if depth else ()
+                stack = capture_stack(depth) if depth else ()
         clock = self._clock
         start = clock()
         # The hot path: an idle connection, returned recently enough to need no test.
@@ -316,27 +227,42 @@ class Pool:
             idle = self._idle
             if idle and not self._closed:
                 conn = idle.pop()
-                lease = Lease(self, conn, start, owner, _get_ident())
-                self._leases.add(lease)
-                self._n_acquires += 1
+                lease = self._new_lease_locked(conn, start, owner, _get_ident())
             else:
                 conn = None
         if conn is not None:
-            lease.stack = stack
+            lease.stack = conn.stack = stack
             if start - conn.idle_since < self._check_after and start < conn.expires_at:
                 return lease
-            if self._healthy(conn, start):
+            if self._checked(lease, conn, start, _monotonic() + self._limit(timeout)):
                 return lease
-            self._end_lease(lease, "broken", health=True)
         lease = self._acquire_slow(start, timeout, owner)
         lease.stack = stack
+        conn = lease._conn
+        if conn is not None:
+            conn.stack = stack
+        return lease
+
+    def _limit(self, timeout: float | None) -> float:
+        return self.config.timeout if timeout is None else timeout
+
+    def _new_lease_locked(self, conn: _Conn, now: float, owner: object, thread: int) -> Lease:
+        """The one place a lease is made. Caller holds the lock."""
+        lease = Lease(self, conn, now, owner, thread)
+        ref = lease._ref = weakref.ref(lease, self._on_drop)
+        self._leases[ref] = conn
+        conn.owner = owner
+        self._n_acquires += 1
         return lease
 
     def _acquire_slow(self, start: float, timeout: float | None, owner: object) -> Lease:
         """Wait in the queue (or retry after a failed health check)."""
         # Waits are real time, whatever the clock: read it once when they agree.
         began = start if self._clock is _monotonic else _monotonic()
-        limit = self.config.timeout if timeout is None else timeout
+        limit = self._limit(timeout)
+        deadline = began + limit
+        if self._dropped:
+            self._take_back_dropped()
         while True:
             openers = 0
             with self._lock:
@@ -344,9 +270,7 @@ class Pool:
                     raise self._error(PoolClosed, "the pool is closed")
                 if self._idle:
                     conn = self._idle.pop()
-                    lease = Lease(self, conn, start, owner, _get_ident())
-                    self._leases.add(lease)
-                    self._n_acquires += 1
+                    lease = self._new_lease_locked(conn, start, owner, _get_ident())
                     waiter = None
                 else:
                     max_waiting = self.config.max_waiting
@@ -365,14 +289,33 @@ class Pool:
                 if openers:
                     self._start_openers(openers)
                 # A fresh connection or one just returned: no health check needed.
-                return self._wait(waiter, began + limit, limit)
-            if self._healthy(conn, start):
+                return self._wait(waiter, deadline, limit)
+            if self._checked(lease, conn, start, deadline):
                 return lease
-            # Failed its check: close it and try again (the deadline still holds).
-            self._end_lease(lease, "broken", health=True)
+            if _monotonic() >= deadline:
+                with self._lock:
+                    self._n_timeouts += 1
+                    raise self._timeout_locked(limit)
 
-    def _healthy(self, conn: _Conn, now: float) -> bool:
-        """Decide outside the lock whether an idle connection may be handed out."""
+    def _checked(self, lease: Lease, conn: _Conn, now: float, deadline: float) -> bool:
+        """Health-check the connection behind a new lease; on failure close it (the
+        caller then tries another). Whatever happens, the lease is not left half-made."""
+        try:
+            healthy = self._healthy(conn, now, deadline)
+        except BaseException:
+            self._end_lease(lease, "broken", health=True)
+            raise
+        if not healthy:
+            self._end_lease(lease, "broken", health=True)
+        return healthy
+
+    def _healthy(self, conn: _Conn, now: float, deadline: float) -> bool:
+        """Decide outside the lock whether an idle connection may be handed out.
+
+        A ping is bounded by what is left of the caller's deadline (and by
+        ``connect_timeout``); a connection whose ping would outlast it counts as
+        unhealthy, so no acquire overruns its timeout because of health checks.
+        """
         if now >= conn.expires_at:
             return False
         cfg = self.config
@@ -381,7 +324,10 @@ class Pool:
         live_after = cfg.liveness_after_idle
         try:
             if ping_after is not None and idle_for >= ping_after:
-                self.driver.ping(conn.raw, cfg.connect_timeout)
+                budget = min(cfg.connect_timeout, deadline - _monotonic())
+                if budget <= 0 or not self.driver.is_alive(conn.raw):
+                    return False
+                self.driver.ping(conn.raw, budget)
             elif live_after is not None and idle_for >= live_after:
                 return self.driver.is_alive(conn.raw)
         except Exception:
@@ -389,9 +335,25 @@ class Pool:
         return True
 
     def _wait(self, waiter: _Waiter, deadline: float, limit: float) -> Lease:
-        """Sleep until handed a lease or an error, or until ``deadline``."""
-        remaining = deadline - _monotonic()
-        if remaining <= 0 or not waiter.event.acquire(timeout=remaining):
+        """Sleep until handed a lease or an error, or until ``deadline``.
+
+        Whatever ends the wait (the timeout, or any exception: a signal handler's,
+        ``KeyboardInterrupt``, an asynchronous exception), the waiter leaves the queue
+        under the lock, and a lease handed to it at that instant is taken (on success)
+        or given back (on an exception): no slot is ever stranded on a waiter.
+        """
+        try:
+            remaining = deadline - _monotonic()
+            got = remaining > 0 and waiter.event.acquire(timeout=remaining)
+        except BaseException:
+            with self._lock:
+                handed = waiter.lease
+                if handed is None and waiter.error is None:
+                    self._waiters.remove(waiter)
+            if handed is not None:
+                self.release(handed)
+            raise
+        if not got:
             with self._lock:
                 if waiter.lease is None and waiter.error is None:
                     self._waiters.remove(waiter)
@@ -426,19 +388,61 @@ class Pool:
     # ------------------------------------------------------------------ release
 
     def release(self, lease: Lease, *, reset: bool = False) -> None:
-        """End ``lease`` and give its connection back.
+        """End ``lease`` and give its connection back; safe from any thread.
 
-        A clean connection goes to the first waiter, else back to the idle set.
-        An open transaction is rolled back first; ``reset=True`` (the holder
-        changed session state) discards all session state. A connection that
-        fails that, is broken, or is past its lifetime is closed and its slot
-        freed. Releasing an ended lease does nothing.
+        If a use of the lease is in progress (another thread is inside the fence),
+        the lease is *revoked*: fenced at once, the running statement cancelled with
+        the driver's thread-safe cancel, and the thread that was using it finishes the
+        release when it lets go. Otherwise the connection goes back now: to the first
+        waiter, else to the idle set, in its baseline state (see the ``reset``
+        setting; ``reset=True`` forces a full reset). Releasing an ended lease does
+        nothing.
         """
+        if lease._pool is not self:
+            return
+        with lease._guard:
+            if lease._conn is None or lease._ending:
+                return
+            lease._ending = True
+            if reset:
+                lease.reset_requested = True
+            busy = lease._busy
+        if busy:
+            self._revoke(lease)
+            return
+        self._finish_release(lease)
+
+    def _revoke(self, lease: Lease) -> None:
+        """A use is in progress in another thread: cancel it; that thread's
+        :meth:`Lease.exit` finishes the release."""
         conn = lease._conn
-        if conn is None or lease._pool is not self:
+        with self._lock:
+            self._n_revoked += 1
+        if conn is not None:
+            self.driver.cancel(conn.raw)
+
+    def _in_transaction(self, raw: Any) -> bool:
+        return self.driver.transaction_status(raw) is not _IDLE
+
+    def _finish_release(self, lease: Lease) -> None:
+        """Give back the connection of a fenced lease nobody is using."""
+        conn = lease._conn
+        if conn is None:
             return
         status = self.driver.transaction_status(conn.raw)
-        if status is not _IDLE or reset:
+        if status is TxStatus.ACTIVE and lease.thread_id != _get_ident():
+            # Someone outside the fence (a caller that kept the raw connection) is
+            # running a statement: cancel it and leave the connection where it is,
+            # counted; housekeeping finishes once the statement has ended.
+            self._revoke(lease)
+            return
+        reset = (
+            self._reset_always
+            or lease.reset_requested
+            or bool(lease.server_cursors)
+            or (self._reset_auto and lease.dirty)
+        )
+        if reset or status is not _IDLE:
             self._release_dirty(lease, conn, status, reset)
             return
         now = self._clock()
@@ -448,7 +452,7 @@ class Pool:
             if now < conn.expires_at and not self._closed and conn.pid == self._pid:
                 # _retire_lease_locked and _give_back_locked, inlined: the hot path
                 lease._conn = None
-                self._leases.discard(lease)
+                del self._leases[lease._ref]
                 self._n_releases += 1
                 hold = now - lease.acquired_at
                 hist = self._h_hold
@@ -475,36 +479,45 @@ class Pool:
                 return
             self._retire_lease_locked(lease, now)
             # Still counted in _size, reachable only from this thread.
-        reason: str | None = None
-        if status is TxStatus.ACTIVE or status is TxStatus.UNKNOWN:
-            reason = "broken"
-        else:
-            try:
-                if reset:
-                    self.driver.reset(conn.raw)
-                elif status in _ROLLBACK_STATES:
-                    self.driver.rollback(conn.raw)
-            except Exception as exc:
-                logger.debug("pool %r: reset failed, closing: %s", self.name, _one_line(exc))
-                reason = "reset_failed"
-        now = self._clock()
-        with self._lock:
-            self._n_resets += 1
-            if reason is None:
-                if self._closed:
-                    reason = "pool_closed"
-                elif now >= conn.expires_at:
-                    reason = "lifetime"
-                else:
-                    self._give_back_locked(conn, now)
-                    return
-            self._closing += 1
-            self._n_closed[reason] += 1
-        self._close_conn(conn)
+        self._restore(conn, status, reset)
+
+    def _restore(self, conn: _Conn, status: TxStatus, reset: bool) -> None:
+        """Bring a connection nobody holds back to its baseline, then give it back;
+        close it if that fails. Exception-safe: whatever is raised (even
+        ``KeyboardInterrupt``), the connection is given back or closed, never lost."""
+        reason: str | None = "reset_failed"
+        try:
+            if status is TxStatus.ACTIVE or status is TxStatus.UNKNOWN:
+                reason = "broken"
+            else:
+                try:
+                    if reset:
+                        self.driver.reset(conn.raw)
+                    elif status in _ROLLBACK_STATES:
+                        self.driver.rollback(conn.raw)
+                    reason = None
+                except Exception as exc:
+                    logger.debug("pool %r: reset failed, closing: %s", self.name, _one_line(exc))
+        finally:
+            now = self._clock()
+            with self._lock:
+                self._n_resets += 1
+                if reason is None:
+                    if self._closed:
+                        reason = "pool_closed"
+                    elif now >= conn.expires_at:
+                        reason = "lifetime"
+                    else:
+                        self._give_back_locked(conn, now)
+                if reason is not None:
+                    self._closing += 1
+                    self._n_closed[reason] += 1
+            if reason is not None:
+                self._close_conn(conn)
 
     def _retire_lease_locked(self, lease: Lease, now: float) -> None:
         lease._conn = None
-        self._leases.discard(lease)
+        self._leases.pop(lease._ref, None)
         self._n_releases += 1
         self._h_hold.record(now - lease.acquired_at)
         if lease.leak_reported:
@@ -522,24 +535,22 @@ class Pool:
         """Hand ``conn`` to the first waiter, or make it idle. Caller holds the lock."""
         if self._waiters:
             waiter = self._waiters.popleft()
-            lease = Lease(self, conn, now, waiter.owner, waiter.thread_id)
-            self._leases.add(lease)
-            self._n_acquires += 1
-            waiter.lease = lease
+            waiter.lease = self._new_lease_locked(conn, now, waiter.owner, waiter.thread_id)
             waiter.event.release()
         else:
             conn.idle_since = now
             self._idle.append(conn)
 
     def _end_lease(self, lease: Lease, reason: str, *, health: bool = False) -> None:
-        """End ``lease`` and close its connection (outside the lock)."""
+        """End ``lease`` and close its connection (outside the lock). Only for a
+        lease nobody is using (a failed health check, a closed pool, a lifetime)."""
         now = self._clock()
         with self._lock:
             conn = lease._conn
             if conn is None:
                 return
             lease._conn = None
-            self._leases.discard(lease)
+            self._leases.pop(lease._ref, None)
             if health:
                 self._n_acquires -= 1  # it never reached the caller
                 self._n_health_failures += 1
@@ -552,15 +563,17 @@ class Pool:
 
     def _close_conn(self, conn: _Conn) -> None:
         """Close a connection already counted in ``_closing``; free its slot."""
-        if conn.pid == os.getpid():
-            self.driver.close(conn.raw)
-        else:
-            self.driver.drop(conn.raw)
-        with self._lock:
-            self._closing -= 1
-            self._size -= 1
-            openers = self._request_open_locked()
-        self._start_openers(openers)
+        try:
+            if conn.pid == os.getpid():
+                self.driver.close(conn.raw)
+            else:
+                self.driver.drop(conn.raw)
+        finally:
+            with self._lock:
+                self._closing -= 1
+                self._size -= 1
+                openers = self._request_open_locked()
+            self._start_openers(openers)
 
     # ------------------------------------------------------------------ opening
 
@@ -615,7 +628,7 @@ class Pool:
                 expires = float("inf")
             else:
                 expires = now + lifetime * (1.0 - cfg.lifetime_jitter * random.random())
-            conn = _Conn(raw, now, expires)
+            conn = _Conn(raw, now, expires, self._pid)
             with self._lock:
                 self._opening -= 1
                 self._n_opened += 1
@@ -671,23 +684,16 @@ class Pool:
     # ------------------------------------------------------------------ housekeeping
 
     def housekeep(self) -> None:
-        """Retire old and surplus idle connections, refill to ``min_size``, count
-        leases held past ``leak_threshold``, take back leases nobody will return.
+        """Retire old and surplus idle connections, refill to ``min_size``, report
+        leases held past ``leak_threshold``, and take back leases nobody will return.
         Called by the housekeeping thread."""
-        # Two steps so that no local of the first still references a lease when
-        # the second counts references.
-        held = self._housekeep_pool()
-        if held:
-            self._take_back(held)
-
-    def _housekeep_pool(self) -> list[Lease]:
         cfg = self.config
         now = self._clock()
         retired: list[tuple[_Conn, str]] = []
         leaks: list[Lease] = []
         with self._lock:
             if self._closed:
-                return []
+                return
             surplus = self._size - cfg.min_size
             max_idle = cfg.max_idle
             keep: list[_Conn] = []
@@ -704,14 +710,14 @@ class Pool:
                 self._closing += len(retired)
                 for _conn, reason in retired:
                     self._n_closed[reason] += 1
+            held = [lease for ref in self._leases if (lease := ref()) is not None]
             threshold = cfg.leak_threshold
             if threshold is not None:
-                for lease in self._leases:
+                for lease in held:
                     if not lease.leak_reported and now - lease.acquired_at >= threshold:
                         lease.leak_reported = True
                         self._n_leaks += 1
                         leaks.append(lease)
-            held = list(self._leases)
             openers = self._request_open_locked()
         self._start_openers(openers)
         for lease in leaks:
@@ -727,52 +733,74 @@ class Pool:
             )
         for conn, _reason in retired:
             self._close_conn(conn)
-        return held
+        self._take_back_dropped()
+        self._take_back(held)
 
     def _take_back(self, held: list[Lease]) -> None:
         """Take back leases nobody will return (outside the lock).
 
-        *Dropped*: nothing but the pool references the lease any more (its holder
-        let go of it without releasing; scopes hold leases weakly, so they do not
-        count). Always on: nobody can use such a lease again. *Reclaim* (setting
-        ``reclaim``): its owner is gone, the scope ended or the thread died, and it
-        is not executing a statement.
+        *Revoked*: released while a statement ran outside the fence; finished once
+        the statement has ended. *Orphaned* (always on): the owner's unit of work has
+        ended (a request whose client hung up, a stream that was never closed) and
+        the lease is not in use. *Reclaim* (setting ``reclaim``): the thread that took
+        it has died, and it is not executing a statement.
         """
         reclaim = self.config.reclaim
         alive = {thread.ident for thread in threading.enumerate()} if reclaim else set()
         for lease in held:
-            # References: `held`, the loop variable, getrefcount's argument, the
-            # pool's set. Anything above that is a holder.
-            if lease.active and sys.getrefcount(lease) <= _POOL_REFS:
-                self._end_taken(lease, "dropped")
+            conn = lease._conn
+            if conn is None or lease._busy:
                 continue
-            if not reclaim or not lease.active:
+            if lease._ending:
+                if self.driver.transaction_status(conn.raw) is not TxStatus.ACTIVE:
+                    self._finish_release(lease)
                 continue
-            owner = lease.owner
-            gone = bool(getattr(owner, "ended", False)) or lease.thread_id not in alive
-            raw = lease.peek()
-            busy = raw is None or self.driver.transaction_status(raw) is TxStatus.ACTIVE
-            if gone and not busy:
+            if self.driver.transaction_status(conn.raw) is TxStatus.ACTIVE:
+                continue  # executing outside the fence: never under a running statement
+            if getattr(lease.owner, "ended", False):
+                self._end_taken(lease, "orphaned")
+            elif reclaim and lease.thread_id not in alive:
                 self._end_taken(lease, "reclaimed")
+
+    def _take_back_dropped(self) -> None:
+        """Take back the connections of leases that were collected unreleased: nobody
+        can reach them any more (the lease and its proxies are gone)."""
+        while self._dropped:
+            try:
+                ref = self._dropped.popleft()
+            except IndexError:
+                return
+            with self._lock:
+                conn = self._leases.pop(ref, None)
+                if conn is None:
+                    continue  # released or ended before it was collected
+                self._n_dropped += 1
+                self._n_releases += 1
+            logger.warning(
+                "pool %r: took back a connection whose lease was dropped without being "
+                "released, for %s; acquired at %s",
+                self.name,
+                _describe(conn.owner),
+                _first(where(conn.stack)),
+            )
+            status = self.driver.transaction_status(conn.raw)
+            self._restore(conn, status, reset=self.config.reset != "rollback")
 
     def _end_taken(self, lease: Lease, how: str) -> None:
         with self._lock:
             if lease._conn is None:
                 return
-            if how == "dropped":
-                self._n_dropped += 1
-            else:
-                self._n_reclaims += 1
+            self._n_reclaims += 1
         logger.warning(
             "pool %r: %s a lease held for %.1f s by thread %s for %s; acquired at %s",
             self.name,
-            "took back (its holder dropped it)" if how == "dropped" else "reclaimed",
+            "took back (its owner has ended)" if how == "orphaned" else "reclaimed",
             self._clock() - lease.acquired_at,
             lease.thread_name,
             _describe(lease.owner),
             _first(lease.where()),
         )
-        self.release(lease)  # rolls back, fences, hands on
+        self.release(lease)  # fences, rolls back or resets, hands on
 
     # ------------------------------------------------------------------ close, stats
 
@@ -825,6 +853,7 @@ class Pool:
                 leaks=self._n_leaks,
                 reclaims=self._n_reclaims,
                 dropped=self._n_dropped,
+                revoked=self._n_revoked,
                 closed=dict(self._n_closed),
                 acquire_wait=self._h_wait.snapshot(zeros=self._n_acquires - self._h_wait.count),
                 hold_time=self._h_hold.snapshot(),
@@ -834,13 +863,14 @@ class Pool:
     def leases(self) -> list[Lease]:
         """The active leases, oldest first (a copy)."""
         with self._lock:
-            return sorted(self._leases, key=lambda lease: lease.acquired_at)
+            found = [lease for ref in self._leases if (lease := ref()) is not None]
+        return sorted(found, key=lambda lease: lease.acquired_at)
 
     def connection(self, timeout: float | None = None) -> _LeasedConnection:
         """``with pool.connection() as conn:`` leases a connection for the block.
 
-        Nothing is committed for you: an open transaction left at the end is
-        rolled back when the connection goes back.
+        ``conn`` is a :class:`FencedConnection`. Nothing is committed for you: an open
+        transaction left at the end is rolled back when the connection goes back.
         """
         return _LeasedConnection(self, timeout)
 
@@ -880,8 +910,7 @@ class Pool:
             assert self._size <= self.config.max_size, (self._size, self.config.max_size)
             assert in_transit >= self._opening + self._closing, self._counts_locked()
             assert not (self._idle and self._waiters), self._counts_locked()
-            assert all(lease._conn is not None for lease in self._leases)
-            ids = [id(c) for c in self._idle] + [id(le._conn) for le in self._leases]
+            ids = [id(c) for c in self._idle] + [id(c) for c in self._leases.values()]
             assert len(ids) == len(set(ids)), "a connection is idle and leased, or leased twice"
 
     # ------------------------------------------------------------------ fork safety
@@ -893,23 +922,40 @@ class Pool:
         self._lock.release()
 
     def _after_fork_in_child(self) -> None:
-        """Start empty: drop (never close) every connection inherited from the parent.
+        """Start empty, with clean counters and housekeeping again: drop (never
+        close) every connection inherited from the parent.
 
-        The child has only the forking thread, so waiters and openers are gone too.
+        The child has only the forking thread, so waiters, openers and uses in
+        progress are gone too; inherited leases are fenced with fresh locks (one held
+        by a parent thread at the fork would never be released here).
         """
-        inherited = [*self._idle, *(le._conn for le in self._leases if le._conn is not None)]
-        for lease in self._leases:
-            lease._conn = None
+        inherited = [*self._idle, *self._leases.values()]
+        for ref in self._leases:
+            lease = ref()
+            if lease is not None:
+                lease._guard = threading.Lock()
+                lease._busy = 0
+                lease._ending = True
+                lease._conn = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._idle = []
-        self._leases = set()
+        self._leases = {}
+        self._dropped = collections.deque()
+        self._on_drop = self._dropped.append
         self._waiters = collections.deque()
         self._size = self._opening = self._closing = 0
         self._pid = os.getpid()
+        self._backoff_until = self._backoff_delay = 0.0
+        self._last_connect_error = None
+        self._reset_counters()
         for conn in inherited:
             self.driver.drop(conn.raw)
+        if self._closed:
+            return
         self._start_openers(self._request_open_locked())
+        if self._housekeeping:
+            housekeeper().register(self)
 
 
 class _LeasedConnection:
@@ -922,7 +968,7 @@ class _LeasedConnection:
         self._timeout = timeout
         self._lease: Lease | None = None
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> FencedConnection:
         self._lease = lease = self._pool.acquire(self._timeout)
         return lease.connection
 
@@ -932,33 +978,9 @@ class _LeasedConnection:
             self._pool.release(lease)
 
 
-_POOL_REFS = 4
-_getframe = sys._getframe
-
-
-def _capture_stack(depth: int) -> tuple[Any, ...]:
-    """``depth`` (code, instruction offset) pairs from the caller of ``acquire`` out.
-
-    Code objects and offsets only: no frame is kept alive, and the offset becomes a
-    line number (:func:`_line`) only when a report needs it; ``f_lineno`` would be
-    computed from the line table at every acquire.
-    """
-    frame: Any = _getframe(2)
-    out: list[Any] = []
-    while frame is not None and depth:
-        out.append(frame.f_code)
-        out.append(frame.f_lasti)
-        frame = frame.f_back
-        depth -= 1
-    return tuple(out)
-
-
-def _line(code: Any, offset: int) -> int | str:
-    """The source line of instruction ``offset`` in ``code``."""
-    for start, end, line in code.co_lines():
-        if start <= offset < end and line is not None:
-            return int(line)
-    return "?"
+def _any_statement(sql: Any) -> bool:
+    """A driver that cannot tell which statements change session state: any may."""
+    return True
 
 
 def _describe(owner: object) -> str:

@@ -122,6 +122,7 @@ class PoolStats:
     leaks: int
     reclaims: int
     dropped: int
+    revoked: int = 0
     closed: dict[str, int] = field(default_factory=dict)
     # latency histograms
     acquire_wait: HistogramSnapshot | None = None
@@ -135,7 +136,7 @@ class PoolStats:
             "name", "driver", "size", "idle", "in_use", "waiting", "opening", "closing",
             "max_size", "min_size", "acquires", "waits", "timeouts", "refusals", "releases",
             "resets", "opened", "connect_errors", "health_check_failures", "leaks",
-            "reclaims", "dropped",
+            "reclaims", "dropped", "revoked",
         ):  # fmt: skip
             out[key] = getattr(self, key)
         for reason in CLOSE_REASONS:

@@ -1,0 +1,394 @@
+"""A lease: one checkout of one connection, and the fence that enforces it.
+
+Only the lease's holder may reach the physical connection, and only while the lease
+is active. Every use is bracketed: :meth:`Lease.enter` checks the fence and marks the
+lease *busy* under the lease's own lock, :meth:`Lease.exit` unmarks it. Ending a lease
+(:meth:`Pool.release`, from any thread) sets the fence under the same lock, so a use
+either started before the end (and the end waits for it: the running statement is
+cancelled, and the thread that was using the connection finishes the release when it
+lets go) or fails with :class:`LeaseEnded`. No thread ever does I/O on a connection
+another thread may be using (libpq forbids it, and closing a socket under a running
+statement frees a slot while the server still runs the statement).
+
+:attr:`Lease.connection` is a :class:`FencedConnection`: a proxy whose every method
+call (and every cursor it makes) goes through the fence, in the manner of SQLAlchemy's
+``_ConnectionFairy``. A layer that fences its own uses (the Django wrapper brackets
+each cursor call) takes :attr:`Lease.raw`. The pool holds leases weakly: a lease that
+nothing references any more (its holder dropped it without releasing) is noticed by a
+weak-reference callback and its connection taken back, never one that somebody can
+still reach through the lease or its proxy.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from .errors import LeaseEnded
+
+if TYPE_CHECKING:
+    from .engine import Pool
+
+_getframe = sys._getframe
+
+
+class _Conn:
+    """One physical connection and what the pool knows of it."""
+
+    __slots__ = ("created_at", "expires_at", "idle_since", "owner", "pid", "raw", "stack")
+
+    def __init__(self, raw: Any, now: float, expires_at: float, pid: int) -> None:
+        self.raw = raw
+        self.created_at = now
+        self.expires_at = expires_at  # retire at or after this instant (inf: never)
+        self.idle_since = now  # when it last became idle (or was opened)
+        self.pid = pid  # the process that opened it; see fork safety
+        # The last lease's owner and acquire site: what a report about a lease its
+        # holder dropped can still say once the Lease object is gone.
+        self.owner: object = None
+        self.stack: tuple[Any, ...] = ()
+
+
+class Lease:
+    """One checkout of one connection, by one holder.
+
+    A lease ends exactly once: when released (from any thread), when its pool closes,
+    or when it is taken back. After that :attr:`connection` and :attr:`raw` raise
+    :class:`LeaseEnded`, so a holder that kept the lease cannot reach a connection that
+    is now someone else's.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_busy",
+        "_conn",
+        "_ending",
+        "_guard",
+        "_pool",
+        "_ref",
+        "acquired_at",
+        "dirty",
+        "leak_reported",
+        "owner",
+        "reset_requested",
+        "server_cursors",
+        "stack",
+        "thread_id",
+    )
+
+    def __init__(
+        self, pool: Pool, conn: _Conn, acquired_at: float, owner: object, thread_id: int
+    ) -> None:
+        self._pool = pool
+        self._conn: _Conn | None = conn  # None once the lease has ended
+        self._guard = threading.Lock()  # guards _busy and _ending
+        self._busy = 0  # uses in progress (enter() without exit())
+        self._ending = False  # the fence: set once, when the lease starts to end
+        self.acquired_at = acquired_at
+        self.owner = owner  # the scope (request, task...) that holds it, if any
+        self.thread_id = thread_id  # the thread that asked for it (its name: on demand)
+        self.stack: tuple[Any, ...] = ()  # (code, offset) pairs of the acquiring code
+        self.leak_reported = False  # set once by housekeeping past leak_threshold
+        # True once the holder may have changed session state (reset policy "auto").
+        self.dirty = False
+        self.reset_requested = False  # release(reset=True): a full reset, whatever the policy
+        # Keys of server-side cursors open on the connection (None: none yet). A lease
+        # with one is pinned: an early release must not take the connection away.
+        self.server_cursors: set[int] | None = None
+        self._ref: Any = None  # the pool's weak reference, set by the pool
+
+    # ---------------------------------------------------------------- the fence
+
+    def enter(self) -> Any:
+        """Begin a use: return the driver's connection, or raise :class:`LeaseEnded`.
+
+        Every ``enter()`` must be paired with :meth:`exit` (``try/finally``), also when
+        the use fails: the lease cannot end while a use is in progress.
+        """
+        with self._guard:
+            conn = self._conn
+            if conn is None or self._ending:
+                raise self._ended()
+            self._busy += 1
+        return conn.raw
+
+    def exit(self) -> None:
+        """End a use begun by :meth:`enter`. If the lease was released meanwhile (from
+        another thread), the last use out finishes the release, in this thread."""
+        with self._guard:
+            self._busy -= 1
+            finish = self._ending and not self._busy and self._conn is not None
+        if finish:
+            self._pool._finish_release(self)
+
+    @contextmanager
+    def using(self) -> Iterator[Any]:
+        """``with lease.using() as raw:``: one fenced use of the driver's connection."""
+        raw = self.enter()
+        try:
+            yield raw
+        finally:
+            self.exit()
+
+    def _ended(self) -> LeaseEnded:
+        return self._pool._error(  # type: ignore[return-value]
+            LeaseEnded, "this lease has ended; acquire a new one to use the database"
+        )
+
+    # ---------------------------------------------------------------- access
+
+    @property
+    def pool(self) -> Pool:
+        return self._pool
+
+    @property
+    def active(self) -> bool:
+        """True until the lease starts to end."""
+        return self._conn is not None and not self._ending
+
+    @property
+    def connection(self) -> FencedConnection:
+        """The connection, through the fence (see :class:`FencedConnection`)."""
+        if not self.active:
+            raise self._ended()
+        return FencedConnection(self)
+
+    @property
+    def raw(self) -> Any:
+        """The driver's connection itself, for a layer that brackets each use with
+        :meth:`enter`/:meth:`exit` (or :meth:`using`). Raises :class:`LeaseEnded` once
+        the lease has ended."""
+        conn = self._conn
+        if conn is None or self._ending:
+            raise self._ended()
+        return conn.raw
+
+    def peek(self) -> Any:
+        """The driver's connection while the lease is active, else None (no raise).
+
+        While a use is in progress (inside :meth:`enter`/:meth:`exit`) the connection
+        is still returned even if a release was requested meanwhile: the lease ends
+        when that use does."""
+        conn = self._conn
+        if conn is None or (self._ending and not self._busy):
+            return None
+        return conn.raw
+
+    def note_statement(self, sql: Any) -> None:
+        """Tell the lease which statement its holder runs: with reset policy
+        ``"auto"``, one that may change session state makes the release reset it."""
+        if not self.dirty and self._pool._changes_session(sql):
+            self.dirty = True
+
+    @property
+    def pinned(self) -> bool:
+        """True while a server-side cursor or a transaction is open on the connection:
+        handing it on now would break the holder's work in progress."""
+        if self.server_cursors:
+            return True
+        raw = self.peek()
+        if raw is None:
+            return False
+        return self._pool._in_transaction(raw)
+
+    def release(self, *, reset: bool = False) -> None:
+        """Give the connection back; see :meth:`Pool.release`."""
+        self._pool.release(self, reset=reset)
+
+    # ---------------------------------------------------------------- reporting
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The thread that acquired the lease, or None once it has ended."""
+        for thread in threading.enumerate():
+            if thread.ident == self.thread_id:
+                return thread
+        return None
+
+    @property
+    def thread_name(self) -> str:
+        thread = self.thread
+        return thread.name if thread is not None else f"thread {self.thread_id} (ended)"
+
+    def where(self) -> list[str]:
+        """Where the lease was acquired: ``file:line in function``, innermost first."""
+        return where(self.stack)
+
+    def __enter__(self) -> FencedConnection:
+        return self.connection
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.release(self)
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "ended"
+        return f"<Lease {state} pool={self._pool.name!r} thread={self.thread_name!r}>"
+
+
+class FencedConnection:
+    """The leased connection, reachable only through the lease's fence.
+
+    Attribute reads pass through; every method call is one fenced use (it raises
+    :class:`LeaseEnded` once the lease has ended, and the lease cannot end under it);
+    cursors come back as :class:`FencedCursor`. It keeps the lease alive: a caller
+    that holds only this proxy still holds the lease, so the pool never takes it back
+    from under them.
+    """
+
+    __slots__ = ("_lease",)
+
+    def __init__(self, lease: Lease) -> None:
+        object.__setattr__(self, "_lease", lease)
+
+    @property
+    def lease(self) -> Lease:
+        return self._lease  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:
+        lease: Lease = object.__getattribute__(self, "_lease")
+        value = getattr(lease.raw, name)
+        if callable(value):
+            return _fenced_call(lease, name)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        lease: Lease = object.__getattribute__(self, "_lease")
+        raw = lease.enter()
+        try:
+            setattr(raw, name, value)
+        finally:
+            lease.exit()
+
+    def __enter__(self) -> FencedConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Leaving ``with conn:`` commits or rolls back, as the driver would."""
+        lease: Lease = object.__getattribute__(self, "_lease")
+        raw = lease.enter()
+        try:
+            if exc[0] is None:
+                raw.commit()
+            else:
+                raw.rollback()
+        finally:
+            lease.exit()
+
+    def __repr__(self) -> str:
+        lease: Lease = object.__getattribute__(self, "_lease")
+        return f"<FencedConnection {lease!r}>"
+
+
+class FencedCursor:
+    """A driver cursor whose every call and every fetch goes through the fence."""
+
+    __slots__ = ("_cursor", "_lease")
+
+    def __init__(self, lease: Lease, cursor: Any) -> None:
+        object.__setattr__(self, "_lease", lease)
+        object.__setattr__(self, "_cursor", cursor)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._cursor, name)
+        if not callable(value):
+            return value
+        lease: Lease = self._lease
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if name in _SQL_METHODS and args:
+                lease.note_statement(args[0])
+            lease.enter()
+            try:
+                result = value(*args, **kwargs)
+            finally:
+                lease.exit()
+            return self if result is self._cursor else result
+
+        return call
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._cursor, name, value)
+
+    def __iter__(self) -> Iterator[Any]:
+        lease: Lease = self._lease
+        cursor = self._cursor
+        while True:
+            lease.enter()
+            try:
+                row = cursor.fetchone()
+            finally:
+                lease.exit()
+            if row is None:
+                return
+            yield row
+
+    def __enter__(self) -> FencedCursor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        lease: Lease = self._lease
+        if not lease.active:
+            return  # the cursor went with the connection's session
+        lease.enter()
+        try:
+            self._cursor.close()
+        finally:
+            lease.exit()
+
+
+_SQL_METHODS = frozenset({"execute", "executemany", "callproc", "copy", "copy_expert"})
+
+
+def _fenced_call(lease: Lease, name: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if name in _SQL_METHODS and args:
+            lease.note_statement(args[0])
+        raw = lease.enter()
+        try:
+            result = getattr(raw, name)(*args, **kwargs)
+        finally:
+            lease.exit()
+        if name == "cursor" or (name == "execute" and hasattr(result, "fetchone")):
+            return FencedCursor(lease, result)
+        return result
+
+    return call
+
+
+# ---------------------------------------------------------------- acquire sites
+
+
+def capture_stack(depth: int, skip: int = 2) -> tuple[Any, ...]:
+    """``depth`` (code, instruction offset) pairs from ``skip`` frames up, outwards.
+
+    Code objects and offsets only: no frame is kept alive, and the offset becomes a
+    line number (:func:`line_of`) only when a report needs it; ``f_lineno`` would be
+    computed from the line table at every acquire.
+    """
+    frame: Any = _getframe(skip)
+    out: list[Any] = []
+    while frame is not None and depth:
+        out.append(frame.f_code)
+        out.append(frame.f_lasti)
+        frame = frame.f_back
+        depth -= 1
+    return tuple(out)
+
+
+def line_of(code: Any, offset: int) -> int | str:
+    """The source line of instruction ``offset`` in ``code``."""
+    for start, end, line in code.co_lines():
+        if start <= offset < end and line is not None:
+            return int(line)
+    return "?"
+
+
+def where(stack: tuple[Any, ...]) -> list[str]:
+    """``file:line in function`` for each recorded frame, innermost first."""
+    return [
+        f"{stack[i].co_filename}:{line_of(stack[i], stack[i + 1])} in {stack[i].co_name}"
+        for i in range(0, len(stack), 2)
+    ]
