@@ -7,6 +7,7 @@ when a waiter's timeout races a hand-off.
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 
@@ -24,6 +25,10 @@ from hypothesis.stateful import (
 from connguard.pool import Lease, Pool, PoolConfig, PoolError, TxStatus
 
 from .fakes import FakeConnection, FakeDriver, FakeOperationalError, ManualClock, wait_until
+
+
+class Interrupted(BaseException):
+    """Stands for KeyboardInterrupt or a cancellation: not an ``Exception``."""
 
 
 def settle(pool: Pool, driver: FakeDriver | None = None) -> None:
@@ -227,6 +232,72 @@ class PoolMachine(RuleBasedStateMachine):
         except FakeOperationalError:
             return
         raise AssertionError("an ended lease still reached its connection")
+
+    @rule(lease=consumes(leases), reset=st.booleans())
+    def revoke_from_another_thread(self, lease: Lease | None, reset: bool) -> None:
+        """A holder is inside a use (a statement running) when another thread ends
+        its lease: the statement is cancelled, the holder is fenced, and the slot stays
+        counted until the holder lets go, which finishes the release."""
+        if lease is None:
+            return
+        inside, let_go = threading.Event(), threading.Event()
+        after: list[BaseException] = []
+
+        def holder() -> None:
+            with lease.using() as raw:
+                raw.status = TxStatus.ACTIVE
+                inside.set()
+                let_go.wait(5)
+                raw.status = TxStatus.INERROR  # "canceling statement due to user request"
+            try:
+                lease.enter()
+            except FakeOperationalError as exc:
+                after.append(exc)
+
+        thread = threading.Thread(target=holder)
+        thread.start()
+        assert inside.wait(5)
+        conn = lease.raw
+        cancels = conn.cancels
+        in_use = self.pool.stats().in_use
+        lease.release(reset=reset)  # from this thread, while the holder is inside
+        assert not lease.active, "a revoked lease must be fenced at once"
+        assert conn.cancels == cancels + 1, "the running statement was not cancelled"
+        assert self.pool.stats().in_use == in_use, "the slot was freed under a running use"
+        assert not conn.closed, "closed under a running statement"
+        let_go.set()
+        thread.join(5)
+        assert after, "the holder reached its connection after the lease ended"
+        self.held.discard(lease)
+        settle(self.pool, self.driver)
+        assert conn.status is TxStatus.IDLE or conn.closed, "went back without a rollback"
+
+    @precondition(lambda self: len(self.held) == self.max_size)
+    @rule()
+    def interrupt_a_waiter(self) -> None:
+        """A waiter interrupted by an exception that is not the timeout (here a signal
+        handler's, as with KeyboardInterrupt) leaves the queue and strands no slot."""
+        main = threading.get_ident()
+
+        def handler(signum: int, frame: object) -> None:
+            raise Interrupted
+
+        def interrupter() -> None:
+            wait_until(lambda: self.pool.stats().waiting == 1)
+            signal.pthread_kill(main, signal.SIGUSR1)
+
+        previous = signal.signal(signal.SIGUSR1, handler)
+        thread = threading.Thread(target=interrupter)
+        thread.start()
+        try:
+            self.pool.acquire(timeout=5)
+            raise AssertionError("acquired past max_size")
+        except Interrupted:
+            pass
+        finally:
+            thread.join(5)
+            signal.signal(signal.SIGUSR1, previous)
+        assert self.pool.stats().waiting == 0, "an interrupted waiter is still queued"
 
     @rule(seconds=st.sampled_from([1.0, 11.0, 31.0, 51.0, 101.0]))
     def time_passes(self, seconds: float) -> None:

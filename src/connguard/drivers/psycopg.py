@@ -101,6 +101,9 @@ class PsycopgDriver(LibpqDriver):
         except Exception:
             return False
 
+    ping_bounded = True
+    """Its ping keeps its timeout (libpq's non-blocking API): the pool calls it inline."""
+
     def ping(self, conn: psycopg.Connection[Any], timeout: float) -> None:
         """One round trip, an empty query, bounded by ``timeout`` seconds.
 

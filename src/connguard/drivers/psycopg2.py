@@ -94,6 +94,9 @@ class Psycopg2Driver(LibpqDriver):
         except Exception:
             return False
 
+    ping_bounded = False
+    """Its ping cannot keep a timeout: the pool runs it on a thread of its own."""
+
     def ping(self, conn: Any, timeout: float) -> None:
         """One round trip: the empty query ``;``.
 

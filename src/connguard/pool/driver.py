@@ -82,7 +82,11 @@ class Driver(Protocol):
         ...
 
     def ping(self, conn: Any, timeout: float) -> None:
-        """Make one round trip to the server; raise the driver's error if it fails."""
+        """Make one round trip to the server; raise the driver's error if it fails.
+
+        A driver whose ping keeps ``timeout`` sets a class attribute ``ping_bounded =
+        True``; the pool calls it inline. Otherwise the pool runs the ping on a thread
+        of its own and stops waiting at the caller's deadline."""
         ...
 
     def cancel(self, conn: Any) -> None:

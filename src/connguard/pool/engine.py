@@ -305,11 +305,14 @@ class Pool:
         except BaseException:
             self._end_lease(lease, "broken", health=True)
             raise
+        if healthy is None:  # a ping still running on its own thread, which will close it
+            self._end_lease(lease, "broken", health=True, close=False)
+            return False
         if not healthy:
             self._end_lease(lease, "broken", health=True)
         return healthy
 
-    def _healthy(self, conn: _Conn, now: float, deadline: float) -> bool:
+    def _healthy(self, conn: _Conn, now: float, deadline: float) -> bool | None:
         """Decide outside the lock whether an idle connection may be handed out.
 
         A ping is bounded by what is left of the caller's deadline (and by
@@ -327,12 +330,46 @@ class Pool:
                 budget = min(cfg.connect_timeout, deadline - _monotonic())
                 if budget <= 0 or not self.driver.is_alive(conn.raw):
                     return False
+                if not getattr(self.driver, "ping_bounded", False):
+                    return self._ping_off_thread(conn, budget)
                 self.driver.ping(conn.raw, budget)
             elif live_after is not None and idle_for >= live_after:
                 return self.driver.is_alive(conn.raw)
         except Exception:
             return False
         return True
+
+    def _ping_off_thread(self, conn: _Conn, budget: float) -> bool | None:
+        """Ping with a driver that does not declare ``ping_bounded = True`` (psycopg2
+        cannot bound its ping; a driver we do not know may not): on a thread of
+        its own, waited for at most ``budget``. None: still running; the connection
+        now belongs to that thread, which closes it when the ping returns (its slot
+        stays counted until then: the server may still see the backend)."""
+        done = threading.Event()
+        guard = threading.Lock()
+        outcome: list[bool] = []
+        abandoned: list[bool] = []
+
+        def run() -> None:
+            try:
+                self.driver.ping(conn.raw, budget)
+                ok = True
+            except BaseException:  # whatever it was, this connection is not handed out
+                ok = False
+            with guard:
+                outcome.append(ok)
+                gone = bool(abandoned)
+            done.set()
+            if gone:
+                self._close_conn(conn)
+
+        threading.Thread(target=run, name=f"connguard-ping-{self.name}", daemon=True).start()
+        done.wait(budget)
+        with guard:
+            if outcome:
+                return outcome[0]
+            abandoned.append(True)
+        return None
 
     def _wait(self, waiter: _Waiter, deadline: float, limit: float) -> Lease:
         """Sleep until handed a lease or an error, or until ``deadline``.
@@ -541,9 +578,12 @@ class Pool:
             conn.idle_since = now
             self._idle.append(conn)
 
-    def _end_lease(self, lease: Lease, reason: str, *, health: bool = False) -> None:
+    def _end_lease(
+        self, lease: Lease, reason: str, *, health: bool = False, close: bool = True
+    ) -> None:
         """End ``lease`` and close its connection (outside the lock). Only for a
-        lease nobody is using (a failed health check, a closed pool, a lifetime)."""
+        lease nobody is using (a failed health check, a closed pool, a lifetime).
+        ``close=False``: another thread owns the connection and closes it."""
         now = self._clock()
         with self._lock:
             conn = lease._conn
@@ -559,7 +599,8 @@ class Pool:
                 self._h_hold.record(now - lease.acquired_at)
             self._closing += 1
             self._n_closed[reason] += 1
-        self._close_conn(conn)
+        if close:
+            self._close_conn(conn)
 
     def _close_conn(self, conn: _Conn) -> None:
         """Close a connection already counted in ``_closing``; free its slot."""

@@ -1,0 +1,763 @@
+"""The engine at its edges (issue 9, items 2 and 4 to 8): each test states behaviour only,
+so it holds for any engine that keeps ARCHITECTURE.md's invariants.
+
+* a lease whose holder kept only the raw connection is never handed on (item 4);
+* a forked child's pools get housekeeping back and start with clean counters (item 5);
+* ``acquire(timeout)`` returns by its deadline whatever the health checks do (item 6);
+* a waiter interrupted by any exception strands no slot; neither does a release or a
+  health check interrupted by one (item 7);
+* a ``connguard.scope`` object may be nested, re-entered and shared by threads (item 8);
+* ending a lease from another thread while its statement runs cancels the statement and
+  never lets the server see more than ``max_size`` backends (item 2, at engine level).
+
+Fake driver where logic suffices; a real PostgreSQL with psycopg 3 and psycopg2 where
+the behaviour is the driver's or the server's.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import select
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+import connguard
+from connguard.drivers import load_driver
+from connguard.pool import Lease, Pool, PoolConfig, PoolTimeout, TxStatus
+from connguard.scope import Scope, current_scope, owner_scope
+
+from .fakes import FakeConnection, FakeDriver, FakeOperationalError, ManualClock, wait_until
+from .proxy import FaultProxy
+
+DRIVERS = ["psycopg", "psycopg2"]
+DEADLINE_MARGIN = 0.3  # what acquire(timeout) may overrun by, whatever the driver does
+
+
+class Interrupted(BaseException):
+    """Not an ``Exception``: stands for KeyboardInterrupt, SystemExit, a cancellation."""
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def driver() -> FakeDriver:
+    return FakeDriver()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def app() -> str:
+    return f"cg-edge-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(params=DRIVERS)
+def driver_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def fake_pool(driver: FakeDriver, clock: ManualClock, **settings: Any) -> Pool:
+    settings.setdefault("min_size", 0)
+    return Pool(driver, PoolConfig(**settings), name="edges", clock=clock, housekeeping=False)
+
+
+def real_pool(dsn: str, driver_name: str, app: str, **settings: Any) -> Pool:
+    settings.setdefault("min_size", 0)
+    return Pool(
+        load_driver(driver_name, conninfo=dsn, application_name=app),
+        PoolConfig(**settings),
+        name=app,
+        housekeeping=False,
+    )
+
+
+def query(conn: Any, sql: str, params: tuple[Any, ...] = ()) -> Any:
+    """Run ``sql`` and fetch the first column of the first row (both drivers)."""
+    cur = conn.cursor()
+    try:
+        cur.execute(sql, params)
+        row = cur.fetchone()
+        return row[0] if row else None
+    finally:
+        cur.close()
+
+
+def try_acquire(pool: Pool, timeout: float) -> Lease | None:
+    try:
+        return pool.acquire(timeout=timeout)
+    except PoolTimeout:
+        return None
+
+
+def acquire_eventually(pool: Pool, within: float) -> Lease:
+    """Collect garbage and run housekeeping until an acquire succeeds, or fail."""
+    deadline = time.monotonic() + within
+    while True:
+        gc.collect()
+        pool.housekeep()
+        lease = try_acquire(pool, 0.05)
+        if lease is not None:
+            return lease
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no connection came back within {within} s: {pool.stats()}")
+
+
+def take(pool: Pool) -> Lease:
+    """Acquire the way the Django layer does: owned by (and recorded in) the current scope."""
+    owner = owner_scope()
+    lease = pool.acquire(owner=owner, timeout=2)
+    owner.add(lease)
+    return lease
+
+
+def _acquire_and_drop_everything(pool: Pool, use: Callable[[Any], object]) -> None:
+    lease = pool.acquire(timeout=2)
+    use(lease.connection)
+    # returns without releasing: the lease and the connection become garbage
+
+
+def _acquire_keep_only_connection(pool: Pool) -> Any:
+    return pool.acquire(timeout=2).connection  # the Lease object is dropped at once
+
+
+# -- item 4: the dropped-lease backstop must not misfire ----------------------------------
+
+
+def test_raw_connection_kept_without_its_lease_is_never_handed_on(
+    driver: FakeDriver, clock: ManualClock
+) -> None:
+    pool = fake_pool(driver, clock, max_size=1)
+    raw = _acquire_keep_only_connection(pool)
+    (physical,) = driver.opened  # what the holder reaches through `raw`
+    gc.collect()
+    pool.housekeep()
+    pool.housekeep()
+    other = try_acquire(pool, 0.1)
+    assert other is None, (
+        "a second holder got a connection while the first still holds its raw connection "
+        f"(same one: {other.peek() is raw if other else None}); {pool.stats()}"
+    )
+    raw.use()  # still the holder's, still open
+    assert not physical.closed and not physical.dropped
+    del raw
+    lease = acquire_eventually(pool, within=2.0)  # once truly dropped, it comes back
+    lease.release()
+    pool._check_invariants()
+    pool.close()
+
+
+def test_lease_dropped_with_its_connection_is_taken_back(
+    driver: FakeDriver, clock: ManualClock
+) -> None:
+    pool = fake_pool(driver, clock, max_size=1)
+    _acquire_and_drop_everything(pool, lambda conn: conn.use())
+    lease = acquire_eventually(pool, within=2.0)
+    conn = lease.connection
+    conn.use()
+    lease.release()
+    stats = pool.stats()
+    assert stats.in_use == 0 and stats.size <= 1, stats
+    pool._check_invariants()
+    pool.close()
+
+
+@pytest.mark.real
+def test_raw_connection_kept_without_its_lease_real(pg: Any, driver_name: str, app: str) -> None:
+    pool = real_pool(pg.dsn, driver_name, app, max_size=1)
+    try:
+        raw = _acquire_keep_only_connection(pool)
+        mine = query(raw, "SELECT pg_backend_pid()")
+        gc.collect()
+        pool.housekeep()
+        pool.housekeep()
+        other = try_acquire(pool, 0.2)
+        if other is not None:
+            theirs = query(other.connection, "SELECT pg_backend_pid()")
+            other.release()
+            pytest.fail(
+                f"a second holder got backend {theirs} while the first still holds backend "
+                f"{mine} through its raw connection (max_size=1); {pool.stats()}"
+            )
+        assert query(raw, "SELECT pg_backend_pid()") == mine, "the holder's connection works"
+        del raw
+        lease = acquire_eventually(pool, within=2.0)
+        assert query(lease.connection, "SELECT 1") == 1
+        lease.release()
+    finally:
+        pool.close()
+
+
+@pytest.mark.real
+def test_lease_dropped_with_its_connection_is_taken_back_real(
+    pg: Any, driver_name: str, app: str
+) -> None:
+    pool = real_pool(pg.dsn, driver_name, app, max_size=1)
+    try:
+        _acquire_and_drop_everything(pool, lambda conn: query(conn, "SELECT 1"))
+        lease = acquire_eventually(pool, within=2.0)
+        assert query(lease.connection, "SELECT 1") == 1
+        lease.release()
+        assert pool.stats().size <= 1
+    finally:
+        pool.close()
+
+
+# -- item 5: a forked child gets housekeeping back and clean counters ---------------------
+
+_COUNTERS = (
+    "acquires", "releases", "waits", "timeouts", "refusals", "resets", "opened",
+    "connect_errors", "health_check_failures", "leaks", "reclaims",
+)  # fmt: skip
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _child_after_fork(pool: Pool, clock: ManualClock) -> dict[str, Any]:
+    """What the forked child sees; runs in the child only."""
+    records = _Records()
+    logging.getLogger("connguard").addHandler(records)
+    stats = pool.stats()
+    out: dict[str, Any] = {"counters": {name: getattr(stats, name) for name in _COUNTERS}}
+    held = pool.acquire(timeout=2)  # will be held past leak_threshold
+    spare = pool.acquire(timeout=2)
+    spare.release()  # will sit idle past max_idle
+    clock.advance(1000)
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        stats = pool.stats()
+        if stats.leaks >= 1 and stats.idle == 0 and stats.size == 1:
+            break
+        time.sleep(0.01)
+    stats = pool.stats()
+    out["leaks"] = stats.leaks
+    out["idle"] = stats.idle
+    out["size"] = stats.size
+    out["closed_idle"] = stats.closed.get("idle", 0)
+    out["warnings"] = records.messages
+    held.release()
+    return out
+
+
+def _run_in_child(body: Callable[[], dict[str, Any]], within: float = 10.0) -> dict[str, Any]:
+    """Fork, run ``body`` in the child, return what it reported (bounded wait)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            try:
+                answer = body()
+            except BaseException as exc:
+                answer = {"error": repr(exc)}
+            os.write(write, json.dumps(answer).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + within
+    try:
+        while True:
+            ready, _, _ = select.select([read], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                raise AssertionError(f"the child did not answer within {within} s")
+            chunk = os.read(read, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    result: dict[str, Any] = json.loads(b"".join(chunks))
+    assert "error" not in result, result.get("error")
+    return result
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
+def test_forked_child_gets_housekeeping_and_clean_counters(
+    driver: FakeDriver, clock: ManualClock
+) -> None:
+    pool = Pool(
+        driver,
+        PoolConfig(
+            min_size=0,
+            max_size=3,
+            leak_threshold=30.0,
+            max_idle=60.0,
+            max_lifetime=None,
+            housekeeping_interval=0.05,
+        ),
+        name="forked",
+        clock=clock,
+        housekeeping=True,  # on the process-wide housekeeping thread
+    )
+    leases = [pool.acquire(timeout=2) for _ in range(3)]
+    with pytest.raises(PoolTimeout):
+        pool.acquire(timeout=0.01)
+    leases.pop().release()
+    leases.pop().release()
+    before = pool.stats()
+    assert before.acquires == 3 and before.timeouts == 1 and before.releases == 2
+
+    child = _run_in_child(lambda: _child_after_fork(pool, clock))
+
+    leases.pop().release()
+    after = pool.stats()
+    pool.close()
+    problems = []
+    nonzero = {k: v for k, v in child["counters"].items() if v}
+    if nonzero:
+        problems.append(f"the child's counters did not start clean: {nonzero}")
+    if child["leaks"] < 1 or not child["warnings"]:
+        problems.append("no leak reported or logged in the child: no housekeeping after fork")
+    if child["idle"] != 0 or child["closed_idle"] < 1:
+        problems.append("the child's idle connection past max_idle was not retired")
+    if after.acquires != 3 or after.releases != 3:
+        problems.append(f"the parent's counters changed: {after}")
+    assert not problems, (problems, child)
+
+
+# -- item 6: one deadline for acquire(timeout) --------------------------------------------
+
+
+class SlowPingDriver(FakeDriver):
+    """Pings that hang (a partitioned network) until ``answer`` is set.
+
+    ``bounded``: the ping gives up after the timeout it is given (psycopg 3); otherwise
+    it ignores it (psycopg2) and only a safety bound ends it.
+    """
+
+    def __init__(self, bounded: bool) -> None:
+        super().__init__()
+        self.bounded = bounded
+        self.hang = False
+        self.answer = threading.Event()
+
+    def ping(self, conn: FakeConnection, timeout: float) -> None:
+        if self.hang and not self.answer.wait(timeout if self.bounded else 0.7):
+            raise FakeOperationalError("ping: no answer")
+        super().ping(conn, timeout)
+
+
+@pytest.mark.parametrize("bounded", [True, False], ids=["ping-bounded", "ping-unbounded"])
+def test_acquire_deadline_holds_when_health_checks_hang(bounded: bool, clock: ManualClock) -> None:
+    driver = SlowPingDriver(bounded)
+    pool = fake_pool(driver, clock, max_size=3, ping_after_idle=0, connect_timeout=0.5, timeout=5.0)
+    leases = [pool.acquire(timeout=2) for _ in range(3)]
+    for lease in leases:
+        lease.release()
+    assert pool.stats().idle == 3
+    driver.hang = True
+    clock.advance(60)
+    started = time.monotonic()
+    try:
+        got = try_acquire(pool, 0.1)
+        elapsed = time.monotonic() - started
+    finally:
+        driver.answer.set()  # let every hanging ping finish
+    if got is not None:
+        got.release()
+    assert elapsed <= 0.1 + DEADLINE_MARGIN, (
+        f"acquire(timeout=0.1) took {elapsed:.2f} s with 3 idle connections whose ping hangs"
+    )
+    wait_until(lambda: pool.stats().in_use == 0)
+    pool._check_invariants()
+    pool.close()
+
+
+@pytest.mark.real
+@pytest.mark.private
+def test_acquire_deadline_holds_when_pings_hang_real(
+    private_pg: Any, proxy: FaultProxy, driver_name: str, app: str
+) -> None:
+    pool = real_pool(
+        proxy.dsn(private_pg.dsn),
+        driver_name,
+        app,
+        max_size=3,
+        ping_after_idle=0,
+        connect_timeout=1.0,
+        timeout=5.0,
+    )
+    leases = [pool.acquire(timeout=5) for _ in range(3)]
+    for lease in leases:
+        assert query(lease.connection, "SELECT 1") == 1
+    for lease in leases:
+        lease.release()
+    assert pool.stats().idle == 3
+    proxy.blackhole()
+
+    def heal() -> None:  # bounds today's psycopg2 ping, which nothing else would end
+        proxy.blackhole(False)
+        proxy.reset_all()
+
+    watchdog = threading.Timer(2.5, heal)
+    watchdog.start()
+    got = None
+    started = time.monotonic()
+    try:
+        got = try_acquire(pool, 0.1)
+        elapsed = time.monotonic() - started
+    finally:
+        watchdog.cancel()
+        watchdog.join()
+        heal()
+        if got is not None:
+            got.release()
+        pool.close()
+    assert elapsed <= 0.1 + DEADLINE_MARGIN, (
+        f"acquire(timeout=0.1) took {elapsed:.2f} s with 3 idle connections behind a "
+        f"partitioned network ({driver_name})"
+    )
+
+
+# -- item 7: exceptions that are not the timeout -------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX only")
+def test_interrupted_waiter_strands_no_slot(driver: FakeDriver, clock: ManualClock) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers run in the main thread only")
+    pool = fake_pool(driver, clock, max_size=1)
+    held = pool.acquire(timeout=2)
+    main = threading.get_ident()
+    errors: list[BaseException] = []
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    def interrupter() -> None:
+        try:
+            wait_until(lambda: pool.stats().waiting == 1, timeout=3)
+            signal.pthread_kill(main, signal.SIGUSR1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    thread = threading.Thread(target=interrupter)
+    thread.start()
+    try:
+        with pytest.raises(Interrupted):
+            pool.acquire(timeout=3)
+    finally:
+        thread.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert not errors, errors
+    assert pool.stats().waiting == 0, f"the interrupted waiter is still queued: {pool.stats()}"
+    held.release()
+    fresh = try_acquire(pool, 0.5)
+    assert fresh is not None, f"the released connection went to nobody: {pool.stats()}"
+    fresh.connection.use()
+    fresh.release()
+    stats = pool.stats()
+    assert stats.waiting == 0 and stats.in_use == 0, stats
+    pool._check_invariants()
+    pool.close()
+
+
+class InterruptingDriver(FakeDriver):
+    """Raises :class:`Interrupted` once from the named driver call."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.armed = False
+
+    def _maybe_interrupt(self, where: str) -> None:
+        if self.armed and self.where == where:
+            self.armed = False
+            raise Interrupted
+
+    def rollback(self, conn: FakeConnection) -> None:
+        self._maybe_interrupt("rollback")
+        super().rollback(conn)
+
+    def reset(self, conn: FakeConnection) -> None:
+        self._maybe_interrupt("reset")
+        super().reset(conn)
+
+    def ping(self, conn: FakeConnection, timeout: float) -> None:
+        self._maybe_interrupt("ping")
+        super().ping(conn, timeout)
+
+
+@pytest.mark.parametrize("where", ["rollback", "reset"])
+def test_base_exception_during_release_leaks_no_slot(where: str, clock: ManualClock) -> None:
+    driver = InterruptingDriver(where)
+    pool = fake_pool(driver, clock, max_size=1)
+    lease = pool.acquire(timeout=2)
+    (conn,) = driver.opened
+    conn.status = TxStatus.INTRANS  # the holder left a transaction open
+    driver.armed = True
+    try:
+        lease.release(reset=where == "reset")
+    except Interrupted:
+        pass  # it may propagate; what matters is what the pool is left with
+    assert not driver.armed, "the driver call under test did not run"
+    assert not lease.active, "the lease was half-ended"
+    fresh = try_acquire(pool, 0.5)
+    assert fresh is not None, f"the slot leaked: {pool.stats()}"
+    fresh.connection.use()
+    unclean = [c for c in driver.opened if not c.closed and c.status is not TxStatus.IDLE]
+    assert not unclean, f"an unclean connection was kept or handed on: {unclean}"
+    fresh.release()
+    stats = pool.stats()
+    assert stats.in_use == 0 and stats.size <= 1, stats
+    pool._check_invariants()
+    pool.close()
+
+
+def test_base_exception_during_health_check_leaks_no_slot(clock: ManualClock) -> None:
+    driver = InterruptingDriver("ping")
+    pool = fake_pool(driver, clock, max_size=1, ping_after_idle=0)
+    pool.acquire(timeout=2).release()
+    driver.armed = True
+    try:
+        pool.acquire(timeout=0.5).release()
+    except Interrupted:
+        pass
+    assert not driver.armed, "the ping under test did not run"
+    fresh = try_acquire(pool, 0.5)
+    assert fresh is not None, f"the slot leaked: {pool.stats()}"
+    fresh.release()
+    stats = pool.stats()
+    assert stats.in_use == 0 and stats.waiting == 0 and stats.size <= 1, stats
+    pool._check_invariants()
+    pool.close()
+
+
+# -- item 8: connguard.scope objects ------------------------------------------------------
+
+
+@pytest.fixture
+def scoped_pool(driver: FakeDriver, clock: ManualClock) -> Iterator[Pool]:
+    pool = fake_pool(driver, clock, max_size=4)
+    yield pool
+    pool.close()
+
+
+def test_scope_object_can_be_nested(scoped_pool: Pool) -> None:
+    s = connguard.scope("job")
+    assert current_scope() is None
+    with s as outer:
+        assert current_scope() is outer
+        a = take(scoped_pool)
+        assert a.owner is outer
+        with s as inner:
+            assert current_scope() is inner
+            b = take(scoped_pool)
+            assert b.owner is inner
+        assert not b.active, "the inner block's lease was not returned at its end"
+        assert a.active, "the inner block's end returned the outer block's lease"
+        assert current_scope() is outer, "the outer scope is not current after the inner block"
+        c = take(scoped_pool)
+    assert not a.active and not c.active, "the outer block's leases were not returned"
+    assert current_scope() is None, f"a scope is still current after the block: {current_scope()}"
+    assert scoped_pool.stats().in_use == 0
+    scoped_pool._check_invariants()
+
+
+def test_scope_object_can_be_reentered_in_sequence(scoped_pool: Pool) -> None:
+    s = connguard.scope("job")
+    seen: list[Scope] = []
+    for _ in range(2):
+        with s as opened:
+            assert current_scope() is opened and not opened.ended
+            lease = take(scoped_pool)
+            seen.append(opened)
+        assert not lease.active
+        assert current_scope() is None
+    assert seen[0] is not seen[1], "the second block reused the first block's ended scope"
+    assert scoped_pool.stats().in_use == 0
+
+
+def test_scope_object_can_be_shared_by_threads(scoped_pool: Pool) -> None:
+    s = connguard.scope("job")
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    errors: list[str] = []
+    leases: dict[str, Lease] = {}
+    scopes: dict[str, Scope] = {}
+
+    def check(ok: bool, what: str) -> None:
+        if not ok:
+            errors.append(what)
+
+    def first() -> None:
+        try:
+            with s as opened:
+                scopes["first"] = opened
+                check(current_scope() is opened, "first: its scope is not current")
+                leases["first"] = take(scoped_pool)
+                first_in.set()
+                check(second_in.wait(3), "first: the second thread never entered")
+                check(current_scope() is opened, "first: the second thread's scope is current")
+            check(not leases["first"].active, "first: its lease outlived its block")
+            check(current_scope() is None, "first: a scope is current after its block")
+        except BaseException as exc:
+            errors.append(f"first: {exc!r}")
+        finally:
+            first_in.set()
+            first_out.set()
+
+    def second() -> None:
+        try:
+            check(first_in.wait(3), "second: the first thread never entered")
+            with s as opened:
+                scopes["second"] = opened
+                check(current_scope() is opened, "second: its scope is not current")
+                leases["second"] = take(scoped_pool)
+                second_in.set()
+                check(first_out.wait(3), "second: the first thread never left")
+                check(
+                    leases["second"].active,
+                    "second: the first thread's block end returned the second's lease",
+                )
+                check(current_scope() is opened, "second: its scope is not current any more")
+            check(not leases["second"].active, "second: its lease outlived its block")
+            check(current_scope() is None, "second: a scope is current after its block")
+        except BaseException as exc:
+            errors.append(f"second: {exc!r}")
+        finally:
+            second_in.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors
+    assert scopes["first"] is not scopes["second"]
+    assert scoped_pool.stats().in_use == 0, scoped_pool.stats()
+
+
+# -- item 2 at engine level: revoke from another thread ------------------------------------
+
+_BACKENDS = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+_RUNNING_SLEEP = (
+    "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+    "AND state = 'active' AND query LIKE %s"
+)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("how", ["scope_end", "release"])
+def test_revoke_from_another_thread_cancels_and_keeps_the_bound(
+    pg: Any, driver_name: str, app: str, how: str
+) -> None:
+    max_size = 1
+    pool = real_pool(pg.dsn, driver_name, app, max_size=max_size, timeout=5.0)
+    job = Scope("report", kind="request")
+    started = threading.Event()
+    outcome: dict[str, Any] = {}
+    peak = [0]
+    stop_sampling = threading.Event()
+
+    def holder() -> None:
+        try:
+            lease = pool.acquire(owner=job, timeout=5)
+            job.add(lease)
+            outcome["lease"] = lease
+            cur = lease.connection.cursor()
+            started.set()
+            try:
+                cur.execute("SELECT pg_sleep(5)")
+                outcome["result"] = "completed"
+            except BaseException as exc:
+                outcome["result"] = exc
+            try:
+                cur.close()
+            except Exception:
+                pass
+        except BaseException as exc:
+            outcome["setup"] = exc
+        finally:
+            started.set()
+
+    def sampler() -> None:
+        with psycopg.connect(pg.dsn, autocommit=True) as admin:
+            while not stop_sampling.is_set():
+                row = admin.execute(_BACKENDS, (app,)).fetchone()
+                peak[0] = max(peak[0], int(row[0]) if row else 0)
+                stop_sampling.wait(0.01)
+
+    # Daemons: under a broken engine the holder can block on a socket closed under it.
+    sampling = threading.Thread(target=sampler, daemon=True)
+    sampling.start()
+    worker = threading.Thread(target=holder, daemon=True)
+    worker.start()
+    admin = psycopg.connect(pg.dsn, autocommit=True)
+    try:
+        assert started.wait(5) and "setup" not in outcome, outcome.get("setup")
+        deadline = time.monotonic() + 5
+        backend = None
+        while backend is None and time.monotonic() < deadline:
+            row = admin.execute(_RUNNING_SLEEP, (app, "%pg_sleep%")).fetchone()
+            backend = row[0] if row else None
+        assert backend is not None, "the holder's pg_sleep never showed up as running"
+
+        revoked_at = time.monotonic()
+        if how == "scope_end":
+            job.end()
+        else:
+            outcome["lease"].release()
+        revoke_took = time.monotonic() - revoked_at
+        size_after = pool.stats().size  # read before the backend's state, see below
+        still_running = admin.execute(_RUNNING_SLEEP, (app, "%pg_sleep%")).fetchone()
+
+        # The slot comes back within a bounded wait; the server never sees more.
+        lease = acquire_eventually(pool, within=4.0)
+        assert query(lease.connection, "SELECT 1") == 1
+        row = admin.execute(_BACKENDS, (app,)).fetchone()
+        peak[0] = max(peak[0], int(row[0]) if row else 0)  # one sample while it is held
+        lease.release()
+        worker.join(3)
+        stats = pool.stats()
+    finally:
+        stop_sampling.set()
+        sampling.join(5)
+        admin.close()
+        pool.close()
+    result = outcome.get("result")
+    problems = []
+    if revoke_took >= 1.0:
+        problems.append(f"ending the lease from another thread took {revoke_took:.2f} s")
+    # The backend still ran pg_sleep after size_after was read, so it did then too.
+    if still_running and size_after < 1:
+        problems.append("the pool freed the slot while its backend still ran the statement")
+    if peak[0] > max_size:
+        problems.append(f"the server saw {peak[0]} backends for max_size={max_size}")
+    if "canceling statement due to user request" not in str(result):
+        problems.append(f"the running statement did not end by a cancel: {result!r}")
+    if stats.size > max_size or stats.in_use:
+        problems.append(f"afterwards: {stats}")
+    assert not problems, problems
+
+
+@pytest.fixture(autouse=True)
+def _collect_after() -> Iterator[None]:
+    yield
+    gc.collect()
