@@ -9,14 +9,20 @@ How it keeps the invariants of ARCHITECTURE.md:
 * **Exclusive.** A connection is either in ``_idle``, or referenced by exactly one
   live :class:`Lease`, or in transit (being opened, checked, reset or closed) and
   reachable from no one else. Hand-off to a waiter happens under the lock.
-* **Fencing.** Ending a lease clears its reference to the connection under the
-  lock; :attr:`Lease.connection` raises :class:`LeaseEnded` from then on.
+* **Fencing.** Every use of a lease is bracketed (:mod:`connguard.pool.lease`);
+  ending it from any thread sets the fence first, and a use in progress is cancelled,
+  never cut: the thread inside finishes the release when it lets go.
+* **Clean hand-off.** A connection goes back with its transaction rolled back and,
+  per the ``reset`` setting, its session state discarded (one round trip).
 * **No hang.** Callers never open connections themselves: opener threads do, and
   a caller only waits on its own lock with a deadline. A connect that outlives
   the caller that asked for it is not wasted; it goes to the next waiter or idle.
 * **Hand-off is a protocol.** A waiter that times out re-checks under the pool
   lock whether it was handed a connection meanwhile; if so it takes it. So no
   connection is ever stranded on a waiter that has given up.
+
+Opening lives in :mod:`.opening`, housekeeping in :mod:`.maintenance`, fork safety
+in :mod:`.fork`; this module is acquire, hand-off and release.
 
 The lock is held for O(1) work only (housekeeping walks at most ``max_size``
 entries). No I/O ever happens under it: connect, close, liveness, ping, rollback
@@ -30,7 +36,6 @@ import collections
 import logging
 import math
 import os
-import random
 import sys
 import threading
 import time
@@ -38,6 +43,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from . import fork
 from .config import PoolConfig
 from .driver import Driver, TxStatus
 from .errors import (
@@ -48,10 +54,13 @@ from .errors import (
     PoolError,
     PoolRefused,
     PoolTimeout,
+    one_line,
     specialize,
 )
 from .housekeeper import housekeeper
-from .lease import FencedConnection, Lease, _Conn, capture_stack, where
+from .lease import FencedConnection, Lease, _Conn, capture_stack
+from .maintenance import housekeep, take_back_dropped
+from .opening import request_open_locked, start_openers
 from .stats import BUCKET_BOUNDS, CLOSE_REASONS, Histogram, PoolStats
 
 logger = logging.getLogger("connguard.pool")
@@ -82,11 +91,6 @@ class _Waiter:
         self.thread_id = threading.get_ident()
         self.lease: Lease | None = None
         self.error: PoolError | None = None
-
-
-# Every pool of this process, for the housekeeper and the fork handlers.
-_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
-_pools_lock = threading.Lock()
 
 
 class Pool:
@@ -158,12 +162,11 @@ class Pool:
             for cls in (PoolTimeout, ConnectFailed, PoolRefused, PoolClosed, LeaseEnded)
         }
 
-        with _pools_lock:
-            _pools.add(self)
+        fork.register(self)
         if self.config.min_size:
             with self._lock:
-                openers = self._request_open_locked()
-            self._start_openers(openers)
+                openers = request_open_locked(self)
+            start_openers(self, openers)
         if housekeeping:
             housekeeper().register(self)
 
@@ -262,7 +265,7 @@ class Pool:
         limit = self._limit(timeout)
         deadline = began + limit
         if self._dropped:
-            self._take_back_dropped()
+            take_back_dropped(self)
         while True:
             openers = 0
             with self._lock:
@@ -284,10 +287,10 @@ class Pool:
                     waiter = _Waiter(owner)
                     self._waiters.append(waiter)
                     self._n_waits += 1
-                    openers = self._request_open_locked()
+                    openers = request_open_locked(self)
             if waiter is not None:
                 if openers:
-                    self._start_openers(openers)
+                    start_openers(self, openers)
                 # A fresh connection or one just returned: no health check needed.
                 return self._wait(waiter, deadline, limit)
             if self._checked(lease, conn, start, deadline):
@@ -411,7 +414,7 @@ class Pool:
             err = self._error(
                 ConnectFailed,
                 f"no connection within {waited:.2f} s: the database is unreachable; "
-                f"last connect error: {_one_line(cause)}",
+                f"last connect error: {one_line(cause)}",
             )
         else:
             err = self._error(
@@ -534,7 +537,7 @@ class Pool:
                         self.driver.rollback(conn.raw)
                     reason = None
                 except Exception as exc:
-                    logger.debug("pool %r: reset failed, closing: %s", self.name, _one_line(exc))
+                    logger.debug("pool %r: reset failed, closing: %s", self.name, one_line(exc))
         finally:
             now = self._clock()
             with self._lock:
@@ -613,235 +616,14 @@ class Pool:
             with self._lock:
                 self._closing -= 1
                 self._size -= 1
-                openers = self._request_open_locked()
-            self._start_openers(openers)
-
-    # ------------------------------------------------------------------ opening
-
-    def _request_open_locked(self) -> int:
-        """Reserve slots for the connections there is demand and room for, and
-        return how many openers the caller must start once it drops the lock.
-
-        Demand is every waiter plus the shortfall below ``min_size``. While the
-        database is failing (backoff) at most one opener probes it.
-        """
-        if self._closed:
-            return 0
-        cfg = self.config
-        demand = len(self._waiters) + max(0, cfg.min_size - self._size) - self._opening
-        if demand <= 0:
-            return 0
-        room = cfg.max_size - self._size
-        if self._last_connect_error is not None:
-            room = min(room, 1 - self._opening)
-        count = max(0, min(demand, room))
-        self._size += count
-        self._opening += count
-        return count
-
-    def _start_openers(self, count: int) -> None:
-        """Start ``count`` opener threads for slots already reserved (outside the lock:
-        starting a thread waits for it to run)."""
-        for _ in range(count):
-            thread = threading.Thread(
-                target=self._opener, name=f"connguard-open-{self.name}", daemon=True
-            )
-            thread.start()
-
-    def _opener(self) -> None:
-        """Open one connection for the pool; retry with backoff while it is needed."""
-        cfg = self.config
-        while True:
-            wait = self._backoff_until - _monotonic()
-            if wait > 0 and self._stopping.wait(wait):
-                break  # pool closed
-            started = _monotonic()
-            try:
-                raw = self.driver.connect(cfg.connect_timeout)
-            except Exception as exc:
-                if not self._connect_failed(exc, _monotonic() - started):
-                    return
-                continue
-            elapsed = _monotonic() - started
-            now = self._clock()
-            lifetime = cfg.max_lifetime
-            if lifetime is None:
-                expires = float("inf")
-            else:
-                expires = now + lifetime * (1.0 - cfg.lifetime_jitter * random.random())
-            conn = _Conn(raw, now, expires, self._pid)
-            with self._lock:
-                self._opening -= 1
-                self._n_opened += 1
-                self._h_connect.record(elapsed)
-                recovered = self._last_connect_error is not None
-                self._last_connect_error = None
-                self._backoff_delay = 0.0
-                self._backoff_until = 0.0
-                openers = 0
-                if not self._closed:
-                    self._give_back_locked(conn, now)
-                    openers = self._request_open_locked()  # more may now run in parallel
-                    closed = False
-                else:
-                    self._closing += 1
-                    self._n_closed["pool_closed"] += 1
-                    closed = True
-            self._start_openers(openers)
-            if recovered:
-                logger.warning("pool %r: connected again after connect errors", self.name)
-            else:
-                logger.debug("pool %r: opened a connection in %.4f s", self.name, elapsed)
-            if closed:
-                self._close_conn(conn)
-            return
-        with self._lock:
-            self._opening -= 1
-            self._size -= 1
-
-    def _connect_failed(self, exc: BaseException, elapsed: float) -> bool:
-        """Record a failed connect; return True if this opener should retry."""
-        cfg = self.config
-        with self._lock:
-            first = self._last_connect_error is None
-            self._n_connect_errors += 1
-            self._h_connect.record(elapsed)
-            self._last_connect_error = exc
-            delay = self._backoff_delay * 2 if self._backoff_delay else cfg.reconnect_backoff
-            self._backoff_delay = min(delay, cfg.reconnect_backoff_max)
-            # up to 20 % jitter so many processes do not retry in lockstep
-            self._backoff_until = _monotonic() + self._backoff_delay * (0.8 + 0.2 * random.random())
-            needed = bool(self._waiters) or self._size <= cfg.min_size
-            retry = not self._closed and needed and self._opening == 1
-            if not retry:
-                self._opening -= 1
-                self._size -= 1
-        if first:
-            logger.warning(
-                "pool %r: cannot connect (%s); retrying with backoff", self.name, _one_line(exc)
-            )
-        return retry
-
-    # ------------------------------------------------------------------ housekeeping
+                openers = request_open_locked(self)
+            start_openers(self, openers)
 
     def housekeep(self) -> None:
         """Retire old and surplus idle connections, refill to ``min_size``, report
-        leases held past ``leak_threshold``, and take back leases nobody will return.
-        Called by the housekeeping thread."""
-        cfg = self.config
-        now = self._clock()
-        retired: list[tuple[_Conn, str]] = []
-        leaks: list[Lease] = []
-        with self._lock:
-            if self._closed:
-                return
-            surplus = self._size - cfg.min_size
-            max_idle = cfg.max_idle
-            keep: list[_Conn] = []
-            for conn in self._idle:  # oldest-returned first
-                if now >= conn.expires_at:
-                    retired.append((conn, "lifetime"))
-                elif max_idle is not None and surplus > 0 and now - conn.idle_since >= max_idle:
-                    retired.append((conn, "idle"))
-                    surplus -= 1
-                else:
-                    keep.append(conn)
-            if retired:
-                self._idle[:] = keep
-                self._closing += len(retired)
-                for _conn, reason in retired:
-                    self._n_closed[reason] += 1
-            held = [lease for ref in self._leases if (lease := ref()) is not None]
-            threshold = cfg.leak_threshold
-            if threshold is not None:
-                for lease in held:
-                    if not lease.leak_reported and now - lease.acquired_at >= threshold:
-                        lease.leak_reported = True
-                        self._n_leaks += 1
-                        leaks.append(lease)
-            openers = self._request_open_locked()
-        self._start_openers(openers)
-        for lease in leaks:
-            logger.warning(
-                "pool %r: lease held for %.1f s (leak_threshold=%s s) by thread %s for %s; "
-                "acquired at %s",
-                self.name,
-                now - lease.acquired_at,
-                threshold,
-                lease.thread_name,
-                _describe(lease.owner),
-                _first(lease.where()),
-            )
-        for conn, _reason in retired:
-            self._close_conn(conn)
-        self._take_back_dropped()
-        self._take_back(held)
-
-    def _take_back(self, held: list[Lease]) -> None:
-        """Take back leases nobody will return (outside the lock).
-
-        *Revoked*: released while a statement ran outside the fence; finished once
-        the statement has ended. *Orphaned* (always on): the owner's unit of work has
-        ended (a request whose client hung up, a stream that was never closed) and
-        the lease is not in use. *Reclaim* (setting ``reclaim``): the thread that took
-        it has died, and it is not executing a statement.
-        """
-        reclaim = self.config.reclaim
-        alive = {thread.ident for thread in threading.enumerate()} if reclaim else set()
-        for lease in held:
-            conn = lease._conn
-            if conn is None or lease._busy:
-                continue
-            if lease._ending:
-                if self.driver.transaction_status(conn.raw) is not TxStatus.ACTIVE:
-                    self._finish_release(lease)
-                continue
-            if self.driver.transaction_status(conn.raw) is TxStatus.ACTIVE:
-                continue  # executing outside the fence: never under a running statement
-            if getattr(lease.owner, "ended", False):
-                self._end_taken(lease, "orphaned")
-            elif reclaim and lease.thread_id not in alive:
-                self._end_taken(lease, "reclaimed")
-
-    def _take_back_dropped(self) -> None:
-        """Take back the connections of leases that were collected unreleased: nobody
-        can reach them any more (the lease and its proxies are gone)."""
-        while self._dropped:
-            try:
-                ref = self._dropped.popleft()
-            except IndexError:
-                return
-            with self._lock:
-                conn = self._leases.pop(ref, None)
-                if conn is None:
-                    continue  # released or ended before it was collected
-                self._n_dropped += 1
-                self._n_releases += 1
-            logger.warning(
-                "pool %r: took back a connection whose lease was dropped without being "
-                "released, for %s; acquired at %s",
-                self.name,
-                _describe(conn.owner),
-                _first(where(conn.stack)),
-            )
-            status = self.driver.transaction_status(conn.raw)
-            self._restore(conn, status, reset=self.config.reset != "rollback")
-
-    def _end_taken(self, lease: Lease, how: str) -> None:
-        with self._lock:
-            if lease._conn is None:
-                return
-            self._n_reclaims += 1
-        logger.warning(
-            "pool %r: %s a lease held for %.1f s by thread %s for %s; acquired at %s",
-            self.name,
-            "took back (its owner has ended)" if how == "orphaned" else "reclaimed",
-            self._clock() - lease.acquired_at,
-            lease.thread_name,
-            _describe(lease.owner),
-            _first(lease.where()),
-        )
-        self.release(lease)  # fences, rolls back or resets, hands on
+        leases held past ``leak_threshold``, and take back leases nobody will return
+        (see :mod:`connguard.pool.maintenance`). The housekeeping thread calls it."""
+        housekeep(self)
 
     # ------------------------------------------------------------------ close, stats
 
@@ -954,50 +736,6 @@ class Pool:
             ids = [id(c) for c in self._idle] + [id(c) for c in self._leases.values()]
             assert len(ids) == len(set(ids)), "a connection is idle and leased, or leased twice"
 
-    # ------------------------------------------------------------------ fork safety
-
-    def _before_fork(self) -> None:
-        self._lock.acquire()
-
-    def _after_fork_in_parent(self) -> None:
-        self._lock.release()
-
-    def _after_fork_in_child(self) -> None:
-        """Start empty, with clean counters and housekeeping again: drop (never
-        close) every connection inherited from the parent.
-
-        The child has only the forking thread, so waiters, openers and uses in
-        progress are gone too; inherited leases are fenced with fresh locks (one held
-        by a parent thread at the fork would never be released here).
-        """
-        inherited = [*self._idle, *self._leases.values()]
-        for ref in self._leases:
-            lease = ref()
-            if lease is not None:
-                lease._guard = threading.Lock()
-                lease._busy = 0
-                lease._ending = True
-                lease._conn = None
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._idle = []
-        self._leases = {}
-        self._dropped = collections.deque()
-        self._on_drop = self._dropped.append
-        self._waiters = collections.deque()
-        self._size = self._opening = self._closing = 0
-        self._pid = os.getpid()
-        self._backoff_until = self._backoff_delay = 0.0
-        self._last_connect_error = None
-        self._reset_counters()
-        for conn in inherited:
-            self.driver.drop(conn.raw)
-        if self._closed:
-            return
-        self._start_openers(self._request_open_locked())
-        if self._housekeeping:
-            housekeeper().register(self)
-
 
 class _LeasedConnection:
     """What :meth:`Pool.connection` returns (a class: cheaper than a generator)."""
@@ -1022,46 +760,3 @@ class _LeasedConnection:
 def _any_statement(sql: Any) -> bool:
     """A driver that cannot tell which statements change session state: any may."""
     return True
-
-
-def _describe(owner: object) -> str:
-    describe = getattr(owner, "describe", None)
-    return str(describe()) if callable(describe) else repr(owner)
-
-
-def _first(where: list[str]) -> str:
-    return where[0] if where else "(not recorded: stack_depth=0)"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().replace("\n", " ")
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _before_fork() -> None:
-    _pools_lock.acquire()
-    for pool in list(_pools):
-        pool._before_fork()
-
-
-def _after_fork_in_parent() -> None:
-    for pool in list(_pools):
-        pool._after_fork_in_parent()
-    _pools_lock.release()
-
-
-def _after_fork_in_child() -> None:
-    global _pools_lock
-    _pools_lock = threading.Lock()
-    for pool in list(_pools):
-        try:
-            pool._after_fork_in_child()
-        except Exception:  # never break the child over one pool
-            print(f"connguard: resetting pool {pool.name!r} after fork failed", file=sys.stderr)
-
-
-os.register_at_fork(
-    before=_before_fork,
-    after_in_parent=_after_fork_in_parent,
-    after_in_child=_after_fork_in_child,
-)

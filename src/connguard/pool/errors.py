@@ -100,3 +100,9 @@ def specialize(base: type[PoolError], operational_error: type[Exception]) -> typ
                 cls = type(base.__name__, parents, {"__module__": __name__})
                 _cache[key] = cls
     return cls
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, for logs and error messages."""
+    text = str(exc).strip().replace("\n", " ")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -392,3 +392,14 @@ def where(stack: tuple[Any, ...]) -> list[str]:
         f"{stack[i].co_filename}:{line_of(stack[i], stack[i + 1])} in {stack[i].co_name}"
         for i in range(0, len(stack), 2)
     ]
+
+
+def describe_owner(owner: object) -> str:
+    """One line naming a lease's owner (a scope describes itself)."""
+    describe = getattr(owner, "describe", None)
+    return str(describe()) if callable(describe) else repr(owner)
+
+
+def first_site(sites: list[str]) -> str:
+    """The innermost recorded acquire site, for one-line reports."""
+    return sites[0] if sites else "(not recorded: stack_depth=0)"

@@ -1,0 +1,147 @@
+"""Housekeeping: what the process-wide housekeeping thread does to each pool.
+
+Retire connections past their lifetime or idle past ``max_idle`` (never below
+``min_size``), refill to ``min_size``, report leases held past ``leak_threshold``, and
+take back leases nobody will return: released while a statement ran outside the
+fence (finished once it ends), owned by a unit of work that has ended, collected
+unreleased, or (``reclaim``) taken by a thread that has died. Never under a running
+statement, never under the pool's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+from .driver import TxStatus
+from .lease import Lease, _Conn, describe_owner, first_site, where
+from .opening import request_open_locked, start_openers
+
+if TYPE_CHECKING:
+    from .engine import Pool
+
+logger = logging.getLogger("connguard.pool")
+
+
+def housekeep(pool: Pool) -> None:
+    """Retire old and surplus idle connections, refill to ``min_size``, report
+    leases held past ``leak_threshold``, and take back leases nobody will return.
+    Called by the housekeeping thread."""
+    cfg = pool.config
+    now = pool._clock()
+    retired: list[tuple[_Conn, str]] = []
+    leaks: list[Lease] = []
+    with pool._lock:
+        if pool._closed:
+            return
+        surplus = pool._size - cfg.min_size
+        max_idle = cfg.max_idle
+        keep: list[_Conn] = []
+        for conn in pool._idle:  # oldest-returned first
+            if now >= conn.expires_at:
+                retired.append((conn, "lifetime"))
+            elif max_idle is not None and surplus > 0 and now - conn.idle_since >= max_idle:
+                retired.append((conn, "idle"))
+                surplus -= 1
+            else:
+                keep.append(conn)
+        if retired:
+            pool._idle[:] = keep
+            pool._closing += len(retired)
+            for _conn, reason in retired:
+                pool._n_closed[reason] += 1
+        held = [lease for ref in pool._leases if (lease := ref()) is not None]
+        threshold = cfg.leak_threshold
+        if threshold is not None:
+            for lease in held:
+                if not lease.leak_reported and now - lease.acquired_at >= threshold:
+                    lease.leak_reported = True
+                    pool._n_leaks += 1
+                    leaks.append(lease)
+        openers = request_open_locked(pool)
+    start_openers(pool, openers)
+    for lease in leaks:
+        logger.warning(
+            "pool %r: lease held for %.1f s (leak_threshold=%s s) by thread %s for %s; "
+            "acquired at %s",
+            pool.name,
+            now - lease.acquired_at,
+            threshold,
+            lease.thread_name,
+            describe_owner(lease.owner),
+            first_site(lease.where()),
+        )
+    for conn, _reason in retired:
+        pool._close_conn(conn)
+    take_back_dropped(pool)
+    take_back(pool, held)
+
+
+def take_back(pool: Pool, held: list[Lease]) -> None:
+    """Take back leases nobody will return (outside the lock).
+
+    *Revoked*: released while a statement ran outside the fence; finished once
+    the statement has ended. *Orphaned* (always on): the owner's unit of work has
+    ended (a request whose client hung up, a stream that was never closed) and
+    the lease is not in use. *Reclaim* (setting ``reclaim``): the thread that took
+    it has died, and it is not executing a statement.
+    """
+    reclaim = pool.config.reclaim
+    alive = {thread.ident for thread in threading.enumerate()} if reclaim else set()
+    for lease in held:
+        conn = lease._conn
+        if conn is None or lease._busy:
+            continue
+        if lease._ending:
+            if pool.driver.transaction_status(conn.raw) is not TxStatus.ACTIVE:
+                pool._finish_release(lease)
+            continue
+        if pool.driver.transaction_status(conn.raw) is TxStatus.ACTIVE:
+            continue  # executing outside the fence: never under a running statement
+        if getattr(lease.owner, "ended", False):
+            end_taken(pool, lease, "orphaned")
+        elif reclaim and lease.thread_id not in alive:
+            end_taken(pool, lease, "reclaimed")
+
+
+def take_back_dropped(pool: Pool) -> None:
+    """Take back the connections of leases that were collected unreleased: nobody
+    can reach them any more (the lease and its proxies are gone)."""
+    while pool._dropped:
+        try:
+            ref = pool._dropped.popleft()
+        except IndexError:
+            return
+        with pool._lock:
+            conn = pool._leases.pop(ref, None)
+            if conn is None:
+                continue  # released or ended before it was collected
+            pool._n_dropped += 1
+            pool._n_releases += 1
+        logger.warning(
+            "pool %r: took back a connection whose lease was dropped without being "
+            "released, for %s; acquired at %s",
+            pool.name,
+            describe_owner(conn.owner),
+            first_site(where(conn.stack)),
+        )
+        status = pool.driver.transaction_status(conn.raw)
+        pool._restore(conn, status, reset=pool.config.reset != "rollback")
+
+
+def end_taken(pool: Pool, lease: Lease, how: str) -> None:
+    with pool._lock:
+        if lease._conn is None:
+            return
+        pool._n_reclaims += 1
+    logger.warning(
+        "pool %r: %s a lease held for %.1f s by thread %s for %s; acquired at %s",
+        pool.name,
+        "took back (its owner has ended)" if how == "orphaned" else "reclaimed",
+        pool._clock() - lease.acquired_at,
+        lease.thread_name,
+        describe_owner(lease.owner),
+        first_site(lease.where()),
+    )
+    pool.release(lease)  # fences, rolls back or resets, hands on

@@ -1,0 +1,132 @@
+"""Opening connections: slots are reserved under the lock, connections are opened on
+opener threads, and a failing database is probed by one opener with backoff.
+
+Callers never open connections themselves, so no caller waits past its deadline on a
+hung network; a connection that arrives after its caller gave up goes to the next
+waiter or becomes idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from .errors import one_line
+from .lease import _Conn
+
+if TYPE_CHECKING:
+    from .engine import Pool
+
+logger = logging.getLogger("connguard.pool")
+_monotonic = time.monotonic
+
+
+def request_open_locked(pool: Pool) -> int:
+    """Reserve slots for the connections there is demand and room for, and
+    return how many openers the caller must start once it drops the lock.
+
+    Demand is every waiter plus the shortfall below ``min_size``. While the
+    database is failing (backoff) at most one opener probes it.
+    """
+    if pool._closed:
+        return 0
+    cfg = pool.config
+    demand = len(pool._waiters) + max(0, cfg.min_size - pool._size) - pool._opening
+    if demand <= 0:
+        return 0
+    room = cfg.max_size - pool._size
+    if pool._last_connect_error is not None:
+        room = min(room, 1 - pool._opening)
+    count = max(0, min(demand, room))
+    pool._size += count
+    pool._opening += count
+    return count
+
+
+def start_openers(pool: Pool, count: int) -> None:
+    """Start ``count`` opener threads for slots already reserved (outside the lock:
+    starting a thread waits for it to run)."""
+    for _ in range(count):
+        thread = threading.Thread(
+            target=run_opener, args=(pool,), name=f"connguard-open-{pool.name}", daemon=True
+        )
+        thread.start()
+
+
+def run_opener(pool: Pool) -> None:
+    """Open one connection for the pool; retry with backoff while it is needed."""
+    cfg = pool.config
+    while True:
+        wait = pool._backoff_until - _monotonic()
+        if wait > 0 and pool._stopping.wait(wait):
+            break  # pool closed
+        started = _monotonic()
+        try:
+            raw = pool.driver.connect(cfg.connect_timeout)
+        except Exception as exc:
+            if not connect_failed(pool, exc, _monotonic() - started):
+                return
+            continue
+        elapsed = _monotonic() - started
+        now = pool._clock()
+        lifetime = cfg.max_lifetime
+        if lifetime is None:
+            expires = float("inf")
+        else:
+            expires = now + lifetime * (1.0 - cfg.lifetime_jitter * random.random())
+        conn = _Conn(raw, now, expires, pool._pid)
+        with pool._lock:
+            pool._opening -= 1
+            pool._n_opened += 1
+            pool._h_connect.record(elapsed)
+            recovered = pool._last_connect_error is not None
+            pool._last_connect_error = None
+            pool._backoff_delay = 0.0
+            pool._backoff_until = 0.0
+            openers = 0
+            if not pool._closed:
+                pool._give_back_locked(conn, now)
+                openers = request_open_locked(pool)  # more may now run in parallel
+                closed = False
+            else:
+                pool._closing += 1
+                pool._n_closed["pool_closed"] += 1
+                closed = True
+        start_openers(pool, openers)
+        if recovered:
+            logger.warning("pool %r: connected again after connect errors", pool.name)
+        else:
+            logger.debug("pool %r: opened a connection in %.4f s", pool.name, elapsed)
+        if closed:
+            pool._close_conn(conn)
+        return
+    with pool._lock:
+        pool._opening -= 1
+        pool._size -= 1
+
+
+def connect_failed(pool: Pool, exc: BaseException, elapsed: float) -> bool:
+    """Record a failed connect; return True if this opener should retry."""
+    cfg = pool.config
+    with pool._lock:
+        first = pool._last_connect_error is None
+        pool._n_connect_errors += 1
+        pool._h_connect.record(elapsed)
+        pool._last_connect_error = exc
+        delay = pool._backoff_delay * 2 if pool._backoff_delay else cfg.reconnect_backoff
+        pool._backoff_delay = min(delay, cfg.reconnect_backoff_max)
+        # up to 20 % jitter so many processes do not retry in lockstep
+        pool._backoff_until = _monotonic() + pool._backoff_delay * (0.8 + 0.2 * random.random())
+        needed = bool(pool._waiters) or pool._size <= cfg.min_size
+        retry = not pool._closed and needed and pool._opening == 1
+        if not retry:
+            pool._opening -= 1
+            pool._size -= 1
+    if first:
+        logger.warning(
+            "pool %r: cannot connect (%s); retrying with backoff", pool.name, one_line(exc)
+        )
+    return retry
