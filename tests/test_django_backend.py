@@ -299,6 +299,11 @@ def test_checks_name_the_setting_and_the_allowed_values(django_db: dict[str, Any
     assert "num_workers" in ids({"pool": {"num_workers": 2}})["connguard.E002"]
     bad = ids({"pool": {"timeout": -1}})["connguard.E003"]
     assert "timeout" in bad and "> 0" in bad
+    assert ids({"pool": {"reset": "always"}}) == {}
+    policy = " ".join(ids({"pool": {"reset": "sometimes"}}).values())
+    assert "reset" in policy and "'auto', 'always', 'rollback'" in policy, policy
+    callable_reset = " ".join(ids({"pool": {"reset": print}}).values())
+    assert "policy name" in callable_reset and "'auto'" in callable_reset, callable_reset
     assert "connguard.E004" in ids({"pool": {"min_size": 5, "max_size": 2}})
     assert "connguard.W001" in ids({"pool": True}, CONN_MAX_AGE=15)
     assert "connguard.W001" in ids({"pool": True}, CONN_MAX_AGE=None)
