@@ -12,6 +12,7 @@ import pytest
 
 from connguard.pool import (
     ConnectFailed,
+    Lease,
     LeaseEnded,
     Pool,
     PoolClosed,
@@ -178,7 +179,67 @@ def test_release_with_reset_discards_session_state(pool: Pool) -> None:
     conn = conn_of(lease)
     conn.session_dirty = True
     lease.release(reset=True)
+    wait_until(lambda: pool.stats().resetting == 0)  # on the resetter thread
     assert not conn.session_dirty and not conn.closed
+    assert pool.stats().idle == 1
+
+
+class BlockingResetDriver(FakeDriver):
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.proceed = threading.Event()
+
+    def reset(self, conn: FakeConnection) -> None:
+        self.entered.set()
+        assert self.proceed.wait(5)
+        super().reset(conn)
+
+
+def test_background_reset_is_off_the_release_path_and_before_the_next_holder(
+    clock: ManualClock,
+) -> None:
+    """The releasing thread returns before the reset's round trip; nobody gets the
+    connection until the reset is done, and the bound counts it meanwhile."""
+    driver = BlockingResetDriver()
+    pool = make_pool(driver, clock, max_size=1)
+    lease = pool.acquire()
+    conn = conn_of(lease)
+    conn.session_dirty = True
+    lease.release(reset=True)  # returns although the reset blocks
+    assert driver.entered.wait(5)
+    stats = pool.stats()
+    assert stats.resetting == 1 and stats.idle == 0 and stats.size == 1, stats
+    with pytest.raises(PoolTimeout):
+        pool.acquire(timeout=0.05)  # not handed out half-reset, and no second connection
+    got: list[Lease] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(timeout=5)))
+    waiter.start()
+    wait_until(lambda: pool.stats().waiting == 1)
+    driver.proceed.set()
+    waiter.join(5)
+    assert got and conn_of(got[0]) is conn and not conn.session_dirty
+    got[0].release()
+    pool._check_invariants()
+    pool.close()
+
+
+def test_reset_inline_when_callers_wait(clock: ManualClock) -> None:
+    driver = FakeDriver()
+    pool = make_pool(driver, clock, max_size=1)
+    lease = pool.acquire()
+    conn = conn_of(lease)
+    got: list[Lease] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(timeout=5)))
+    waiter.start()
+    wait_until(lambda: pool.stats().waiting == 1)
+    conn.session_dirty = True
+    lease.release(reset=True)
+    assert pool.stats().resetting == 0 and not conn.session_dirty  # done by this thread
+    waiter.join(5)
+    assert got and conn_of(got[0]) is conn
+    got[0].release()
+    pool.close()
 
 
 def test_failed_reset_closes_and_frees_the_slot(pool: Pool, driver: FakeDriver) -> None:

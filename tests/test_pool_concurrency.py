@@ -41,7 +41,8 @@ def settle(pool: Pool, driver: FakeDriver | None = None) -> None:
     def quiet() -> bool:
         stats = pool.stats()
         down = driver is not None and driver.fail_connect is not None
-        return stats.closing == 0 and (stats.opening == 0 or (down and stats.opening <= 1))
+        settled = stats.closing == 0 and stats.resetting == 0
+        return settled and (stats.opening == 0 or (down and stats.opening <= 1))
 
     wait_until(quiet)
 

@@ -93,6 +93,11 @@ class PoolConfig:
     * ``"rollback"``: only the rollback; session state crosses to the next holder.
     """
 
+    background_reset: bool = True
+    """Run a full reset on the process's resetter thread when nobody is waiting, so
+    its round trip is not on the releasing request's path (the connection is handed
+    out again only after it). False: the releasing thread resets."""
+
     def __post_init__(self) -> None:
         _int(self, "min_size", 0)
         _int(self, "max_size", 1)
@@ -124,6 +129,11 @@ class PoolConfig:
             raise PoolConfigError(
                 "reset",
                 f"reset must be one of {', '.join(map(repr, RESET_POLICIES))} (got {self.reset!r})",
+            )
+        if not isinstance(self.background_reset, bool):
+            raise PoolConfigError(
+                "background_reset",
+                f"background_reset must be True or False (got {self.background_reset!r})",
             )
         if not isinstance(self.reclaim, bool):
             raise PoolConfigError(

@@ -61,6 +61,7 @@ from .housekeeper import housekeeper
 from .lease import FencedConnection, Lease, _Conn, capture_stack
 from .maintenance import housekeep, take_back_dropped
 from .opening import request_open_locked, start_openers
+from .resetter import resetter
 from .stats import BUCKET_BOUNDS, CLOSE_REASONS, Histogram, PoolStats
 
 logger = logging.getLogger("connguard.pool")
@@ -124,6 +125,7 @@ class Pool:
             math.inf if cfg.liveness_after_idle is None else cfg.liveness_after_idle,
         )
         self._reset_always = cfg.reset == "always"
+        self._background_reset = cfg.background_reset
         self._reset_auto = cfg.reset == "auto"
         changes = getattr(driver, "changes_session", None)
         self._changes_session: Callable[[Any], bool] = (
@@ -137,6 +139,7 @@ class Pool:
         self._size = 0
         self._opening = 0  # of _size: being opened by an opener thread
         self._closing = 0  # of _size: being closed outside the lock
+        self._resetting = 0  # of _size: queued for, or in, a reset by the resetter
         self._idle: list[_Conn] = []  # LIFO: the end is the most recently returned
         # Every lease not yet ended, held weakly: weak reference -> its connection.
         self._leases: dict[weakref.ref[Lease], _Conn] = {}
@@ -512,19 +515,38 @@ class Pool:
         self._end_lease(lease, "pool_closed" if self._closed else "lifetime")
 
     def _release_dirty(self, lease: Lease, conn: _Conn, status: TxStatus, reset: bool) -> None:
-        """Slow path: the connection needs a rollback or reset (outside the lock)."""
+        """Slow path: the connection needs a rollback or reset (outside the lock).
+
+        A full reset with nobody waiting goes to the process's resetter thread, off
+        the releasing request's path; the connection stays counted (``resetting``)
+        and reachable by no one until the reset has run."""
         now = self._clock()
         with self._lock:
             if lease._conn is not conn:
                 return
             self._retire_lease_locked(lease, now)
             # Still counted in _size, reachable only from this thread.
+            defer = (
+                reset
+                and self._background_reset
+                and not self._waiters
+                and status is not TxStatus.ACTIVE
+                and status is not TxStatus.UNKNOWN
+            )
+            if defer:
+                self._resetting += 1
+        if defer:
+            resetter().submit(self, conn, status)
+            return
         self._restore(conn, status, reset)
 
-    def _restore(self, conn: _Conn, status: TxStatus, reset: bool) -> None:
+    def _restore(
+        self, conn: _Conn, status: TxStatus, reset: bool, *, deferred: bool = False
+    ) -> None:
         """Bring a connection nobody holds back to its baseline, then give it back;
         close it if that fails. Exception-safe: whatever is raised (even
-        ``KeyboardInterrupt``), the connection is given back or closed, never lost."""
+        ``KeyboardInterrupt``), the connection is given back or closed, never lost.
+        ``deferred``: called by the resetter for a connection counted in ``resetting``."""
         reason: str | None = "reset_failed"
         try:
             if status is TxStatus.ACTIVE or status is TxStatus.UNKNOWN:
@@ -542,6 +564,8 @@ class Pool:
             now = self._clock()
             with self._lock:
                 self._n_resets += 1
+                if deferred:
+                    self._resetting -= 1
                 if reason is None:
                     if self._closed:
                         reason = "pool_closed"
@@ -662,6 +686,7 @@ class Pool:
                 waiting=len(self._waiters),
                 opening=self._opening,
                 closing=self._closing,
+                resetting=self._resetting,
                 max_size=self.config.max_size,
                 min_size=self.config.min_size,
                 acquires=self._n_acquires,
@@ -731,7 +756,8 @@ class Pool:
         with self._lock:
             in_transit = self._size - len(self._idle) - len(self._leases)
             assert self._size <= self.config.max_size, (self._size, self.config.max_size)
-            assert in_transit >= self._opening + self._closing, self._counts_locked()
+            busy = self._opening + self._closing + self._resetting
+            assert in_transit >= busy, self._counts_locked()
             assert not (self._idle and self._waiters), self._counts_locked()
             ids = [id(c) for c in self._idle] + [id(c) for c in self._leases.values()]
             assert len(ids) == len(set(ids)), "a connection is idle and leased, or leased twice"

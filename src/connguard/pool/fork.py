@@ -62,7 +62,7 @@ def reset_in_child(pool: Pool) -> None:
     pool._dropped = collections.deque()
     pool._on_drop = pool._dropped.append
     pool._waiters = collections.deque()
-    pool._size = pool._opening = pool._closing = 0
+    pool._size = pool._opening = pool._closing = pool._resetting = 0
     pool._pid = os.getpid()
     pool._backoff_until = pool._backoff_delay = 0.0
     pool._last_connect_error = None

@@ -123,6 +123,7 @@ class PoolStats:
     reclaims: int
     dropped: int
     revoked: int = 0
+    resetting: int = 0
     closed: dict[str, int] = field(default_factory=dict)
     # latency histograms
     acquire_wait: HistogramSnapshot | None = None
@@ -134,6 +135,7 @@ class PoolStats:
         out: dict[str, Any] = {}
         for key in (
             "name", "driver", "size", "idle", "in_use", "waiting", "opening", "closing",
+            "resetting",
             "max_size", "min_size", "acquires", "waits", "timeouts", "refusals", "releases",
             "resets", "opened", "connect_errors", "health_check_failures", "leaks",
             "reclaims", "dropped", "revoked",

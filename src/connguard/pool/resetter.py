@@ -1,0 +1,81 @@
+"""One daemon thread per process that resets connections off the request path.
+
+A full reset is a round trip (``DISCARD ALL`` and the baseline set-up). Done by the
+releasing thread, it sits on the request's critical path: ``ConnguardMiddleware``
+releases before the response is sent. When nobody is waiting for a connection, the
+pool hands the reset here instead and the releasing thread returns at once; the
+connection stays counted in the pool's size, reachable by no one, until the reset has
+run, and only then becomes idle (or is closed if the reset fails). When callers are
+waiting, the releasing thread resets inline: a waiter would only wait longer for a
+hand-off through this thread.
+
+After ``fork()`` the thread is gone; connections queued in the parent are dropped by
+the child (never closed: that would end the parent's sessions) and the next hand-off
+starts a new thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .driver import TxStatus
+    from .engine import Pool
+    from .lease import _Conn
+
+logger = logging.getLogger("connguard.pool")
+
+
+class Resetter:
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Pool, _Conn, TxStatus]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, pool: Pool, conn: _Conn, status: TxStatus) -> None:
+        """Queue a connection for its reset; it is given back (or closed) by the thread."""
+        self._queue.put((pool, conn, status))
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(
+                        target=self._run, name="connguard-resetter", daemon=True
+                    )
+                    self._thread.start()
+
+    def _run(self) -> None:
+        get = self._queue.get
+        while True:
+            pool, conn, status = get()
+            try:
+                pool._restore(conn, status, reset=True, deferred=True)
+            except BaseException:  # _restore gave back or closed it; this thread lives on
+                logger.exception("pool %r: reset failed", pool.name)
+            del pool, conn
+
+    def _after_fork_in_child(self) -> None:
+        pending: list[Any] = []
+        while True:
+            try:
+                pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        self._queue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread = None
+        for pool, conn, _status in pending:
+            pool.driver.drop(conn.raw)  # the parent's session: forget, never close
+
+
+_resetter = Resetter()
+os.register_at_fork(after_in_child=_resetter._after_fork_in_child)
+
+
+def resetter() -> Resetter:
+    """The process-wide resetter."""
+    return _resetter
