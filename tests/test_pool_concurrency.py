@@ -116,7 +116,7 @@ def test_many_threads_keep_every_invariant() -> None:
     assert stats.size == stats.idle == driver.live
     assert outcomes["ok"] + outcomes["timeout"] == threads_n * rounds
     assert stats.releases == outcomes["ok"]
-    assert outcomes["ok"] > threads_n * rounds // 2
+    assert outcomes["ok"] > threads_n * rounds // 3  # a third of the timeouts are 0.5 ms
     pool.close()
     assert driver.live == 0
 
