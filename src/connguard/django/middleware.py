@@ -12,16 +12,16 @@ being streamed) stays with the request until it finishes.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.core.signals import got_request_exception
-from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 
 from connguard.pool import PoolError, PoolRefused, PoolTimeout
-from connguard.scope import current_scope
+from connguard.scope import Scope, current_scope
 
 _OVERLOAD_ATTR = "_connguard_overload"
 
@@ -111,7 +111,40 @@ class ConnguardMiddleware:
         scope = current_scope()
         if scope is not None and scope.kind == "request":
             scope.release_all(early=True)
+            if isinstance(response, StreamingHttpResponse):
+                _end_with_stream(response, scope)
         return response
+
+
+def _end_with_stream(response: StreamingHttpResponse, scope: Scope) -> None:
+    """End the request's scope when its stream ends, however it ends.
+
+    Django ends the scope through ``request_finished`` when it closes the response,
+    but under ASGI an exception raised while streaming (a chunk's query timing out)
+    escapes the handler: the response is never closed and the scope, with the
+    connections taken for the stream, would stay open. Ending it here, in the
+    stream's own ``finally``, gives them back (ending twice does nothing).
+    """
+    content = response.streaming_content
+    if response.is_async:
+
+        async def aended() -> AsyncIterator[Any]:
+            try:
+                async for part in content:
+                    yield part
+            finally:
+                scope.end()
+
+        response.streaming_content = aended()
+    else:
+
+        def ended() -> Iterator[Any]:
+            try:
+                yield from content
+            finally:
+                scope.end()
+
+        response.streaming_content = ended()
 
 
 __all__ = ["ConnguardMiddleware", "overload_error", "overload_response"]
