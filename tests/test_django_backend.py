@@ -197,6 +197,98 @@ def test_cursor_made_under_an_ended_lease_is_fenced(connection: Any) -> None:
     assert scalar(connection, "SELECT 4") == 4  # a new cursor re-acquires
 
 
+@pytest.mark.parametrize("how", ["fetchone", "fetchmany", "fetchall", "iterate", "scroll"])
+def test_every_cursor_call_is_fenced_not_only_execute(connection: Any, how: str) -> None:
+    """Item 3 of issue 9: fetching, iterating or scrolling a cursor whose lease has
+    ended raises instead of reading from a connection someone else now holds."""
+    from django.db import OperationalError
+
+    from connguard.pool import LeaseEnded
+
+    cursor = connection.cursor()
+    cursor.execute("SELECT g FROM generate_series(1, 5) g")
+    connection.connguard_lease.release()
+    with pytest.raises(OperationalError) as info:
+        if how == "iterate":
+            list(cursor)
+        elif how == "scroll":
+            cursor.scroll(0, mode="absolute")
+        else:
+            getattr(cursor, how)()
+    assert isinstance(info.value.__cause__, LeaseEnded)
+    cursor.close()  # closing a fenced cursor does nothing (its session was reset)
+
+
+def test_a_server_side_cursor_pins_its_lease_against_early_release(connection: Any) -> None:
+    """The middleware's early release keeps a lease with a server-side cursor open
+    (a streamed iterator() export); the scope's end still takes it back."""
+    from connguard.scope import Scope, enter, leave
+
+    request = Scope("GET /export", kind="request")
+    token = enter(request)
+    try:
+        cursor = connection.chunked_cursor()
+        cursor.execute("SELECT g FROM generate_series(1, 2000) g")
+        first = cursor.fetchmany(100)
+        lease = connection.connguard_lease
+        assert lease.pinned
+        assert request.release_all(early=True) == 0 and lease.active
+        rows = first + [row for chunk in iter(lambda: cursor.fetchmany(500), []) for row in chunk]
+        assert len(rows) == 2000
+        cursor.close()
+        assert not lease.pinned
+        assert request.release_all(early=True) == 1 and not lease.active
+    finally:
+        request.end()
+        leave(token)
+
+
+def test_psycopg_stream_and_copy_go_through_the_fence(connection: Any) -> None:
+    from django.db import OperationalError
+
+    cursor = connection.cursor()
+    assert list(cursor.stream("SELECT g FROM generate_series(1, 3) g")) == [(1,), (2,), (3,)]
+    with cursor.copy("COPY (SELECT 7) TO STDOUT") as copy:
+        assert b"7" in bytes(copy.read())
+    rows = cursor.stream("SELECT 9")
+    connection.connguard_lease.release()
+    with pytest.raises(OperationalError):
+        next(rows)
+    with pytest.raises(OperationalError), cursor.copy("COPY (SELECT 8) TO STDOUT"):
+        pass
+
+
+def test_session_state_is_reset_and_the_role_set_up_again(django_db: dict[str, Any]) -> None:
+    """Reset policy "auto", in process: a request that changes session state (here
+    ``RESET ROLE`` and a tenant GUC) hands on a connection reset to the configured
+    baseline, ``assume_role`` included; one that changes nothing pays no reset."""
+    from django.db.utils import ConnectionHandler
+
+    from .fakes import wait_until
+
+    options = {"assume_role": "cg_reader", "pool": {"min_size": 0, "max_size": 1}}
+    handler = ConnectionHandler({"default": {**django_db, "OPTIONS": options}})
+    conn = handler["default"]
+    try:
+        assert scalar(conn, "SELECT current_user") == "cg_reader"
+        pool = conn.connguard_pool
+        resets = pool.stats().resets
+        conn.close()
+        assert pool.stats().resets == resets, "a clean release pays no reset"
+        with conn.cursor() as cursor:
+            cursor.execute("RESET ROLE")
+        scalar(conn, "SELECT set_config('app.tenant', '42', false)")
+        assert scalar(conn, "SELECT current_user") != "cg_reader"
+        conn.close()
+        wait_until(lambda: pool.stats().resetting == 0)
+        assert pool.stats().resets == resets + 1
+        assert scalar(conn, "SELECT current_user") == "cg_reader"
+        assert scalar(conn, "SELECT current_setting('app.tenant', true)") in ("", None)
+    finally:
+        conn.close()
+        conn.close_pool()
+
+
 def test_lease_lost_inside_atomic_is_an_error_not_a_silent_new_connection(
     connection: Any,
 ) -> None:

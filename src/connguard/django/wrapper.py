@@ -179,15 +179,26 @@ class FencedCursorMixin:
         if lease is None:
             yield from super().__iter__()  # type: ignore[misc]
             return
-        fetch = self.cursor.fetchone
+        # The driver's own iterator (a server-side cursor fetches ``itersize`` rows
+        # per round trip), each step one fenced use.
+        self._cg_enter()
+        try:
+            with self.db.wrap_database_errors:
+                rows = iter(self.cursor)
+        finally:
+            lease.exit()
+        yield from self._cg_rows(lease, rows)
+
+    def _cg_rows(self, lease: Lease, rows: Iterator[Any]) -> Iterator[Any]:
+        """Rows from a driver iterator, each step one fenced use."""
         while True:
             self._cg_enter()
             try:
                 with self.db.wrap_database_errors:
-                    row = fetch()
+                    row = next(rows, _END)
             finally:
                 lease.exit()
-            if row is None:
+            if row is _END:
                 return
             yield row
 
@@ -201,8 +212,10 @@ class FencedCursorMixin:
             return super().__getattr__(attr)  # type: ignore[misc]
         if attr == "close":
             return functools.partial(self._cg_close, value)
-        if attr in ("copy", "stream"):
+        if attr == "copy":
             return functools.partial(self._cg_span, value)
+        if attr == "stream":
+            return functools.partial(self._cg_stream, value)
         wrap = self.db.wrap_database_errors
 
         def fenced(*args: Any, **kwargs: Any) -> Any:
@@ -235,20 +248,27 @@ class FencedCursorMixin:
 
     @contextlib.contextmanager
     def _cg_span(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Iterator[Any]:
-        """``cursor.copy(...)`` and ``cursor.stream(...)`` (psycopg 3) hold the
-        connection for as long as they are open: one fenced use for the whole span."""
+        """``with cursor.copy(...) as copy:`` (psycopg 3) holds the connection for as
+        long as the block runs: one fenced use for the whole block."""
         lease = self._cg_enter()
         assert lease is not None
         try:
-            with self.db.wrap_database_errors:
-                result = method(*args, **kwargs)
-                if hasattr(result, "__enter__"):
-                    with result as inner:
-                        yield inner
-                else:
-                    yield result
+            with self.db.wrap_database_errors, method(*args, **kwargs) as copy:
+                yield copy
         finally:
             lease.exit()
+
+    def _cg_stream(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """``for row in cursor.stream(...)`` (psycopg 3): each row one fenced use."""
+        lease = self._cg_lease
+        assert lease is not None
+        if not lease.dirty and args:
+            lease.note_statement(args[0])
+        # A generator: nothing runs until its first next(), inside the fence.
+        yield from self._cg_rows(lease, method(*args, **kwargs))
+
+
+_END = object()
 
 
 def _pin(lease: Lease, cursor: object) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -305,7 +305,11 @@ class FencedCursor:
                 result = value(*args, **kwargs)
             finally:
                 lease.exit()
-            return self if result is self._cursor else result
+            if result is self._cursor:
+                return self
+            if isinstance(result, Generator):  # psycopg 3's cursor.stream()
+                return _fenced_rows(lease, result)
+            return result
 
         return call
 
@@ -313,17 +317,15 @@ class FencedCursor:
         setattr(self._cursor, name, value)
 
     def __iter__(self) -> Iterator[Any]:
+        """The driver's own iterator (which fetches in batches on a server-side
+        cursor), each step one fenced use."""
         lease: Lease = self._lease
-        cursor = self._cursor
-        while True:
-            lease.enter()
-            try:
-                row = cursor.fetchone()
-            finally:
-                lease.exit()
-            if row is None:
-                return
-            yield row
+        lease.enter()
+        try:
+            rows = iter(self._cursor)
+        finally:
+            lease.exit()
+        yield from _fenced_rows(lease, rows)
 
     def __enter__(self) -> FencedCursor:
         return self
@@ -339,6 +341,19 @@ class FencedCursor:
             lease.exit()
 
 
+def _fenced_rows(lease: Lease, rows: Iterator[Any]) -> Iterator[Any]:
+    while True:
+        lease.enter()
+        try:
+            row = next(rows, _END)
+        finally:
+            lease.exit()
+        if row is _END:
+            return
+        yield row
+
+
+_END = object()
 _SQL_METHODS = frozenset({"execute", "executemany", "callproc", "copy", "copy_expert"})
 
 
