@@ -6,6 +6,7 @@ when a waiter's timeout races a hand-off.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
@@ -299,6 +300,52 @@ class PoolMachine(RuleBasedStateMachine):
             thread.join(5)
             signal.signal(signal.SIGUSR1, previous)
         assert self.pool.stats().waiting == 0, "an interrupted waiter is still queued"
+
+    @rule()
+    def fork(self) -> None:
+        """A child process starts the pool with clean counters and only connections
+        of its own (it refills ``min_size``), drops (never closes) what it inherited,
+        and can use the pool; the parent is untouched."""
+        settle(self.pool, self.driver)
+        before = self.pool.stats()
+        closes = self.driver.closes
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report through the pipe, never return into pytest
+            code = 1
+            try:
+                stats = self.pool.stats()
+                inherited = [lease.raw for lease in self.held if lease.active]
+                problems = []
+                if stats.in_use or stats.acquires or stats.releases:
+                    problems.append(f"counters or leases not clean: {stats}")
+                with self.pool._lock:
+                    kept = [conn.raw for conn in self.pool._idle]
+                if any(raw.pid != os.getpid() for raw in kept):
+                    problems.append("an inherited connection is idle in the child")
+                if inherited:
+                    problems.append("an inherited lease still reaches its connection")
+                if self.driver.closes != closes:
+                    problems.append("closed an inherited connection")
+                if self.driver.fail_connect is None:
+                    lease = self.pool.acquire(timeout=2)
+                    lease.raw.use()
+                    lease.release()
+                self.pool._check_invariants()
+                os.write(write, "; ".join(problems).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            problems = pipe.read().decode()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child failed"
+        assert not problems, problems
+        after = self.pool.stats()
+        counts = (after.in_use, after.acquires, after.releases)
+        assert counts == (before.in_use, before.acquires, before.releases), "the fork changed them"
+        assert all(lease.active for lease in self.held), "the fork ended a parent's lease"
 
     @rule(seconds=st.sampled_from([1.0, 11.0, 31.0, 51.0, 101.0]))
     def time_passes(self, seconds: float) -> None:
