@@ -481,3 +481,29 @@ def test_manage_py_doctor_reads_the_server(connection: Any) -> None:
     assert "max_connections" in data["settings"]
     names = {b["application_name"]: b["class"] for b in data["backends"]}
     assert names.get("cg-other-client") == "idle", names
+
+
+def test_django_is_usable_runs_inside_the_fence(connection: Any) -> None:
+    """Invariant 7: the raw connection goes through the fence. Django's own
+    ``DatabaseWrapper.is_usable()`` (public; called by Django's test machinery and by
+    health-check code) does ``self.connection.cursor().execute("SELECT 1")``: the
+    wrapper's ``connection`` property hands it the raw connection, and the round trip
+    runs with the lease not busy, so a release from another thread at that moment
+    hands the connection on (to another holder) under the running statement."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    lease = connection.connguard_lease
+    raw = lease.raw
+    seen: list[int] = []
+    real_cursor = raw.cursor
+
+    def spying_cursor(*args: Any, **kwargs: Any) -> Any:
+        seen.append(lease._busy)
+        return real_cursor(*args, **kwargs)
+
+    raw.cursor = spying_cursor
+    try:
+        assert connection.is_usable()
+    finally:
+        del raw.cursor
+    assert seen and all(seen), f"is_usable() used the connection with the lease busy={seen}"

@@ -480,6 +480,7 @@ def test_connection_context_manager(pool: Pool) -> None:
     with pool.connection() as conn:
         conn.status = TxStatus.INTRANS
         raw = conn.lease.raw
+    wait_until(lambda: pool.stats().resetting == 0)  # set through the proxy: a full reset
     assert raw.status is TxStatus.IDLE, "rolled back on the way out"
     with pytest.raises(LeaseEnded):
         _ = conn.status  # the fence: the block is over

@@ -554,6 +554,17 @@ class ConnguardWrapperMixin:
         self._cg_cursor_lease = lease
         return cursor
 
+    def is_usable(self) -> bool:
+        """Django's check (``SELECT 1`` on the driver's connection), inside the fence."""
+        lease = self._cg_lease
+        if lease is None:
+            return bool(super().is_usable())  # type: ignore[misc]
+        try:
+            with lease.using():
+                return bool(super().is_usable())  # type: ignore[misc]
+        except LeaseEnded:
+            return False
+
     def make_cursor(self, cursor: Any) -> Any:
         return FencedCursorWrapper(cursor, self)
 

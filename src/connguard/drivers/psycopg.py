@@ -40,6 +40,7 @@ _IDLE = int(pq.TransactionStatus.IDLE)
 _UNKNOWN = int(pq.TransactionStatus.UNKNOWN)
 _FATAL_ERROR = int(pq.ExecStatus.FATAL_ERROR)
 
+_CLIENT_SIDE = ("isolation_level", "read_only", "deferrable")
 _WRITE_EVENTS = select.POLLOUT | select.POLLERR | select.POLLHUP
 
 
@@ -196,6 +197,10 @@ class PsycopgDriver(LibpqDriver):
             conn.autocommit = True
         conn.execute(self.reset_sql(then).encode(), prepare=False)
         _forget_prepared(conn)
+        # The transaction characteristics psycopg keeps on the client side.
+        for attr in _CLIENT_SIDE:
+            if getattr(conn, attr) is not None:
+                setattr(conn, attr, None)
         if conn.autocommit != self.autocommit:
             conn.autocommit = self.autocommit
 

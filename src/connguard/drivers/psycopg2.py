@@ -176,6 +176,8 @@ class Psycopg2Driver(LibpqDriver):
             conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(self.reset_sql(then))
+        # The transaction characteristics psycopg2 keeps on the client side.
+        conn.set_session(isolation_level="DEFAULT", readonly="DEFAULT", deferrable="DEFAULT")
         if conn.autocommit != self.autocommit:
             conn.autocommit = self.autocommit
 

@@ -49,6 +49,7 @@ _AT_START_WORDS = frozenset(
     ]
 )
 _NEEDS_REGEX = frozenset(("set", "prepare"))
+_WORD = re.compile(r"[A-Za-z_]+").match
 # Anywhere in a statement: functions and clauses with session-lifetime effects. Each
 # is looked for only when its cheap substring is present (a plain ``in`` test is ~50x
 # faster than a regular expression over a long ORM query).
@@ -58,7 +59,8 @@ _ANYWHERE = (
     (
         "temp",
         re.compile(
-            r"\btemp(?:orary)?\s+(?:table|view|sequence)\b|\binto\s+(?:unlogged\s+)?temp",
+            r"\btemp(?:orary)?\s+(?:recursive\s+)?(?:table|view|sequence)\b"
+            r"|\binto\s+(?:unlogged\s+)?temp|\bpg_temp\s*\.",
             re.IGNORECASE,
         ),
     ),
@@ -98,7 +100,8 @@ def _judge(sql: str) -> bool:
         head = statement.lstrip()
         if not head:
             continue
-        first = head[:12].split(None, 1)[0].lower() if head[0] not in "/-" else "/"
+        word = _WORD(head) if head[0] not in "/-(" else None
+        first = word.group().lower() if word is not None else "/"
         if first == "/" or first in _NEEDS_REGEX:
             if _AT_START.match(head):
                 return True

@@ -456,13 +456,24 @@ class Pool:
         self._finish_release(lease)
 
     def _revoke(self, lease: Lease) -> None:
-        """A use is in progress in another thread: cancel it; that thread's
-        :meth:`Lease.exit` finishes the release."""
-        conn = lease._conn
+        """A use is in progress in another thread: cancel it; the last of that
+        thread's :meth:`Lease.exit` and this cancel finishes the release. The release
+        waits for the cancel, or the cancel could reach the connection's next holder."""
+        with lease._guard:
+            conn = lease._conn
+            if conn is None or lease._cancelling:
+                return
+            lease._cancelling = True
         with self._lock:
             self._n_revoked += 1
-        if conn is not None:
+        try:
             self.driver.cancel(conn.raw)
+        finally:
+            with lease._guard:
+                lease._cancelling = False
+                finish = lease._ending and not lease._busy and lease._conn is not None
+            if finish:
+                self._finish_release(lease)
 
     def _in_transaction(self, raw: Any) -> bool:
         return self.driver.transaction_status(raw) is not _IDLE
@@ -477,7 +488,9 @@ class Pool:
             # Someone outside the fence (a caller that kept the raw connection) is
             # running a statement: cancel it and leave the connection where it is,
             # counted; housekeeping finishes once the statement has ended.
-            self._revoke(lease)
+            with self._lock:
+                self._n_revoked += 1
+            self.driver.cancel(conn.raw)
             return
         reset = (
             self._reset_always
@@ -549,7 +562,12 @@ class Pool:
         ``deferred``: called by the resetter for a connection counted in ``resetting``."""
         reason: str | None = "reset_failed"
         try:
-            if status is TxStatus.ACTIVE or status is TxStatus.UNKNOWN:
+            if status is TxStatus.ACTIVE:
+                # Abandoned mid-statement (a stream left half read): cancel first, so
+                # the server stops the statement before the slot is freed.
+                self.driver.cancel(conn.raw)
+                reason = "broken"
+            elif status is TxStatus.UNKNOWN:
                 reason = "broken"
             else:
                 try:
@@ -668,7 +686,10 @@ class Pool:
         self._stopping.set()
         for conn in idle:
             self._close_conn(conn)
-        housekeeper().unregister(self)
+        if not self._leases:
+            # Otherwise housekeeping keeps visiting: leases dropped or revoked after
+            # the close still need their connections closed.
+            housekeeper().unregister(self)
 
     @property
     def closed(self) -> bool:

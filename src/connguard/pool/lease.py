@@ -64,6 +64,7 @@ class Lease:
     __slots__ = (
         "__weakref__",
         "_busy",
+        "_cancelling",
         "_conn",
         "_ending",
         "_guard",
@@ -87,6 +88,9 @@ class Lease:
         self._guard = threading.Lock()  # guards _busy and _ending
         self._busy = 0  # uses in progress (enter() without exit())
         self._ending = False  # the fence: set once, when the lease starts to end
+        # A revoking thread is sending a cancel: the release must wait for it, or the
+        # cancel could reach the connection's next holder.
+        self._cancelling = False
         self.acquired_at = acquired_at
         self.owner = owner  # the scope (request, task...) that holds it, if any
         self.thread_id = thread_id  # the thread that asked for it (its name: on demand)
@@ -120,7 +124,9 @@ class Lease:
         another thread), the last use out finishes the release, in this thread."""
         with self._guard:
             self._busy -= 1
-            finish = self._ending and not self._busy and self._conn is not None
+            finish = (
+                self._ending and not self._busy and not self._cancelling and self._conn is not None
+            )
         if finish:
             self._pool._finish_release(self)
 
@@ -255,10 +261,13 @@ class FencedConnection:
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
+        """A connection attribute (``autocommit``, ``read_only``, ``isolation_level``...)
+        set by the holder: the release restores the baseline with a full reset."""
         lease: Lease = object.__getattribute__(self, "_lease")
         raw = lease.enter()
         try:
             setattr(raw, name, value)
+            lease.reset_requested = True
         finally:
             lease.exit()
 
@@ -298,8 +307,8 @@ class FencedCursor:
         lease: Lease = self._lease
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            if name in _SQL_METHODS and args:
-                lease.note_statement(args[0])
+            if name in _SQL_METHODS:
+                _note_call(lease, name, args, kwargs)
             lease.enter()
             try:
                 result = value(*args, **kwargs)
@@ -354,13 +363,33 @@ def _fenced_rows(lease: Lease, rows: Iterator[Any]) -> Iterator[Any]:
 
 
 _END = object()
-_SQL_METHODS = frozenset({"execute", "executemany", "callproc", "copy", "copy_expert"})
+_SQL_METHODS = frozenset(
+    {"execute", "executemany", "callproc", "copy", "copy_expert", "stream", "mogrify"}
+)
+_SESSION_METHODS = frozenset(
+    {"set_session", "set_client_encoding", "set_isolation_level", "tpc_begin", "notifies"}
+)
+
+
+def _note_call(lease: Lease, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Reset policy "auto": show the lease the statement of a cursor or connection call
+    (positional or by keyword); a procedure may do anything to the session."""
+    if name == "callproc":
+        lease.dirty = True
+        return
+    sql = args[0] if args else kwargs.get("query", kwargs.get("sql", kwargs.get("statement")))
+    if sql is not None:
+        lease.note_statement(sql)
 
 
 def _fenced_call(lease: Lease, name: str) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
-        if name in _SQL_METHODS and args:
-            lease.note_statement(args[0])
+        if name in _SQL_METHODS:
+            _note_call(lease, name, args, kwargs)
+        elif name in _SESSION_METHODS or (name == "cursor" and (args or kwargs.get("name"))):
+            # psycopg2's set_session()/set_client_encoding(), a named (server-side,
+            # maybe WITH HOLD) cursor: the next holder must get a full reset.
+            lease.reset_requested = True
         raw = lease.enter()
         try:
             result = getattr(raw, name)(*args, **kwargs)

@@ -15,6 +15,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from .driver import TxStatus
+from .housekeeper import housekeeper
 from .lease import Lease, _Conn, describe_owner, first_site, where
 from .opening import request_open_locked, start_openers
 
@@ -32,9 +33,10 @@ def housekeep(pool: Pool) -> None:
     now = pool._clock()
     retired: list[tuple[_Conn, str]] = []
     leaks: list[Lease] = []
+    if pool._closed:
+        _after_close(pool)
+        return
     with pool._lock:
-        if pool._closed:
-            return
         surplus = pool._size - cfg.min_size
         max_idle = cfg.max_idle
         keep: list[_Conn] = []
@@ -76,6 +78,18 @@ def housekeep(pool: Pool) -> None:
         pool._close_conn(conn)
     take_back_dropped(pool)
     take_back(pool, held)
+
+
+def _after_close(pool: Pool) -> None:
+    """A closed pool: only leases still out remain to be finished (dropped after the
+    close, or revoked under a running statement); then it leaves housekeeping."""
+    take_back_dropped(pool)
+    with pool._lock:
+        ending = [lease for ref in pool._leases if (lease := ref()) is not None and lease._ending]
+        done = not pool._leases
+    take_back(pool, ending)
+    if done:
+        housekeeper().unregister(pool)
 
 
 def take_back(pool: Pool, held: list[Lease]) -> None:

@@ -1,0 +1,301 @@
+"""The fence and the clean hand-off at their edges, from an adversarial review.
+
+Each test reproduced one problem in the first version of the fence (all failed there):
+a revoke's cancel racing the holder's own release, leases dropped after the pool
+closed, statements the "auto" reset could not see through the pool's own proxy, a
+WITH HOLD cursor or client-side settings crossing to the next holder, a slot freed
+under a statement still running on the server. Fake-driver tests are deterministic (a
+hook inside the fake pauses one thread at the exact point of the race); real-PostgreSQL
+tests use the session ``pg`` fixture.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from connguard.drivers import load_driver
+from connguard.drivers.session import changes_session
+from connguard.pool import Pool, PoolConfig, TxStatus
+
+from .fakes import FakeConnection, FakeDriver, ManualClock, wait_until
+
+
+def fake_pool(driver: FakeDriver, **settings: Any) -> Pool:
+    settings.setdefault("min_size", 0)
+    settings.setdefault("max_size", 1)
+    settings.setdefault("timeout", 2.0)
+    return Pool(driver, PoolConfig(**settings), clock=ManualClock(), housekeeping=False)
+
+
+# --------------------------------------------------------------------------- 1
+# A revoke's cancel can land on the NEXT holder's statement.
+
+
+class SlowCancelDriver(FakeDriver):
+    """cancel() takes time before it reaches the server (a real cancel request opens a
+    new connection to the server first); the hook records whose statement it hits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancel_started = threading.Event()
+        self.cancel_go = threading.Event()
+        self.revoked: Any = None
+        self.hit_other_holder = False
+
+    def cancel(self, conn: FakeConnection) -> None:
+        self.cancel_started.set()
+        assert self.cancel_go.wait(5)
+        # The cancel arrives now: whose statement is running on this backend?
+        lease = self.revoked
+        if lease is not None and (lease._conn is None or lease._conn.raw is not conn):
+            self.hit_other_holder = True
+        super().cancel(conn)
+
+
+def test_a_revoke_cancel_never_reaches_the_next_holder() -> None:
+    """The holder's statement ends on its own while the revoking thread's cancel is
+    still on its way: the connection is not handed on until the cancel has arrived."""
+    driver = SlowCancelDriver()
+    pool = fake_pool(driver)
+    first = pool.acquire()
+    driver.revoked = first
+    first.enter()  # the holder is running a statement
+    releaser = threading.Thread(target=pool.release, args=(first,))
+    releaser.start()
+    assert driver.cancel_started.wait(5)
+    first.exit()  # its statement ended: the release must still wait for the cancel
+    got: list[Any] = []
+    taker = threading.Thread(target=lambda: got.append(pool.acquire(timeout=5)))
+    taker.start()
+    wait_until(lambda: pool.stats().waiting == 1)
+    assert not got, "handed on while a cancel was in flight"
+    driver.cancel_go.set()
+    releaser.join(5)
+    taker.join(5)
+    assert got, "the connection never came back after the cancel"
+    pool.release(got[0])
+    pool.close()
+    assert not driver.hit_other_holder, "the cancel reached the next holder's statement"
+
+
+# --------------------------------------------------------------------------- 2
+# Leases dropped (or revoked) after the pool closed are never taken back: their
+# physical connections stay open forever.
+
+
+def test_closed_pool_still_closes_a_dropped_lease() -> None:
+    driver = FakeDriver()
+    pool = fake_pool(driver)
+    lease = pool.acquire()
+    conn = lease._conn.raw  # type: ignore[union-attr]
+    pool.close()  # "in-use connections are closed as they come back"
+    del lease  # ... but this one never comes back: its holder dropped it
+    gc.collect()
+    pool.housekeep()  # what the housekeeping thread would do (it unregistered anyway)
+    assert conn.closed or conn.dropped, "a dropped lease's connection outlives its closed pool"
+
+
+# --------------------------------------------------------------------------- 3
+# Reset policy "auto": statements that reach the server through the pool's fenced
+# proxies without being shown to the detector.
+
+
+class SessionConnection(FakeConnection):
+    """A fake connection with a cursor; any statement the detector would flag marks
+    the session dirty, as the server would."""
+
+    def execute(self, query: str, params: Any = None) -> SessionCursor:
+        cur = SessionCursor(self)
+        cur.execute(query, params)
+        return cur
+
+    def cursor(self) -> SessionCursor:
+        return SessionCursor(self)
+
+
+class SessionCursor:
+    def __init__(self, conn: SessionConnection) -> None:
+        self.conn = conn
+
+    def execute(self, query: str, params: Any = None) -> SessionCursor:
+        if changes_session(query):
+            self.conn.session_dirty = True
+        return self
+
+    def callproc(self, procname: str, params: Any = None) -> None:
+        self.conn.session_dirty = True  # a procedure may SET anything
+
+    def stream(self, query: str, params: Any = None) -> Any:
+        self.execute(query, params)
+        yield (1,)
+
+    def fetchone(self) -> Any:
+        return (1,)
+
+    def close(self) -> None:
+        pass
+
+
+class SessionDriver(FakeDriver):
+    changes_session = staticmethod(changes_session)
+
+    def connect(self, timeout: float) -> SessionConnection:
+        with self.lock:
+            self.connects += 1
+            conn = SessionConnection()
+            self.opened.append(conn)
+            self.live += 1
+            self.max_live = max(self.max_live, self.live)
+            return conn
+
+
+def _handed_on_dirty(use: Any) -> bool:
+    driver = SessionDriver()
+    pool = fake_pool(driver, reset="auto", background_reset=False)
+    lease = pool.acquire()
+    use(lease.connection)
+    raw = lease._conn.raw  # type: ignore[union-attr]
+    pool.release(lease)
+    handed_on_dirty = bool(raw.session_dirty) and raw in [c.raw for c in pool._idle]
+    pool.close()
+    return handed_on_dirty
+
+
+def test_auto_reset_sees_sql_passed_by_keyword() -> None:
+    assert not _handed_on_dirty(
+        lambda conn: conn.cursor().execute(query="SET search_path TO tenant_7")
+    ), "cursor.execute(query=...) bypasses note_statement: handed on with search_path set"
+
+
+def test_auto_reset_after_callproc_on_pool_cursor() -> None:
+    # The Django layer marks any callproc dirty; the pool's FencedCursor judges the
+    # procedure *name* as if it were SQL ("set_tenant" is not a statement).
+    assert not _handed_on_dirty(lambda conn: conn.cursor().callproc("set_tenant", ["t7"])), (
+        "FencedCursor.callproc is judged by the procedure name: handed on dirty"
+    )
+
+
+def test_auto_reset_sees_psycopg3_stream_on_pool_cursor() -> None:
+    assert not _handed_on_dirty(
+        lambda conn: list(conn.cursor().stream("SELECT set_config('app.tenant', '7', false)"))
+    ), "FencedCursor.stream() is not in _SQL_METHODS: handed on with app.tenant set"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TABLE pg_temp.scratch (id int)",  # a temporary table, schema-qualified
+        "CREATE VIEW pg_temp.v AS SELECT 1",
+        "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        "CREATE TEMP RECURSIVE VIEW v (n) AS SELECT 1",
+        "SET/**/search_path TO tenant_7",
+    ],
+)
+def test_auto_detector_sees_qualified_temp_objects_and_commented_commands(sql: str) -> None:
+    assert changes_session(sql), f"not seen as changing session state: {sql!r}"
+
+
+# --------------------------------------------------------------------------- real PG
+
+
+@pytest.fixture
+def app() -> str:
+    return f"cg-review-{uuid.uuid4().hex[:10]}"
+
+
+def real_pool(pg: Any, app: str, **settings: Any) -> Pool:
+    settings.setdefault("min_size", 0)
+    settings.setdefault("max_size", 1)
+    settings.setdefault("timeout", 3.0)
+    return Pool(
+        load_driver("psycopg", conninfo=pg.dsn, application_name=app),
+        PoolConfig(**settings),
+        name=app,
+        housekeeping=False,
+    )
+
+
+@pytest.mark.real
+@pytest.mark.filterwarnings("ignore:.*was deleted while still open:ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_withhold_cursor_through_fenced_connection_never_reaches_next_holder(
+    pg: Any, app: str
+) -> None:
+    """Invariant 3: no open server-side cursor reaches the next holder. The Django layer
+    pins/forces a reset for named cursors; the pool's own FencedConnection does not."""
+    pool = real_pool(pg, app, reset="auto", background_reset=False)
+    try:
+        lease = pool.acquire()
+        cur = lease.connection.cursor("leftover", withhold=True)
+        cur.execute("SELECT generate_series(1, 10)")
+        cur.fetchone()  # left open, not closed
+        pool.release(lease)
+        with pool.connection() as conn:
+            row = conn.execute("SELECT count(*) FROM pg_cursors WHERE name = 'leftover'").fetchone()
+        assert row[0] == 0, "the previous holder's WITH HOLD cursor reached the next holder"
+    finally:
+        pool.close()
+
+
+@pytest.mark.real
+def test_client_side_session_settings_never_reach_next_holder(pg: Any, app: str) -> None:
+    """Attributes set through FencedConnection (read_only, autocommit, isolation...)
+    are neither noted as dirty nor restored: the next holder inherits them."""
+    pool = real_pool(pg, app, reset="auto", background_reset=False)
+    try:
+        with pool.connection() as conn:
+            conn.read_only = True
+            conn.autocommit = False
+            conn.execute("SELECT 1")
+            conn.commit()
+        with pool.connection() as conn:
+            inherited = (conn.read_only, conn.autocommit)
+        assert inherited == (None, True), f"next holder got read_only/autocommit {inherited}"
+    finally:
+        pool.close()
+
+
+@pytest.mark.real
+def test_release_under_running_statement_cancels_before_freeing_the_slot(pg: Any, app: str) -> None:
+    """Invariant 7: a slot is free only when its backend is idle or gone. Released by its
+    own thread while a statement is still running (an abandoned psycopg 3 stream), the
+    connection is closed as "broken" without a cancel and its slot freed at once; the
+    backend keeps running the statement (it only notices the hang-up when it next sends)."""
+    pool = real_pool(pg, app, reset="auto", background_reset=False)
+    try:
+        lease = pool.acquire()
+        cur = lease.connection.cursor()
+        rows = cur.stream(
+            # row 1 is big enough (> libpq's 8 kB output buffer) to be flushed at once
+            "SELECT i, repeat('x', 20000), pg_sleep(CASE WHEN i > 1 THEN 3 ELSE 0 END) "
+            "FROM generate_series(1, 2) i"
+        )
+        assert next(iter(rows))[0] == 1  # row 1 arrived; the server now computes row 2
+        assert pool.driver.transaction_status(lease._conn.raw) is TxStatus.ACTIVE  # type: ignore[union-attr]
+        pool.release(lease)  # same thread: closed as broken, slot freed
+        assert pool.stats().size == 0
+        with psycopg.connect(pg.dsn, autocommit=True) as admin:
+            active = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE application_name = %s AND state = 'active'",
+                (app,),
+            ).fetchone()
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (app,),
+            )
+        assert active is not None
+        assert active[0] == 0, (
+            "the pool freed the slot while the server still runs the statement: "
+            "max_size no longer bounds what the server sees"
+        )
+        del rows, cur
+    finally:
+        pool.close()
