@@ -299,3 +299,23 @@ def test_release_under_running_statement_cancels_before_freeing_the_slot(pg: Any
         del rows, cur
     finally:
         pool.close()
+
+
+def test_a_use_ending_under_the_pool_lock_defers_the_release() -> None:
+    """A revoked lease's last use may end where the pool's lock is held (a generator
+    closed by the garbage collector during an allocation under it): the release is
+    handed to the resetter instead of deadlocking."""
+    driver = FakeDriver()
+    pool = fake_pool(driver)
+    lease = pool.acquire()
+    lease.enter()
+    revoker = threading.Thread(target=pool.release, args=(lease,))
+    revoker.start()
+    revoker.join(5)
+    assert not lease.active and lease._conn is not None  # revoked, waiting for the holder
+    with pool._lock:
+        lease.exit()  # would deadlock if it finished the release right here
+    wait_until(lambda: lease._conn is None)
+    assert pool.stats().idle == 1
+    pool._check_invariants()
+    pool.close()

@@ -269,6 +269,7 @@ class PoolMachine(RuleBasedStateMachine):
         assert not conn.closed, "closed under a running statement"
         let_go.set()
         thread.join(5)
+        wait_until(lambda: lease._conn is None)  # finished by the holder (or the resetter)
         assert after, "the holder reached its connection after the lease ended"
         self.held.discard(lease)
         settle(self.pool, self.driver)

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .errors import LeaseEnded
+from .resetter import resetter
 
 if TYPE_CHECKING:
     from .engine import Pool
@@ -128,7 +129,14 @@ class Lease:
                 self._ending and not self._busy and not self._cancelling and self._conn is not None
             )
         if finish:
-            self._pool._finish_release(self)
+            pool = self._pool
+            if pool._lock.locked():
+                # Possibly this very thread holds it: a use abandoned in a generator
+                # that the garbage collector closes during an allocation under the
+                # pool's lock. Finishing here could deadlock; the resetter finishes.
+                resetter().submit(pool, self, None)
+            else:
+                pool._finish_release(self)
 
     @contextmanager
     def using(self) -> Iterator[Any]:

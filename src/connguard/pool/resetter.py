@@ -25,20 +25,25 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .driver import TxStatus
     from .engine import Pool
-    from .lease import _Conn
+    from .lease import Lease, _Conn
 
 logger = logging.getLogger("connguard.pool")
 
 
 class Resetter:
+    """Queue of work taken off the caller's path: ``(pool, conn, status)`` is a reset,
+    ``(pool, lease, None)`` the end of a revoked lease's release (see
+    :meth:`Lease.exit`)."""
+
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Pool, _Conn, TxStatus]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Pool, Any, TxStatus | None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def submit(self, pool: Pool, conn: _Conn, status: TxStatus) -> None:
-        """Queue a connection for its reset; it is given back (or closed) by the thread."""
-        self._queue.put((pool, conn, status))
+    def submit(self, pool: Pool, item: _Conn | Lease, status: TxStatus | None) -> None:
+        """Queue a connection for its reset (given back or closed by the thread), or
+        a lease whose release the thread finishes."""
+        self._queue.put((pool, item, status))
         thread = self._thread
         if thread is None or not thread.is_alive():
             with self._lock:
@@ -51,12 +56,15 @@ class Resetter:
     def _run(self) -> None:
         get = self._queue.get
         while True:
-            pool, conn, status = get()
+            pool, item, status = get()
             try:
-                pool._restore(conn, status, reset=True, deferred=True)
+                if status is None:
+                    pool._finish_release(item)
+                else:
+                    pool._restore(item, status, reset=True, deferred=True)
             except BaseException:  # _restore gave back or closed it; this thread lives on
                 logger.exception("pool %r: reset failed", pool.name)
-            del pool, conn
+            del pool, item
 
     def _after_fork_in_child(self) -> None:
         pending: list[Any] = []
@@ -68,8 +76,9 @@ class Resetter:
         self._queue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread = None
-        for pool, conn, _status in pending:
-            pool.driver.drop(conn.raw)  # the parent's session: forget, never close
+        for pool, item, status in pending:
+            if status is not None:  # a connection: the parent's session, forget it
+                pool.driver.drop(item.raw)
 
 
 _resetter = Resetter()
