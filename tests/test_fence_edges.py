@@ -319,3 +319,20 @@ def test_a_use_ending_under_the_pool_lock_defers_the_release() -> None:
     assert pool.stats().idle == 1
     pool._check_invariants()
     pool.close()
+
+
+def test_returned_leases_leave_nothing_for_the_dropped_lease_backstop() -> None:
+    """Only a lease collected *unreleased* reaches the backstop: returned ones leave
+    no trace (no queue that grows between housekeeping passes, nothing to drain on the
+    slow acquire path)."""
+    pool = fake_pool(FakeDriver(), max_size=2)
+    for _ in range(1000):
+        pool.acquire().release()
+    assert not pool._dropped
+    lease = pool.acquire()
+    del lease
+    gc.collect()
+    assert len(pool._dropped) == 1
+    pool.housekeep()
+    assert pool.stats().dropped == 1 and pool.stats().in_use == 0
+    pool.close()

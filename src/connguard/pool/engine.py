@@ -73,6 +73,7 @@ _bucket = bisect.bisect_left
 _getframe = sys._getframe
 
 _IDLE = TxStatus.IDLE
+_ACTIVE = TxStatus.ACTIVE
 _ROLLBACK_STATES = frozenset({TxStatus.INTRANS, TxStatus.INERROR})
 
 
@@ -484,7 +485,7 @@ class Pool:
         if conn is None:
             return
         status = self.driver.transaction_status(conn.raw)
-        if status is TxStatus.ACTIVE and lease.thread_id != _get_ident():
+        if status is _ACTIVE and lease.thread_id != _get_ident():
             # Someone outside the fence (a caller that kept the raw connection) is
             # running a statement: cancel it and leave the connection where it is,
             # counted; housekeeping finishes once the statement has ended.
@@ -495,8 +496,8 @@ class Pool:
         reset = (
             self._reset_always
             or lease.reset_requested
-            or bool(lease.server_cursors)
-            or (self._reset_auto and lease.dirty)
+            or (lease.dirty and self._reset_auto)
+            or (lease.server_cursors is not None and bool(lease.server_cursors))
         )
         if reset or status is not _IDLE:
             self._release_dirty(lease, conn, status, reset)
@@ -509,6 +510,7 @@ class Pool:
                 # _retire_lease_locked and _give_back_locked, inlined: the hot path
                 lease._conn = None
                 del self._leases[lease._ref]
+                lease._ref = None  # dies with no callback: the lease was returned
                 self._n_releases += 1
                 hold = now - lease.acquired_at
                 hist = self._h_hold
@@ -600,6 +602,7 @@ class Pool:
     def _retire_lease_locked(self, lease: Lease, now: float) -> None:
         lease._conn = None
         self._leases.pop(lease._ref, None)
+        lease._ref = None  # dies with no callback: the lease was returned
         self._n_releases += 1
         self._h_hold.record(now - lease.acquired_at)
         if lease.leak_reported:
@@ -636,6 +639,7 @@ class Pool:
                 return
             lease._conn = None
             self._leases.pop(lease._ref, None)
+            lease._ref = None
             if health:
                 self._n_acquires -= 1  # it never reached the caller
                 self._n_health_failures += 1
