@@ -4,6 +4,8 @@ One run, real web servers, real PostgreSQL, real HTTP over loopback::
 
     python benchmarks/bench_django.py [--quick] [--json PATH] [--rounds R]
                                       [--servers gunicorn,uvicorn] [--variants K,...]
+    python benchmarks/bench_django.py --resets [--servers ...]   # reset policies
+    python benchmarks/bench_django.py --cycle                    # the same, in-process
 
 The site is the demo/test site that ``tests/servers.py`` serves (its ``SETTINGS``;
 configured by environment variables, see that ``settings.py``); every request is
@@ -48,6 +50,16 @@ window, in a rotating order. Figures are medians over the rounds, and every
 ratio is also computed per round (adjacent windows), so that slow drifts of the
 machine's load (other jobs on a shared box) hit both sides of a ratio alike.
 
+``--resets`` runs, instead of the default variants, connguard under each reset
+policy (``OPTIONS["pool"]["reset"]``: ``rollback``, ``auto``, ``always``) against
+``persistent`` and ``native``, plus two variants whose view changes session state at
+every request (``GET /x/guc``, ``benchmarks/bench_views.py``: ``SELECT
+set_config('app.tenant', '1', false)``), with ``rollback`` (no reset) and ``auto``
+(which then resets at every release). ``--cycle`` measures the same variants
+in-process with no HTTP: ``request_started``, ``connection.ensure_connection()``, one
+statement through ``connection.cursor()``, ``request_finished``, each cycle timed,
+median over thousands of cycles.
+
 ``--inprocess`` measures something else, with no server and no load generator:
 the CPU time one thread spends per request, calling Django's WSGI handler
 directly for ``GET /one`` (one child process per variant, min over batches), so
@@ -89,6 +101,7 @@ if str(ROOT) not in sys.path:
 
 from tests.servers import SERVERS, Server, manage, running  # noqa: E402
 
+from bench_views import GUC_SQL  # noqa: E402
 from connguard.testing.postgres import EmbeddedPostgres  # noqa: E402
 from machine import dist_version, git_commit, machine  # noqa: E402
 
@@ -122,13 +135,14 @@ class Variant:
     label: str
     db: str  # "trust" or "scram"
     env: dict[str, str]
+    path: str = PATH  # what every request asks for
 
 
-def _pooled(engine: str, size: int) -> dict[str, str]:
+def _pooled(engine: str, size: int, **pool: str) -> dict[str, str]:
     return {
         "DOCSITE_ENGINE": engine,
         "DOCSITE_CONN_MAX_AGE": "0",
-        "DOCSITE_POOL": json.dumps({"min_size": size, "max_size": size}),
+        "DOCSITE_POOL": json.dumps({"min_size": size, "max_size": size, **pool}),
         "DOCSITE_MIDDLEWARE": "connguard" if engine == "connguard" else "none",
     }
 
@@ -159,7 +173,39 @@ EXTRA_VARIANTS = (
     Variant("native-n8", f"Django native pool (N={N8})", "trust", _pooled("native", N8)),
     Variant("connguard-n8", f"connguard (N={N8})", "trust", _pooled("connguard", N8)),
 )
-BY_KEY = {v.key: v for v in (*VARIANTS, *EXTRA_VARIANTS)}
+# --resets: what each reset policy (OPTIONS["pool"]["reset"]) costs per request. The
+# "+guc" variants ask for GUC_PATH instead of /one: one statement that changes session
+# state (set_config(..., false)), so that "auto" resets at every release; with
+# "rollback" the same statement costs no reset (and its state crosses to the next
+# request), which isolates the reset's cost from the statement's.
+GUC_PATH = "/x/guc"
+_GUC_URLS = {"DOCSITE_EXTRA_URLS": "benchmarks.bench_views"}
+RESET_VARIANTS = tuple(
+    Variant(
+        f"connguard-{policy}{suffix}",
+        f"connguard (N={POOL_SIZE}), reset={policy}{label}",
+        "trust",
+        {**_pooled("connguard", POOL_SIZE, reset=policy), **(_GUC_URLS if suffix else {})},
+        GUC_PATH if suffix else PATH,
+    )
+    for policy, suffix, label in (
+        ("rollback", "", ""),
+        ("auto", "", ""),
+        ("always", "", ""),
+        ("rollback", "+guc", ", view sets a GUC"),
+        ("auto", "+guc", ", view sets a GUC"),
+    )
+)
+RESET_RUN = (
+    "persistent",
+    "native",
+    "connguard-rollback",
+    "connguard-auto",
+    "connguard-always",
+    "connguard-rollback+guc",
+    "connguard-auto+guc",
+)
+BY_KEY = {v.key: v for v in (*VARIANTS, *EXTRA_VARIANTS, *RESET_VARIANTS)}
 # Order of the windows in a round (then rotated round by round): each ratio's two
 # sides run next to each other, so a change in the machine's load hits both alike.
 RUN_ORDER = (
@@ -167,7 +213,12 @@ RUN_ORDER = (
     "connguard-n8",
     "native",
     "connguard",
+    "connguard-rollback",
+    "connguard-auto",
+    "connguard-always",
     "persistent",
+    "connguard-rollback+guc",
+    "connguard-auto+guc",
     "close",
     "close+scram",
     "connguard+scram",
@@ -181,6 +232,34 @@ RATIOS = (
     ("connguard / close-middleware (trust)", "connguard", "close", None, "(information)"),
     ("connguard N=8 / native pool N=8", "connguard-n8", "native-n8", None, "(information)"),
     ("connguard N=8 / CONN_MAX_AGE=None", "connguard-n8", "persistent", None, "(information)"),
+    ("reset=rollback / native pool", "connguard-rollback", "native", None, "(information)"),
+    ("reset=auto / native pool", "connguard-auto", "native", None, "(information)"),
+    ("reset=always / native pool", "connguard-always", "native", None, "(information)"),
+    (
+        "reset=rollback / CONN_MAX_AGE=None",
+        "connguard-rollback",
+        "persistent",
+        None,
+        "(information)",
+    ),
+    ("reset=auto / CONN_MAX_AGE=None", "connguard-auto", "persistent", None, "(information)"),
+    ("reset=always / CONN_MAX_AGE=None", "connguard-always", "persistent", None, "(information)"),
+    ("reset=auto / reset=rollback", "connguard-auto", "connguard-rollback", None, "(information)"),
+    (
+        "reset=always / reset=rollback",
+        "connguard-always",
+        "connguard-rollback",
+        None,
+        "(information)",
+    ),
+    (
+        "GUC view: auto / rollback",
+        "connguard-auto+guc",
+        "connguard-rollback+guc",
+        None,
+        "(information)",
+    ),
+    ("GUC view: auto / /one auto", "connguard-auto+guc", "connguard-auto", None, "(information)"),
 )
 
 
@@ -220,10 +299,10 @@ class Load:
         return self.ok / self.duration_s
 
 
-def run_wrk(port: int, seconds: int, script: Path) -> Load:
+def run_wrk(port: int, seconds: int, script: Path, path: str = PATH) -> Load:
     cmd = [
         "wrk", "-t", "1", "-c", str(CONCURRENCY), "-d", f"{seconds}s",
-        "--timeout", "10s", "--latency", "-s", str(script), f"http://127.0.0.1:{port}{PATH}",
+        "--timeout", "10s", "--latency", "-s", str(script), f"http://127.0.0.1:{port}{path}",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCHJSON ")), None)
@@ -244,7 +323,7 @@ def run_wrk(port: int, seconds: int, script: Path) -> Load:
     )
 
 
-def run_python_client(port: int, seconds: float) -> Load:
+def run_python_client(port: int, seconds: float, path: str = PATH) -> Load:
     """Fallback: CONCURRENCY threads, each with one keep-alive connection."""
     deadline = time.monotonic() + seconds
     lock = threading.Lock()
@@ -259,7 +338,7 @@ def run_python_client(port: int, seconds: float) -> Load:
         while time.monotonic() < deadline:
             t0 = time.perf_counter()
             try:
-                conn.request("GET", PATH)
+                conn.request("GET", path)
                 resp = conn.getresponse()
                 resp.read()
             except OSError:
@@ -317,10 +396,10 @@ class LoadGenerator:
         first = (ver.stdout or ver.stderr).splitlines()
         return f"wrk ({first[0].strip() if first else '?'})"
 
-    def run(self, port: int, seconds: int) -> Load:
+    def run(self, port: int, seconds: int, path: str = PATH) -> Load:
         if self.wrk is not None:
-            return run_wrk(port, seconds, self.script)
-        return run_python_client(port, seconds)
+            return run_wrk(port, seconds, self.script, path)
+        return run_python_client(port, seconds, path)
 
 
 # --------------------------------------------------------------------- CPU accounting
@@ -586,14 +665,21 @@ def fetch_stats(port: int) -> Any:
 
 
 def window(
-    srv: Server, app: str, db: Database, *, load: LoadGenerator, seconds: int, round_no: int
+    srv: Server,
+    app: str,
+    db: Database,
+    *,
+    load: LoadGenerator,
+    seconds: int,
+    round_no: int,
+    path: str = PATH,
 ) -> Sample:
     roots = {"web": srv.process.pid, "pg": db.postmaster}
     with db.watcher.sampling(app):
         sessions0 = db.watcher.settled_sessions()
         cpu0, busy0, own0 = tree_cpu(roots), machine_busy(), own_cpu()
         t0 = time.monotonic()
-        timed = load.run(srv.port, seconds)
+        timed = load.run(srv.port, seconds, path)
         elapsed = time.monotonic() - t0
         cpu1, busy1, own1 = tree_cpu(roots), machine_busy(), own_cpu()
         sessions1 = db.watcher.settled_sessions()
@@ -631,7 +717,7 @@ def bench_server(
             env = {**SERVER_ENV[server], **v.env, "DOCSITE_APP_NAME": apps[v.key]}
             srvs[v.key] = stack.enter_context(running(server, dbs[v.db].site, log_dir, **env))
         for v in variants:
-            cells[v.key].warmup = load.run(srvs[v.key].port, params.warmup_s)
+            cells[v.key].warmup = load.run(srvs[v.key].port, params.warmup_s, v.path)
         for r in range(params.rounds):
             shift = r % len(variants)
             order = [*variants[shift:], *variants[:shift]]
@@ -644,6 +730,7 @@ def bench_server(
                     load=load,
                     seconds=params.window_s,
                     round_no=r,
+                    path=v.path,
                 )
                 cells[v.key].samples.append(sample)
                 line.append(f"{v.key} {sample.load.rps:.0f}")
@@ -656,12 +743,21 @@ def bench_server(
 # --------------------------------------------------------------------- environment
 
 
+def _connguard_src() -> Path:
+    """The source tree the servers import connguard from (PYTHONPATH may name a
+    worktree of another commit)."""
+    import connguard
+
+    return Path(connguard.__file__).parents[1]
+
+
 def environment(load: LoadGenerator, dbs: dict[str, Database]) -> dict[str, Any]:
     version = dist_version
     row = dbs["trust"].watcher.conn.execute("SHOW server_version").fetchone()
     return {
         **machine(),
-        "connguard": f"{version('django-connguard')} (git {git_commit()})",
+        "connguard": f"{version('django-connguard')} (git {git_commit(_connguard_src())})",
+        "connguard_src": str(_connguard_src()),
         "django": version("django"),
         "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__}, libpq {psycopg.pq.version()})",
         "psycopg_pool": version("psycopg-pool"),
@@ -705,6 +801,7 @@ def ratio_table(cells: dict[tuple[str, str], Cell]) -> list[dict[str, Any]]:
                     "paired_max": max(paired),
                     "per_round": paired,
                     "cpu_per_request_other_over_connguard": cpu_b / cpu_a if cpu_a else None,
+                    "cpu_us_per_request_difference": cpu_a - cpu_b,
                     "target": says,
                     "met": None if target is None else ratio >= target,
                 }
@@ -745,10 +842,20 @@ def print_report(
         "  (web/PG µs/req: CPU time of the server's / PostgreSQL's processes per request;"
         "\n   foreign: cores used by other processes on the machine during the windows)"
     )
+    guc = [v for v in BY_KEY.values() if v.path != PATH and any(k[1] == v.key for k in cells)]
+    if guc:
+        print(f"  (variants whose view sets a GUC: GET {GUC_PATH}, one `{GUC_SQL}` instead)")
+    resets = [(k, c) for k, c in cells.items() if isinstance(c.pool_stats, list) and c.pool_stats]
+    if resets:
+        print("  connguard resets (rollback or full) per 1000 releases, one worker's pools:")
+        for (server, key), c in resets:
+            rel = sum(p.get("releases", 0) for p in c.pool_stats)
+            res = sum(p.get("resets", 0) for p in c.pool_stats)
+            print(f"    {server:9} {key:24} {1000 * res / max(1, rel):7.1f}  ({res}/{rel})")
     print()
     print(
         "Ratios of throughput: of medians; and median [min-max] of the per-round paired "
-        "ratios; CPU/req: other ÷ connguard (web + PG)"
+        "ratios; CPU/req: other ÷ connguard (web + PG), and connguard - other in µs"
     )
     table = ratio_table(cells)
     for r in table:
@@ -757,7 +864,8 @@ def print_report(
         print(
             f"  {r['server']:9} {r['ratio']:37} {r['value']:5.2f}  paired "
             f"{r['paired_median']:5.2f} [{r['paired_min']:.2f}-{r['paired_max']:.2f}]  "
-            f"CPU/req {cpu:5.2f}  target {r['target']:20} {verdict}"
+            f"CPU/req {cpu:5.2f} ({r['cpu_us_per_request_difference']:+5.0f} µs)  "
+            f"target {r['target']:20} {verdict}"
         )
     return table
 
@@ -868,6 +976,238 @@ def inprocess(db: Database, n: int, profile: bool, rounds: int) -> list[dict[str
     return results
 
 
+# --------------------------------------------------------------------- request cycle, in-process
+
+# --cycle: no server, no HTTP, no URL resolution, no middleware: what one request
+# costs the database layer, per reset policy. A cycle is what Django's handler does
+# around a view that runs one statement:
+#     request_started -> connection.ensure_connection() -> one statement through
+#     connection.cursor() (executed, one row fetched) -> request_finished
+# with every receiver of both signals (Django's close_old_connections, connguard's
+# request scope). Each cycle is timed on its own.
+#
+# This machine's speed drifts by up to 2x from one second to the next (a shared VM),
+# so all variants run in one process, each on its own database alias
+# (benchmarks/bench_cycle_settings.py), in short batches in a rotating order; the
+# figures are medians over all cycles, and differences are also taken batch by batch
+# (adjacent batches of one round).
+CYCLE_SETTINGS = "benchmarks.bench_cycle_settings"
+CYCLE_VARIANTS = RESET_RUN
+CYCLE_ALIAS = {  # variant -> its alias in CYCLE_SETTINGS
+    "persistent": "default",
+    "native": "native",
+    "connguard-rollback": "rollback",
+    "connguard-auto": "auto",
+    "connguard-always": "always",
+    "connguard-rollback+guc": "rollback_guc",
+    "connguard-auto+guc": "auto_guc",
+}
+CYCLE_PROCESSES = 3  # child processes, one after the other
+CYCLE_ROUNDS = 100  # per process: rounds of one batch per variant
+CYCLE_BATCH = 40  # cycles per batch
+CYCLE_QUICK = (1, 10)  # --quick: processes, rounds
+
+
+def _cycle_statement(key: str) -> str:
+    return GUC_SQL if BY_KEY[key].path == GUC_PATH else "SELECT 1"
+
+
+def _backend_ticks(cursor: Any) -> dict[str, int]:
+    """CPU ticks used so far by each alias's PostgreSQL backends (from /proc)."""
+    cursor.execute(
+        "SELECT application_name, pid FROM pg_stat_activity "
+        "WHERE application_name LIKE 'bench-cycle-%'"
+    )
+    stats = _all_stats()
+    out: dict[str, int] = collections.defaultdict(int)
+    for app, pid in cursor.fetchall():
+        alias = app.split("|", 1)[0].removeprefix("bench-cycle-")
+        if pid in stats:
+            out[alias] += stats[pid][1]
+    return out
+
+
+def cycle_child(rounds: int, batch: int) -> None:
+    """Runs in a child process with DJANGO_SETTINGS_MODULE=CYCLE_SETTINGS."""
+    import django
+    from django.core import signals
+    from django.core.handlers.wsgi import WSGIHandler
+
+    django.setup()
+    from django.db import connections
+
+    from connguard.django import pools
+
+    started, finished = signals.request_started.send, signals.request_finished.send
+
+    def make(key: str) -> Any:
+        alias, sql = CYCLE_ALIAS[key], _cycle_statement(key)
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": BY_KEY[key].path}
+
+        def one() -> None:
+            started(sender=WSGIHandler, environ=environ)
+            connection = connections[alias]  # as django.db.connection looks it up
+            connection.ensure_connection()
+            with connection.cursor() as cursor:
+                cursor.execute(sql)
+                cursor.fetchone()
+            finished(sender=WSGIHandler)
+
+        return one
+
+    ones = {key: make(key) for key in CYCLE_VARIANTS}
+    for one in ones.values():
+        for _ in range(300):
+            one()
+    counters0 = {p.name: (p.stats().releases, p.stats().resets) for p in pools.pools()}
+    with connections["default"].cursor() as side:
+        pg0 = _backend_ticks(side)
+    clock, cpu_clock, proc_clock = time.perf_counter_ns, time.thread_time_ns, time.process_time_ns
+    times: dict[str, list[int]] = {key: [] for key in CYCLE_VARIANTS}
+    cpu = dict.fromkeys(CYCLE_VARIANTS, 0)
+    proc = dict.fromkeys(CYCLE_VARIANTS, 0)  # all threads: a background reset counts
+    batch_medians: dict[str, list[float]] = {key: [] for key in CYCLE_VARIANTS}
+    for r in range(rounds):
+        shift = r % len(CYCLE_VARIANTS)
+        for key in (*CYCLE_VARIANTS[shift:], *CYCLE_VARIANTS[:shift]):
+            one, buf = ones[key], [0] * batch
+            c0, p0 = cpu_clock(), proc_clock()
+            for i in range(batch):
+                t0 = clock()
+                one()
+                buf[i] = clock() - t0
+            cpu[key] += cpu_clock() - c0
+            proc[key] += proc_clock() - p0
+            times[key] += buf
+            batch_medians[key].append(statistics.median(buf))
+    with connections["default"].cursor() as side:
+        pg1 = _backend_ticks(side)
+    counters1 = {p.name: (p.stats().releases, p.stats().resets) for p in pools.pools()}
+    doc = {
+        key: {
+            "wall_ns": times[key],
+            "batch_median_ns": batch_medians[key],
+            "cpu_ns": cpu[key],
+            "proc_ns": proc[key],
+            # per alias: both figures are shared by the variants of one alias (none here)
+            "pg_ticks": pg1.get(CYCLE_ALIAS[key], 0) - pg0.get(CYCLE_ALIAS[key], 0),
+            "releases": counters1.get(CYCLE_ALIAS[key], (0, 0))[0]
+            - counters0.get(CYCLE_ALIAS[key], (0, 0))[0],
+            "resets": counters1.get(CYCLE_ALIAS[key], (0, 0))[1]
+            - counters0.get(CYCLE_ALIAS[key], (0, 0))[1],
+        }
+        for key in CYCLE_VARIANTS
+    }
+    print("CYCLE " + json.dumps(doc))
+
+
+def cycle(db: Database, processes: int, rounds: int, batch: int) -> list[dict[str, Any]]:
+    """``processes`` child processes, one after the other, each running every variant
+    in ``rounds`` rounds of one ``batch`` per variant (rotating order)."""
+    from tests.servers import site_env
+
+    merged: dict[str, dict[str, Any]] = {
+        key: {
+            "wall_ns": [],
+            "batch_median_ns": [],
+            "cpu_ns": 0,
+            "proc_ns": 0,
+            "pg_ticks": 0,
+            "rel": 0,
+            "res": 0,
+        }
+        for key in CYCLE_VARIANTS
+    }
+    for n in range(processes):
+        env = {**site_env(db.site), "DJANGO_SETTINGS_MODULE": CYCLE_SETTINGS}
+        cmd = [
+            sys.executable, __file__, "--cycle-child", "--rounds", str(rounds),
+            "--requests", str(batch),
+        ]  # fmt: skip
+        out = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False
+        )
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("CYCLE ")), None)
+        if out.returncode != 0 or line is None:
+            raise RuntimeError(f"cycle child failed:\n{out.stdout}\n{out.stderr}")
+        for key, got in json.loads(line.removeprefix("CYCLE ")).items():
+            into = merged[key]
+            into["wall_ns"] += got["wall_ns"]
+            into["batch_median_ns"] += got["batch_median_ns"]
+            into["cpu_ns"] += got["cpu_ns"]
+            into["proc_ns"] += got["proc_ns"]
+            into["pg_ticks"] += got["pg_ticks"]
+            into["rel"] += got["releases"]
+            into["res"] += got["resets"]
+        print(f"  cycle process {n + 1}/{processes} done", flush=True)
+    results = []
+    for key in CYCLE_VARIANTS:
+        m = merged[key]
+        wall, cycles = sorted(m["wall_ns"]), len(m["wall_ns"])
+        results.append(
+            {
+                "variant": key,
+                "label": BY_KEY[key].label,
+                "statement": _cycle_statement(key),
+                "cycles": cycles,
+                "median_us": statistics.median(wall) / 1e3,
+                "p10_us": wall[cycles // 10] / 1e3,
+                "p90_us": wall[cycles * 9 // 10] / 1e3,
+                "thread_cpu_us": m["cpu_ns"] / cycles / 1e3,
+                "process_cpu_us": m["proc_ns"] / cycles / 1e3,
+                "pg_cpu_us": m["pg_ticks"] / _TICK / cycles * 1e6,
+                "connguard_resets_per_release": m["res"] / m["rel"] if m["rel"] else None,
+                "batch_median_ns": m["batch_median_ns"],
+            }
+        )
+    by = {r["variant"]: r for r in results}
+    for r in results:
+        same_view = "connguard-rollback+guc" if r["variant"].endswith("+guc") else None
+        bases = {
+            "persistent": "persistent",
+            "native": "native",
+            "rollback": same_view or "connguard-rollback",
+        }
+        for name, base in bases.items():
+            mine, theirs = r["batch_median_ns"], by[base]["batch_median_ns"]
+            r[f"minus_{name}_us"] = r["median_us"] - by[base]["median_us"]
+            r[f"minus_{name}_paired_us"] = (
+                statistics.median(a - b for a, b in zip(mine, theirs, strict=True)) / 1e3
+            )
+    print()
+    print(
+        "In-process request cycle, one thread: request_started, ensure_connection(), one "
+        "statement\nthrough connection.cursor(), request_finished; µs per cycle; every "
+        f"variant in one process, {processes} x {rounds} rounds of {batch} cycles (interleaved)"
+    )
+    width = max(len(k) for k in CYCLE_VARIANTS)
+    print(
+        f"  {'variant':{width}} {'median':>7} {'p10':>7} {'p90':>7} {'CPU':>7} {'proc':>7} "
+        f"{'PG CPU':>7}"
+        f"  {'- persistent':>15} {'- native':>15} {'- rollback':>15} {'resets':>7}"
+    )
+    for r in results:
+        diffs = "".join(
+            f" {r[f'minus_{name}_us']:+7.1f} [{r[f'minus_{name}_paired_us']:+6.1f}]"
+            for name in ("persistent", "native", "rollback")
+        )
+        resets = r["connguard_resets_per_release"]
+        print(
+            f"  {r['variant']:{width}} {r['median_us']:7.1f} {r['p10_us']:7.1f} "
+            f"{r['p90_us']:7.1f} {r['thread_cpu_us']:7.1f} {r['process_cpu_us']:7.1f} "
+            f"{r['pg_cpu_us']:7.1f} {diffs}" + (f" {resets:7.0%}" if resets is not None else "")
+        )
+    print(
+        "  (median/p10/p90: wall time of one cycle; CPU: the thread's; proc: the process's,\n"
+        "   all threads (a reset run by a background thread counts); PG CPU: the alias's\n"
+        "   backends' (10 ms ticks); differences: of the medians [median of the per-round\n"
+        "   differences of batch medians]; resets: connguard's releases that reset (rollback\n"
+        f"   or full); +guc rows run `{GUC_SQL}`\n"
+        "   and their '- rollback' is against connguard-rollback+guc)"
+    )
+    return results
+
+
 # --------------------------------------------------------------------- main
 
 
@@ -890,23 +1230,64 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: CPU per request of Django's WSGI handler called in-process",
     )
     parser.add_argument("--profile", action="store_true", help="with --inprocess: cProfile")
-    parser.add_argument("--requests", type=int, default=1500, help="--inprocess batch size")
+    parser.add_argument(
+        "--resets",
+        action="store_true",
+        help="the reset policies' variants: " + ",".join(RESET_RUN) + " (instead of --variants)",
+    )
+    parser.add_argument(
+        "--cycle",
+        action="store_true",
+        help="instead: the request cycle in-process, no HTTP (request_started, "
+        "ensure_connection, one statement, request_finished), per reset policy",
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        help=f"--inprocess batch size (1500); --cycle cycles per batch ({CYCLE_BATCH})",
+    )
     parser.add_argument("--inprocess-child", metavar="VARIANT", help=argparse.SUPPRESS)
+    parser.add_argument("--cycle-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.inprocess_child:
-        inprocess_child(args.inprocess_child, args.requests, args.profile)
+        inprocess_child(args.inprocess_child, args.requests or 1500, args.profile)
+        return 0
+    if args.cycle_child:
+        cycle_child(args.rounds or CYCLE_ROUNDS, args.requests or CYCLE_BATCH)
         return 0
     if args.inprocess:
         with database(None) as db:
-            results = inprocess(db, args.requests, args.profile, args.rounds or 6)
+            results = inprocess(db, args.requests or 1500, args.profile, args.rounds or 6)
         if args.json is not None:
             args.json.write_text(json.dumps({"inprocess": results}, indent=2) + "\n")
+        return 0
+    if args.cycle:
+        processes, rounds = CYCLE_QUICK if args.quick else (CYCLE_PROCESSES, CYCLE_ROUNDS)
+        began = time.perf_counter()
+        load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        with database(None) as db:
+            results = cycle(db, processes, args.rounds or rounds, args.requests or CYCLE_BATCH)
+        info = {
+            **machine(),
+            "connguard": f"git {git_commit(_connguard_src())} ({_connguard_src()})",
+            "django": dist_version("django"),
+            "psycopg": dist_version("psycopg"),
+            "psycopg_pool": dist_version("psycopg-pool"),
+            "loadavg_at_start": load0,
+            "loadavg_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        }
+        for key, value in info.items():
+            print(f"  {key:18} {value}")
+        print(f"total {time.perf_counter() - began:.0f} s")
+        if args.json is not None:
+            doc = {"cycle": results, "environment": info}
+            args.json.write_text(json.dumps(doc, indent=2) + "\n")
         return 0
     params = QUICK if args.quick else FULL
     if args.rounds:
         params = Params(args.rounds, params.warmup_s, params.window_s)
     servers = [s for s in SERVER_NAMES if s in args.servers.split(",")]
-    wanted = args.variants.split(",")
+    wanted = list(RESET_RUN) if args.resets else args.variants.split(",")
     unknown = [k for k in wanted if k not in BY_KEY]
     if unknown:
         parser.error(f"unknown variant(s): {', '.join(unknown)}")

@@ -4,6 +4,7 @@ One run, one PostgreSQL server, three libraries, the same psycopg 3 connections
 (autocommit, loopback TCP) behind all of them::
 
     python benchmarks/bench_pool.py [--quick] [--dsn DSN] [--json PATH]
+                                    [--before SRC] [--fence] [--no-libraries]
 
 Subjects (every pool is warm: min_size = max_size = N, all N connections open
 before anything is timed):
@@ -30,6 +31,17 @@ connection; from 1 thread (N = 2) or from 32 threads (N = 10).
   barrier to the last thread's end; throughput = 32 * K / duration. The figure is
   the median of R runs, subjects interleaved run by run.
 
+Two more sections, on request:
+
+* ``--before SRC``: the engine's no-query cycle (1 thread and 32 threads) of an
+  older tree (``SRC`` = its ``src/``, e.g. a ``git worktree`` of an older commit)
+  against the tree this script imports, each in its own child processes (one
+  process cannot import two versions of a package), the two alternating round by
+  round; every child also times psycopg_pool, the anchor of both.
+* ``--fence``: what the lease's fence costs per query: ``SELECT 1`` on one held
+  lease through ``lease.raw`` (unfenced), ``lease.using()`` and ``lease.connection``
+  (``FencedConnection``/``FencedCursor``); wall and client CPU per query.
+
 The garbage collector stays enabled for every subject (as in production), with a
 ``gc.collect()`` before each timed batch. ``sys.getswitchinterval()`` is left at
 its default. The PostgreSQL server shares the machine's cores with the client.
@@ -41,7 +53,9 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -55,6 +69,7 @@ import psycopg_pool
 import sqlalchemy
 from sqlalchemy.pool import QueuePool
 
+import connguard
 from connguard.drivers import load_driver
 from connguard.pool import Pool, PoolConfig
 from machine import dist_version, git_commit, machine
@@ -155,7 +170,9 @@ class Result:
 class Pools:
     """One warm pool per subject, all of size ``size``; closes them all."""
 
-    def __init__(self, dsn: str, size: int) -> None:
+    def __init__(
+        self, dsn: str, size: int, connguard: tuple[str, ...] = (CG, CG_NOSTACK, CG_NOLIVE)
+    ) -> None:
         self.size = size
         self.connguard: dict[str, Pool] = {}
         self.psycopg_pool: psycopg_pool.ConnectionPool[Any] | None = None
@@ -167,6 +184,8 @@ class Pools:
                 CG_NOLIVE: {"liveness_after_idle": 0},  # what testing every checkout costs
             }
             for key, overrides in variants.items():
+                if key not in connguard:
+                    continue
                 driver = load_driver("psycopg", conninfo=dsn, application_name=f"{APP}-cg")
                 cfg = PoolConfig(min_size=size, max_size=size, **overrides)  # type: ignore[arg-type]
                 self.connguard[key] = Pool(driver, cfg, name=f"bench-{size}-{key}")
@@ -388,35 +407,52 @@ def rotated(items: tuple[str, ...], i: int) -> list[str]:
     return [*items[i:], *items[:i]]
 
 
-def bench_single(dsn: str, params: Params, query: bool, monitor: Monitor) -> list[Result]:
-    pools = Pools(dsn, SIZE_SINGLE)
+def _connguard_keys(subjects: tuple[str, ...]) -> tuple[str, ...]:
+    """The connguard pools ``subjects`` need (the context-manager row uses CG's)."""
+    return tuple(dict.fromkeys(CG if s == CG_CM else s for s in subjects if s.startswith(CG)))
+
+
+def bench_single(
+    dsn: str,
+    params: Params,
+    query: bool,
+    monitor: Monitor,
+    subjects: tuple[str, ...] = SUBJECTS,
+) -> list[Result]:
+    pools = Pools(dsn, SIZE_SINGLE, connguard=_connguard_keys(subjects))
     try:
         monitor.expect_backends(pools)
-        loops = {s: pools.loop(s, query) for s in SUBJECTS}
-        for subject in SUBJECTS:  # warm-up: code paths, caches, prepared statements
+        loops = {s: pools.loop(s, query) for s in subjects}
+        for subject in subjects:  # warm-up: code paths, caches, prepared statements
             loops[subject](params.warmup_single[query])
         k = params.cycles_single[query]
-        results = {s: Result(s, 1, query, SIZE_SINGLE) for s in SUBJECTS}
+        results = {s: Result(s, 1, query, SIZE_SINGLE) for s in subjects}
         for i in range(params.batches):
-            for subject in rotated(SUBJECTS, i):
+            for subject in rotated(subjects, i):
                 results[subject].samples.append(time_batch(loops[subject], k))
         pools.check_no_lease_out()
-        return [results[s] for s in SUBJECTS]
+        return [results[s] for s in subjects]
     finally:
         pools.close()
 
 
-def bench_multi(dsn: str, params: Params, query: bool, monitor: Monitor) -> list[Result]:
-    pools = Pools(dsn, SIZE_MULTI)
+def bench_multi(
+    dsn: str,
+    params: Params,
+    query: bool,
+    monitor: Monitor,
+    subjects: tuple[str, ...] = SUBJECTS,
+) -> list[Result]:
+    pools = Pools(dsn, SIZE_MULTI, connguard=_connguard_keys(subjects))
     try:
         monitor.expect_backends(pools)
-        loops = {s: pools.loop(s, query) for s in SUBJECTS}
+        loops = {s: pools.loop(s, query) for s in subjects}
         k = params.cycles_multi[query]
-        for subject in SUBJECTS:  # warm-up: one untimed threaded run of half size
+        for subject in subjects:  # warm-up: one untimed threaded run of half size
             time_threaded(loops[subject], THREADS, max(1, k // 2))
-        results = {s: Result(s, THREADS, query, SIZE_MULTI) for s in SUBJECTS}
+        results = {s: Result(s, THREADS, query, SIZE_MULTI) for s in subjects}
         for i in range(params.runs):
-            for subject in rotated(SUBJECTS, i):
+            for subject in rotated(subjects, i):
                 before = pools.counters(subject)
                 results[subject].samples.append(time_threaded(loops[subject], THREADS, k))
                 after = pools.counters(subject)
@@ -424,7 +460,7 @@ def bench_multi(dsn: str, params: Params, query: bool, monitor: Monitor) -> list
                     waited = (after[1] - before[1]) / (after[0] - before[0])
                     results[subject].waited.append(waited)
         pools.check_no_lease_out()
-        return [results[s] for s in SUBJECTS]
+        return [results[s] for s in subjects]
     finally:
         pools.close()
 
@@ -471,6 +507,354 @@ class Monitor:
         self.conn.close()
 
 
+# --------------------------------------------------------------------- before/after
+
+# The engine's no-query cycle of two source trees: the one this script imports
+# ("after") and an older one given with --before. One process cannot import two
+# versions of a package, so each tree runs in child processes (PYTHONPATH=<its src>),
+# the two alternating round by round. Every child also times psycopg_pool, so each
+# tree has its anchor measured next to it, in the same process.
+CYCLE_SUBJECTS = (CG, CG_CM, PP, PP_CM)
+CYCLE_TREES = ("before", "after")
+CYCLE_ROUNDS = {False: 6, True: 2}  # by --quick
+CYCLE_PARAMS = {
+    False: Params(
+        batches=5,
+        cycles_single={False: 20_000},
+        runs=5,
+        cycles_multi={False: 800},
+        warmup_single={False: 5_000},
+    ),
+    True: Params(
+        batches=3,
+        cycles_single={False: 4_000},
+        runs=2,
+        cycles_multi={False: 300},
+        warmup_single={False: 1_000},
+    ),
+}
+
+
+def cycle_child(dsn: str, quick: bool) -> None:
+    """Runs in a child process: the no-query cycle, 1 thread and 32 threads, of the
+    connguard on this process's path and of psycopg_pool; one JSON line on stdout."""
+    params = CYCLE_PARAMS[quick]
+    monitor = Monitor(dsn)
+    try:
+        results = bench_single(dsn, params, False, monitor, CYCLE_SUBJECTS)
+        results += bench_multi(dsn, params, False, monitor, CYCLE_SUBJECTS)
+        left = monitor.wait_all_gone()
+        if left:
+            raise RuntimeError(f"connections left open after closing every pool: {left}")
+    finally:
+        monitor.close()
+    doc = {
+        "connguard_file": connguard.__file__,
+        "results": [
+            {"subject": r.subject, "threads": r.threads, "samples": r.samples, "waited": r.waited}
+            for r in results
+        ],
+    }
+    print("CYCLE " + json.dumps(doc))
+
+
+@dataclass
+class BeforeAfter:
+    trees: dict[str, dict[str, str]]  # "before"/"after" -> {"src", "git"}
+    rounds: int
+    results: dict[str, list[Result]]  # by tree
+
+    def get(self, tree: str, threads: int, subject: str) -> Result:
+        return next(r for r in self.results[tree] if r.threads == threads and r.subject == subject)
+
+
+def bench_before_after(dsn: str, before_src: Path, quick: bool) -> BeforeAfter:
+    srcs = {"before": before_src.resolve(), "after": Path(connguard.__file__).parents[1]}
+    for tree, src in srcs.items():
+        if not (src / "connguard" / "pool").is_dir():
+            raise SystemExit(f"--before: {src} has no connguard/pool ({tree} tree)")
+    trees = {t: {"src": str(src), "git": git_commit(src)} for t, src in srcs.items()}
+    merged: dict[str, dict[tuple[int, str], Result]] = {t: {} for t in CYCLE_TREES}
+    rounds = CYCLE_ROUNDS[quick]
+    for r in range(rounds):
+        for tree in rotated(CYCLE_TREES, r):
+            path = [str(srcs[tree]), *filter(None, [os.environ.get("PYTHONPATH")])]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+            cmd = [sys.executable, __file__, "--cycle-child", "--dsn", dsn]
+            if quick:
+                cmd.append("--quick")
+            out = subprocess.run(
+                cmd, env=env, capture_output=True, text=True, timeout=600, check=False
+            )
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("CYCLE ")), None)
+            if out.returncode != 0 or line is None:
+                raise RuntimeError(f"{tree} child failed:\n{out.stdout}\n{out.stderr}")
+            got = json.loads(line.removeprefix("CYCLE "))
+            if not Path(got["connguard_file"]).resolve().is_relative_to(srcs[tree]):
+                raise RuntimeError(f"{tree} child imported {got['connguard_file']}")
+            for row in got["results"]:
+                key = (row["threads"], row["subject"])
+                size = SIZE_SINGLE if row["threads"] == 1 else SIZE_MULTI
+                res = merged[tree].setdefault(
+                    key, Result(row["subject"], row["threads"], False, size)
+                )
+                res.samples += row["samples"]
+                res.waited += row["waited"]
+        print(f"  before/after round {r + 1}/{rounds} done", flush=True)
+    return BeforeAfter(trees, rounds, {t: list(merged[t].values()) for t in CYCLE_TREES})
+
+
+def _per_child(samples: list[float], size: int) -> list[float]:
+    """The median of each child's samples (they come in child order, ``size`` each)."""
+    return [statistics.median(samples[i : i + size]) for i in range(0, len(samples), size)]
+
+
+def before_after_figures(ba: BeforeAfter, params: Params) -> list[dict[str, Any]]:
+    """Per scenario and subject: before, after, after/before, and (connguard rows)
+    the ratio to psycopg_pool's same-form row in the same tree's children: of the
+    medians, and child by child (the machine's speed, which drifts between children,
+    cancels out of a ratio taken within one process)."""
+    anchor = {CG: PP, CG_CM: PP_CM}
+    out = []
+    for threads in (1, THREADS):
+        size = params.batches if threads == 1 else params.runs
+        for subject in CYCLE_SUBJECTS:
+            b, a = ba.get("before", threads, subject), ba.get("after", threads, subject)
+            row: dict[str, Any] = {
+                "scenario": scenario_name(threads, False),
+                "subject": subject,
+                "call": CALLS[subject],
+                "unit": "us_per_cycle" if threads == 1 else "cycles_per_s",
+                "before": b.median,
+                "after": a.median,
+                "after_over_before": a.median / b.median,
+                "before_samples": b.samples,
+                "after_samples": a.samples,
+                "before_queued": b.waited or None,
+                "after_queued": a.waited or None,
+            }
+            if subject in anchor:
+                for tree, res in (("before", b), ("after", a)):
+                    pp = ba.get(tree, threads, anchor[subject])
+                    row[f"{tree}_over_psycopg_pool"] = res.median / pp.median
+                    row[f"{tree}_over_psycopg_pool_per_child"] = [
+                        x / y
+                        for x, y in zip(
+                            _per_child(res.samples, size),
+                            _per_child(pp.samples, size),
+                            strict=True,
+                        )
+                    ]
+                after = statistics.median(row["after_over_psycopg_pool_per_child"])
+                before = statistics.median(row["before_over_psycopg_pool_per_child"])
+                row["after_over_before_normalized"] = after / before
+            out.append(row)
+    return out
+
+
+def print_before_after(ba: BeforeAfter, rows: list[dict[str, Any]], params: Params) -> None:
+    print()
+    print(
+        f"Engine cycle, no query: before ({ba.trees['before']['git']}) vs after "
+        f"({ba.trees['after']['git']}); each tree in its own child processes, "
+        f"{ba.rounds} rounds alternating"
+    )
+    for tree in CYCLE_TREES:
+        print(f"  {tree:6} {ba.trees[tree]['src']}")
+    width = max(len(s) for s in CYCLE_SUBJECTS)
+    for threads in (1, THREADS):
+        n = len(ba.get("after", threads, CG).samples)
+        if threads == 1:
+            what = f"µs/cycle, pool size {SIZE_SINGLE}, median of {n} batch means"
+            what += f" of {params.cycles_single[False]:,}"
+        else:
+            what = f"cycles/s, pool size {SIZE_MULTI}, median of {n} runs"
+        print(f"{scenario_name(threads, False)} ({what})")
+        print(
+            f"  {'subject':{width}}  {'call':27} {'before':>9} {'after':>9} "
+            f"{'after/before':>12} {'vs psycopg_pool: before':>24} {'after':>6}  queued (after)"
+        )
+        for row in rows:
+            if row["scenario"] != scenario_name(threads, False):
+                continue
+            fmt = "9.2f" if threads == 1 else "9,.0f"
+            vs = ""
+            if "after_over_psycopg_pool" in row:
+                vs = (
+                    f"{row['before_over_psycopg_pool']:24.2f} {row['after_over_psycopg_pool']:6.2f}"
+                )
+            else:
+                vs = f"{'':24} {'':6}"
+            queued = row["after_queued"]
+            q = f"{statistics.median(queued):.0%} median" if queued else ""
+            print(
+                f"  {row['subject']:{width}}  {row['call']:27} {row['before']:{fmt}} "
+                f"{row['after']:{fmt}} {row['after_over_before']:12.2f} {vs}  {q}"
+            )
+    print(
+        "connguard / psycopg_pool within each child process, median [min-max] over the "
+        "children; after/before of those medians"
+    )
+    for row in rows:
+        if "after_over_before_normalized" not in row:
+            continue
+        cells = []
+        for tree in CYCLE_TREES:
+            per = row[f"{tree}_over_psycopg_pool_per_child"]
+            cells.append(f"{tree} {statistics.median(per):5.2f} [{min(per):.2f}-{max(per):.2f}]")
+        print(
+            f"  {row['scenario']:21} {row['subject']:{width}}  {'  '.join(cells)}  "
+            f"after/before {row['after_over_before_normalized']:5.2f}"
+        )
+    print(
+        "  (1 thread: time, lower is better; 32 threads: throughput, higher is better;\n"
+        "   vs psycopg_pool: connguard's figure over psycopg_pool's same-form row)"
+    )
+
+
+# --------------------------------------------------------------------- the fence
+
+
+# SELECT 1 on one lease held for the whole benchmark (pool size 1): what going through
+# the fence costs per query, against the driver's connection used directly.
+FENCE_RAW = "lease.raw.cursor() (unfenced)"
+FENCE_USING = "with lease.using() as raw: raw.cursor()"
+FENCE_PROXY = "lease.connection.cursor() (FencedConnection)"
+FENCE_HELD = "conn.cursor(), conn = lease.connection kept"
+FENCE_SUBJECTS = (FENCE_RAW, FENCE_USING, FENCE_PROXY, FENCE_HELD)
+# Rounds of one short batch per path (rotating order): this shared VM's speed drifts
+# by up to 2x from one second to the next, so the paths alternate every few ms.
+FENCE_PARAMS = {False: (150, 100, 500), True: (20, 50, 100)}  # rounds, queries, warm-up
+ENTER_EXIT_PAIRS = 200_000
+
+
+def _fence_loops(lease: Any) -> dict[str, Callable[[int], None]]:
+    def raw(k: int) -> None:
+        for _ in range(k):
+            with lease.raw.cursor() as cur:
+                cur.execute(SQL)
+                cur.fetchone()
+
+    def using(k: int) -> None:
+        for _ in range(k):
+            with lease.using() as conn, conn.cursor() as cur:
+                cur.execute(SQL)
+                cur.fetchone()
+
+    def proxy(k: int) -> None:
+        for _ in range(k):
+            with lease.connection.cursor() as cur:
+                cur.execute(SQL)
+                cur.fetchone()
+
+    kept = lease.connection
+
+    def held(k: int) -> None:
+        for _ in range(k):
+            with kept.cursor() as cur:
+                cur.execute(SQL)
+                cur.fetchone()
+
+    return {FENCE_RAW: raw, FENCE_USING: using, FENCE_PROXY: proxy, FENCE_HELD: held}
+
+
+def bench_fence(dsn: str, quick: bool, monitor: Monitor) -> dict[str, Any]:
+    """Per path: wall and client thread-CPU µs per query, medians of batch means, and
+    the differences to the unfenced path batch by batch (adjacent batches)."""
+    batches, k, warmup = FENCE_PARAMS[quick]
+    driver = load_driver("psycopg", conninfo=dsn, application_name=f"{APP}-cg")
+    pool = Pool(driver, PoolConfig(min_size=1, max_size=1), name="bench-fence")
+    try:
+        deadline = time.monotonic() + 30.0
+        while pool.stats().idle < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"connguard pool not warm: {pool.stats()}")
+            time.sleep(0.01)
+        if monitor.backends() != {f"{APP}-cg": 1}:
+            raise RuntimeError(f"unexpected backends: {monitor.backends()}")
+        lease = pool.acquire()
+        try:
+            loops = _fence_loops(lease)
+            for subject in FENCE_SUBJECTS:
+                loops[subject](warmup)
+            wall: dict[str, list[float]] = {s: [] for s in FENCE_SUBJECTS}
+            cpu: dict[str, list[float]] = {s: [] for s in FENCE_SUBJECTS}
+            for i in range(batches):
+                for subject in rotated(FENCE_SUBJECTS, i):
+                    gc.collect()
+                    c0, w0 = time.thread_time(), time.perf_counter()
+                    loops[subject](k)
+                    cpu[subject].append((time.thread_time() - c0) / k * 1e6)
+                    wall[subject].append((time.perf_counter() - w0) / k * 1e6)
+            # The fence alone, no I/O: one enter()/exit() pair.
+            enter, leave = lease.enter, lease.exit
+            gc.collect()
+            t0 = time.perf_counter()
+            for _ in range(ENTER_EXIT_PAIRS):
+                enter()
+                leave()
+            pair_us = (time.perf_counter() - t0) / ENTER_EXIT_PAIRS * 1e6
+        finally:
+            pool.release(lease)
+        if pool.stats().idle != 1:
+            raise RuntimeError(f"fence pool: lease not back: {pool.stats()}")
+    finally:
+        pool.close()
+    base_wall = statistics.median(wall[FENCE_RAW])
+    base_cpu = statistics.median(cpu[FENCE_RAW])
+    rows = [
+        {
+            "path": s,
+            "wall_us_per_query": statistics.median(wall[s]),
+            "wall_minus_raw_us": statistics.median(wall[s]) - base_wall,
+            "wall_minus_raw_paired_us": statistics.median(
+                w - r for w, r in zip(wall[s], wall[FENCE_RAW], strict=True)
+            ),
+            "cpu_us_per_query": statistics.median(cpu[s]),
+            "cpu_minus_raw_us": statistics.median(cpu[s]) - base_cpu,
+            # the same difference batch by batch (adjacent batches of one round)
+            "cpu_minus_raw_paired_us": statistics.median(
+                c - r for c, r in zip(cpu[s], cpu[FENCE_RAW], strict=True)
+            ),
+            "wall_samples": wall[s],
+            "cpu_samples": cpu[s],
+        }
+        for s in FENCE_SUBJECTS
+    ]
+    return {
+        "batches": batches,
+        "queries_per_batch": k,
+        "rows": rows,
+        "enter_exit_pair_us": pair_us,
+    }
+
+
+def print_fence(fence: dict[str, Any]) -> None:
+    print()
+    print(
+        f"Fence cost per query: SELECT 1 on one held lease (pool size 1; median of "
+        f"{fence['batches']} batch means of {fence['queries_per_batch']:,} queries, "
+        "paths interleaved batch by batch)"
+    )
+    width = max(len(s) for s in FENCE_SUBJECTS)
+    print(
+        f"  {'path':{width}}  {'wall µs':>8} {'- raw':>6} {'paired':>7}  {'client CPU µs':>13} "
+        f"{'- raw':>6} {'paired':>7}"
+    )
+    for r in fence["rows"]:
+        print(
+            f"  {r['path']:{width}}  {r['wall_us_per_query']:8.2f} {r['wall_minus_raw_us']:+6.2f} "
+            f"{r['wall_minus_raw_paired_us']:+7.2f}  {r['cpu_us_per_query']:13.2f} "
+            f"{r['cpu_minus_raw_us']:+6.2f} {r['cpu_minus_raw_paired_us']:+7.2f}"
+        )
+    print(
+        f"  lease.enter() + lease.exit(), no query: {fence['enter_exit_pair_us']:.3f} µs per pair\n"
+        "  (client CPU: time.thread_time() of the querying thread, which the server's share\n"
+        "   of the round trip does not reach; - raw: difference of the medians; paired:\n"
+        "   median of the per-round differences of adjacent batches)"
+    )
+
+
 # --------------------------------------------------------------------- environment
 
 
@@ -478,7 +862,9 @@ def environment(server_version: str) -> dict[str, Any]:
     return {
         **machine(),
         "connguard": dist_version("django-connguard"),
-        "connguard_git": git_commit(),
+        # the tree actually imported (PYTHONPATH may point at a worktree of a commit)
+        "connguard_src": str(Path(connguard.__file__).parents[1]),
+        "connguard_git": git_commit(Path(connguard.__file__).parent),
         "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__}, libpq {psycopg.pq.version()})",
         "psycopg_pool": psycopg_pool.__version__,
         "sqlalchemy": sqlalchemy.__version__,
@@ -532,11 +918,14 @@ def targets(results: list[Result]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def print_report(results: list[Result], env: dict[str, Any]) -> None:
+def print_environment(env: dict[str, Any]) -> None:
     print()
     print("Environment")
     for key, value in env.items():
         print(f"  {key:18} {value}")
+
+
+def print_report(results: list[Result]) -> None:
     width = max(len(s) for s in SUBJECTS)
     for threads, query in sorted({(r.threads, r.query) for r in results}):
         rows = [r for r in results if r.threads == threads and r.query == query]
@@ -609,9 +998,34 @@ def main(argv: list[str] | None = None) -> int:
         "--dsn", help="use this PostgreSQL (libpq conninfo) instead of a throwaway server"
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="SRC",
+        help="also time the engine's no-query cycle of the tree whose src/ is SRC (e.g. a "
+        "git worktree of an older commit) against this tree's, in alternating child "
+        "processes, each also timing psycopg_pool",
+    )
+    parser.add_argument(
+        "--fence",
+        action="store_true",
+        help="also time the fence's cost per query: SELECT 1 on one held lease, through "
+        "lease.raw, lease.using() and lease.connection (FencedConnection)",
+    )
+    parser.add_argument(
+        "--no-libraries",
+        action="store_true",
+        help="skip the comparison with psycopg_pool and SQLAlchemy (with --before, --fence)",
+    )
+    parser.add_argument("--cycle-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cycle_child:
+        cycle_child(args.dsn, args.quick)
+        return 0
     params = QUICK if args.quick else FULL
     began = time.perf_counter()
+    ba: BeforeAfter | None = None
+    fence: dict[str, Any] | None = None
 
     with server(args.dsn) as dsn:
         monitor = Monitor(dsn)
@@ -619,13 +1033,22 @@ def main(argv: list[str] | None = None) -> int:
             if monitor.backends():
                 raise RuntimeError(f"{APP}-* backends already connected: {monitor.backends()}")
             env = environment(monitor.server_version())
+            env["loadavg_at_start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
             results: list[Result] = []
-            for query in (False, True):
-                print(f"running {scenario_name(1, query)} ...", flush=True)
-                results += bench_single(dsn, params, query, monitor)
-            for query in (False, True):
-                print(f"running {scenario_name(THREADS, query)} ...", flush=True)
-                results += bench_multi(dsn, params, query, monitor)
+            if not args.no_libraries:
+                for query in (False, True):
+                    print(f"running {scenario_name(1, query)} ...", flush=True)
+                    results += bench_single(dsn, params, query, monitor)
+                for query in (False, True):
+                    print(f"running {scenario_name(THREADS, query)} ...", flush=True)
+                    results += bench_multi(dsn, params, query, monitor)
+            if args.before is not None:
+                print("running the engine cycle, before/after ...", flush=True)
+                ba = bench_before_after(dsn, args.before, args.quick)
+            if args.fence:
+                print("running the fence's cost per query ...", flush=True)
+                fence = bench_fence(dsn, args.quick, monitor)
+            env["loadavg_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
             left = monitor.wait_all_gone()
             if left:
                 raise RuntimeError(f"connections left open after closing every pool: {left}")
@@ -633,7 +1056,14 @@ def main(argv: list[str] | None = None) -> int:
             monitor.close()
 
     elapsed = time.perf_counter() - began
-    print_report(results, env)
+    print_environment(env)
+    if results:
+        print_report(results)
+    ba_rows = before_after_figures(ba, CYCLE_PARAMS[args.quick]) if ba is not None else None
+    if ba is not None and ba_rows is not None:
+        print_before_after(ba, ba_rows, CYCLE_PARAMS[args.quick])
+    if fence is not None:
+        print_fence(fence)
     print(f"\nno connection leaked (pg_stat_activity checked); total {elapsed:.0f} s")
 
     if args.json is not None:
@@ -676,6 +1106,20 @@ def main(argv: list[str] | None = None) -> int:
             ],
             "ratios": ratios(results),
             "targets": targets(results),
+            "before_after": None
+            if ba is None
+            else {
+                "trees": ba.trees,
+                "rounds": ba.rounds,
+                "params_per_child": {
+                    "batches": CYCLE_PARAMS[args.quick].batches,
+                    "cycles_per_batch": CYCLE_PARAMS[args.quick].cycles_single[False],
+                    "runs": CYCLE_PARAMS[args.quick].runs,
+                    "cycles_per_thread_per_run": CYCLE_PARAMS[args.quick].cycles_multi[False],
+                },
+                "rows": ba_rows,
+            },
+            "fence": fence,
             "backends_seen": monitor.seen,
             "elapsed_s": elapsed,
         }

@@ -25,12 +25,13 @@ def dist_version(dist: str) -> str:
         return "-"
 
 
-def git_commit() -> str:
-    """``git describe`` of the tree being measured ("?" outside a checkout)."""
+def git_commit(where: Path = HERE) -> str:
+    """``git describe`` of the tree being measured, the one holding ``where`` ("?"
+    outside a checkout)."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         return subprocess.run(
             ["git", "describe", "--always", "--dirty"],
-            cwd=HERE,
+            cwd=where,
             capture_output=True,
             text=True,
             timeout=5,
