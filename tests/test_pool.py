@@ -202,7 +202,7 @@ def test_background_reset_is_off_the_release_path_and_before_the_next_holder(
     """The releasing thread returns before the reset's round trip; nobody gets the
     connection until the reset is done, and the bound counts it meanwhile."""
     driver = BlockingResetDriver()
-    pool = make_pool(driver, clock, max_size=1)
+    pool = make_pool(driver, clock, max_size=1, background_reset=True)
     lease = pool.acquire()
     conn = conn_of(lease)
     conn.session_dirty = True

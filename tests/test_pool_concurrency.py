@@ -180,6 +180,7 @@ class PoolMachine(RuleBasedStateMachine):
                 leak_threshold=50.0,
                 reconnect_backoff=0.001,
                 reconnect_backoff_max=0.002,
+                background_reset=True,  # the resetter's hand-offs are part of the model
             ),
             name="model",
             clock=self.clock,

@@ -93,10 +93,13 @@ class PoolConfig:
     * ``"rollback"``: only the rollback; session state crosses to the next holder.
     """
 
-    background_reset: bool = True
+    background_reset: bool = False
     """Run a full reset on the process's resetter thread when nobody is waiting, so
     its round trip is not on the releasing request's path (the connection is handed
-    out again only after it). False: the releasing thread resets."""
+    out again only after it). Off by default: measured under gunicorn at saturation,
+    the hand-off to one resetter thread cost more CPU per request than the round trip
+    it moved (docs/benchmarks.md); it pays off for sites far from saturation that
+    reset often and care about each request's latency."""
 
     def __post_init__(self) -> None:
         _int(self, "min_size", 0)
