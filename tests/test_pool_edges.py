@@ -38,6 +38,7 @@ from connguard.scope import Scope, current_scope, owner_scope
 
 from .fakes import FakeConnection, FakeDriver, FakeOperationalError, ManualClock, wait_until
 from .proxy import FaultProxy
+from .test_pool_real import query
 
 DRIVERS = ["psycopg", "psycopg2"]
 DEADLINE_MARGIN = 0.3  # what acquire(timeout) may overrun by, whatever the driver does
@@ -83,17 +84,6 @@ def real_pool(dsn: str, driver_name: str, app: str, **settings: Any) -> Pool:
         name=app,
         housekeeping=False,
     )
-
-
-def query(conn: Any, sql: str, params: tuple[Any, ...] = ()) -> Any:
-    """Run ``sql`` and fetch the first column of the first row (both drivers)."""
-    cur = conn.cursor()
-    try:
-        cur.execute(sql, params)
-        row = cur.fetchone()
-        return row[0] if row else None
-    finally:
-        cur.close()
 
 
 def try_acquire(pool: Pool, timeout: float) -> Lease | None:
