@@ -38,6 +38,7 @@ from django.utils.asyncio import async_unsafe
 import connguard
 from connguard.drivers.session import literal
 from connguard.pool import Lease, LeaseEnded, Pool
+from connguard.pool.lease import fenced_rows
 from connguard.scope import Scope, owner_scope
 
 from . import pools
@@ -180,27 +181,12 @@ class FencedCursorMixin:
             yield from super().__iter__()  # type: ignore[misc]
             return
         # The driver's own iterator (a server-side cursor fetches ``itersize`` rows
-        # per round trip), each step one fenced use.
-        self._cg_enter()
-        try:
-            with self.db.wrap_database_errors:
+        # per round trip), each step one fenced use; errors wrapped as Django's own
+        # CursorWrapper.__iter__ does.
+        with self.db.wrap_database_errors:
+            with lease.using():
                 rows = iter(self.cursor)
-        finally:
-            lease.exit()
-        yield from self._cg_rows(lease, rows)
-
-    def _cg_rows(self, lease: Lease, rows: Iterator[Any]) -> Iterator[Any]:
-        """Rows from a driver iterator, each step one fenced use."""
-        while True:
-            self._cg_enter()
-            try:
-                with self.db.wrap_database_errors:
-                    row = next(rows, _END)
-            finally:
-                lease.exit()
-            if row is _END:
-                return
-            yield row
+            yield from fenced_rows(lease, rows)
 
     def __getattr__(self, attr: str) -> Any:
         """Every other method of the driver's cursor (fetchone, fetchmany, fetchall,
@@ -265,10 +251,8 @@ class FencedCursorMixin:
         if not lease.dirty and args:
             lease.note_statement(args[0])
         # A generator: nothing runs until its first next(), inside the fence.
-        yield from self._cg_rows(lease, method(*args, **kwargs))
-
-
-_END = object()
+        with self.db.wrap_database_errors:
+            yield from fenced_rows(lease, method(*args, **kwargs))
 
 
 def _pin(lease: Lease, cursor: object) -> None:

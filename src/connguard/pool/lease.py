@@ -325,7 +325,7 @@ class FencedCursor:
             if result is self._cursor:
                 return self
             if isinstance(result, Generator):  # psycopg 3's cursor.stream()
-                return _fenced_rows(lease, result)
+                return fenced_rows(lease, result)
             return result
 
         return call
@@ -342,7 +342,7 @@ class FencedCursor:
             rows = iter(self._cursor)
         finally:
             lease.exit()
-        yield from _fenced_rows(lease, rows)
+        yield from fenced_rows(lease, rows)
 
     def __enter__(self) -> FencedCursor:
         return self
@@ -358,7 +358,9 @@ class FencedCursor:
             lease.exit()
 
 
-def _fenced_rows(lease: Lease, rows: Iterator[Any]) -> Iterator[Any]:
+def fenced_rows(lease: Lease, rows: Iterator[Any]) -> Iterator[Any]:
+    """Rows from a driver iterator (a cursor, psycopg 3's ``stream()``), each step one
+    fenced use: the driver keeps its own batching."""
     while True:
         lease.enter()
         try:
