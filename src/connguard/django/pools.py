@@ -22,6 +22,7 @@ from connguard.diagnostics.tags import make_tag
 from connguard.drivers import load_driver
 from connguard.pool import Pool, PoolConfig, PoolConfigError
 
+from .conf import app_settings
 from .driver import DjangoDriver
 
 PoolKey = tuple[str, ...]
@@ -129,9 +130,9 @@ def tag_prefix(options: Mapping[str, Any]) -> str:
     own = options.get("application_name")
     if own:
         return str(own)
-    configured = getattr(settings, "CONNGUARD", {}).get("application_name")
+    configured = app_settings().application_name
     if configured:
-        return str(configured)
+        return configured
     module = getattr(settings, "SETTINGS_MODULE", None) or "django"
     return str(module).split(".")[0]
 
