@@ -10,6 +10,7 @@ and its HTML report are tested in ``test_demo.py``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,9 @@ import pytest
 
 from connguard import __version__, cli
 from connguard.cli import main, mask_dsn
+from connguard.demo import USER_REPORT
 
+ROOT = Path(__file__).resolve().parent.parent
 SECRET = "hunter2-s3cret"
 SHORT = ["--requests", "120", "--concurrency", "30", "--quiet-seconds", "3", "--no-live"]
 
@@ -77,31 +81,108 @@ def test_every_command_registers_itself(capsys: pytest.CaptureFixture[str]) -> N
         assert option in out
 
 
+def test_help_says_what_the_user_report_is(capsys: pytest.CaptureFixture[str]) -> None:
+    """ "The user report" is explained where --help first names it, in three sentences."""
+    assert main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "demo the user report, reproduced" in out
+    assert " ".join(USER_REPORT.split()) in out
+    assert main(["demo", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count("The user report is a Django user's account") == 1
+    assert 2 <= len(re.split(r"(?<=\.) ", USER_REPORT)) <= 3  # sentences, not an essay
+
+
+# -- where the demo's report goes --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("xdg", "expected"),
+    [
+        ("/srv/cache", "/srv/cache/connguard/demo-report.html"),
+        ("", "{home}/.cache/connguard/demo-report.html"),
+        ("relative/cache", "{home}/.cache/connguard/demo-report.html"),  # XDG: ignored
+    ],
+)
+def test_default_report_path_is_the_user_cache_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, xdg: str, expected: str
+) -> None:
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert cli.default_report_path() == Path(expected.format(home=tmp_path))
+
+
+def test_demo_help_names_the_default_report_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps long paths at their hyphens
+    assert main(["demo", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {tmp_path / 'connguard' / 'demo-report.html'}, in your cache" in out
+
+
+def test_report_directory_that_cannot_be_created_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default's directory is created; when it cannot be, the message says how to
+    choose another place, before anything starts."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    assert main(["demo"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    _assert_one_error_line(err)
+    assert f"cannot create {blocker / 'connguard'} for the report" in err
+    assert "--report PATH" in err
+
+
 # -- the demo in a terminal's place ------------------------------------------------------
 
 
 @pytest.mark.real
 @pytest.mark.servers
 def test_demo_plain_output(tmp_path: Path) -> None:
-    """--no-live: progress lines, the side-by-side table, the verdict, the report's
-    path; no terminal escapes (it is for logs and CI)."""
-    report = tmp_path / "report.html"
+    """--no-live, with no --report: the user report said before the first run, every
+    run's burst line with its peak, the side-by-side table, the verdict, the report
+    in the cache directory and its path last; nothing in the working directory; no
+    terminal escapes (it is for logs and CI)."""
+    work, cache = tmp_path / "work", tmp_path / "cache"
+    work.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "connguard.cli", "demo", *SHORT, "--report", str(report)],
+        [sys.executable, "-m", "connguard.cli", "demo", *SHORT],
         capture_output=True,
         text=True,
         timeout=120,
-        env=_env(),
+        env={**_env(), "XDG_CACHE_HOME": str(cache)},
         stdin=subprocess.DEVNULL,
         check=False,
-        cwd=tmp_path,
+        cwd=work,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     out = proc.stdout
     assert "\x1b[" not in out
     assert "run 1/2: stock Django" in out and "run 2/2: connguard" in out
-    assert re.search(r"^  \[stock\] quiet .* backends \d+/40", out, re.MULTILINE), out
+    assert out.index("connguard demo: reproducing the user report") < out.index("run 1/2")
+    assert "The user report is a Django user's account" in out
+    # Every line leads with the run's peak so far, never above the run's peak (the
+    # summary line) and never below a count it printed; every run, however short its
+    # burst, says its peak when the burst is over.
+    for key, title in (("stock", "stock Django"), ("connguard", "connguard")):
+        lines = re.findall(rf"^  \[{key}\] (burst|quiet) .*  backends peak (\d+)/40, now (\d+) \(",
+                           out, re.MULTILINE)  # fmt: skip
+        (run_peak,) = re.findall(rf"^  {title}: peak (\d+) backends", out, re.MULTILINE)
+        peaks = [int(peak) for _, peak, _ in lines]
+        assert peaks == sorted(peaks) and peaks[-1] <= int(run_peak), out
+        assert all(int(peak) >= max(int(now) for _, _, now in lines[: i + 1])
+                   for i, (_, peak, _) in enumerate(lines)), out  # fmt: skip
+        done = re.findall(rf"^  \[{key}\] burst done in [\d.]+ s  backends peak \d+/40", out,
+                          re.MULTILINE)  # fmt: skip
+        assert len(done) == 1, out
+    assert re.search(r"^  \[stock\] quiet .* backends peak \d+/40, now \d+ ", out, re.M), out
     assert re.search(r"^ +stock Django +connguard$", out, re.MULTILINE), out
     for figure in ("peak backends", "backends after 3 s quiet", "failed requests",
                    "latency p50 / p99", "connections opened"):  # fmt: skip
@@ -109,9 +190,11 @@ def test_demo_plain_output(tmp_path: Path) -> None:
     assert re.search(r"^  peak backends +\d+ \(of max_connections 40\) +\d+ \(of max_size 10\)$",
                      out, re.MULTILINE), out  # fmt: skip
     assert re.search(r"^(The leak, reproduced and fixed: s|S)tock Django peaked at ", out, re.M)
+    report = cache / "connguard" / "demo-report.html"
     assert out.endswith(f"report: {report}\n")
     assert report.is_file()
-    assert list(tmp_path.iterdir()) == [report]  # nothing else in the working directory
+    assert list(work.iterdir()) == []  # nothing in the working directory
+    assert list((cache / "connguard").iterdir()) == [report]  # no temporary file left
 
 
 def _descendants(root: int) -> set[int]:
@@ -294,7 +377,36 @@ def test_unreachable_dsn_is_one_line_without_password(refused_port: int, form: s
     assert proc.stdout == ""
     _assert_one_error_line(proc.stderr)
     assert SECRET not in proc.stderr
-    assert "cannot connect" in proc.stderr and str(refused_port) in proc.stderr
+    assert proc.stderr == (
+        f"connguard: error: cannot connect to PostgreSQL at 127.0.0.1:{refused_port}: "
+        "Connection refused\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=127.0.0.1 port={port} user=app password=" + SECRET,
+        "postgresql://app:" + SECRET + "@127.0.0.1:{port}/x",
+        "host={socket_dir} port={port} user=app",
+        "host=nonexistent.invalid port={port} user=app connect_timeout=5",
+    ],
+)
+def test_doctor_and_demo_word_cannot_connect_alike(
+    refused_port: int, tmp_path: Path, dsn: str
+) -> None:
+    """One wording for one failure: the same line from both commands, exit status 2."""
+    dsn = dsn.format(port=refused_port, socket_dir=tmp_path)
+    lines = []
+    for command in ("doctor", "demo"):
+        proc = _run(command, "--dsn", dsn, timeout=30)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stdout == ""
+        _assert_one_error_line(proc.stderr)
+        assert SECRET not in proc.stderr
+        lines.append(proc.stderr)
+    assert lines[0] == lines[1]
+    assert lines[0].startswith("connguard: error: cannot connect to PostgreSQL at "), lines[0]
 
 
 def test_port_in_use_is_one_line() -> None:
@@ -412,6 +524,26 @@ def test_version_python_m_connguard() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"connguard {__version__}\n"
+
+
+def test_version_has_one_source_a_scheme_and_a_changelog_entry() -> None:
+    """``__version__`` is the one place the version is written: pyproject.toml reads it
+    (hatch's dynamic version), it follows the scheme, and CHANGELOG.md's newest section
+    is for it."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "version" not in project["project"]
+    assert project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["hatch"]["version"]["path"] == "src/connguard/__init__.py"
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+)?", __version__), __version__
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    versions = re.findall(r"^## (\S+)", changelog, re.MULTILINE)
+    assert versions and versions[0] == __version__, versions
+    installed = importlib.metadata.version("django-connguard")
+    assert installed == __version__, f"installed metadata says {installed}: reinstall"
+    # The install instructions name the wheel of this version.
+    for doc in ("README.md", "docs/django.md"):
+        text = (ROOT / doc).read_text(encoding="utf-8")
+        assert f"dist/django_connguard-{__version__}-py3-none-any.whl[psycopg]" in text, doc
 
 
 # -- mask_dsn --------------------------------------------------------------------------

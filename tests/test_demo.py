@@ -12,6 +12,8 @@ without any server at the end.
 
 from __future__ import annotations
 
+import html
+import io
 import json
 import os
 import re
@@ -27,8 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
+from connguard.demo import USER_REPORT
+from connguard.demo.database import Postgres
 from connguard.demo.figures import DemoResult, RunResult, percentile, request_errors, verdict
+from connguard.demo.report import DJANGO_DOCS_URL, adoption_diff, render_report
+from connguard.demo.runner import DemoOptions, plans
+from connguard.demo.sampler import Sample
+from connguard.demo.view import LiveState, LiveView, PlainView, sparkline, sparkline_scale
 from connguard.testing.postgres import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,6 +233,8 @@ class _Page(HTMLParser):
         if tag == "td" and "data-run" in a:
             self.cells[a["data-run"]] += 1
         for key in ("src", "href"):
+            if key == "href" and tag == "a":
+                continue  # a link to read (the docs), not a resource the page fetches
             if re.match(r"\s*(https?:)?//", a.get(key, "")):
                 self.external.append(a[key])
 
@@ -236,7 +247,10 @@ class _Page(HTMLParser):
 @pytest.mark.servers
 def test_report_renders_both_charts_with_every_sample(demo_run: DemoRun, tmp_path: Path) -> None:
     html = demo_run.report.read_text(encoding="utf-8")
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    # Nothing is fetched: no src or <link href> leaves the page (an <a href> to the docs
+    # is for the reader; test_report_ends_with_how_to_adopt_this counts those).
+    assert not re.search(r"""\bsrc\s*=\s*["']?(https?:)?//""", html)
+    assert not re.search(r"""<link\b[^>]*\bhref\s*=\s*["']?(https?:)?//""", html)
     assert "@import" not in html and "url(" not in html
 
     page = _Page()
@@ -368,3 +382,159 @@ def test_verdict_says_when_connguard_did_not_hold() -> None:
     text = verdict(_result(_run("stock", 8, 8), _run("connguard", 12, 3, failed=2, pool=True)))
     assert text.startswith("In this run connguard did not hold its bounds: it exceeded")
     assert "kept 3 backends (min_size 1)" in text and "failed 2 requests" in text
+
+
+# -- the report page, without servers -----------------------------------------------------
+
+
+def _sample(
+    t: float, active: int = 0, idle: int = 0, tx: int = 0, other: int = 0
+) -> dict[str, float]:
+    return {"t": t, "backends": active + idle + tx + other, "active": active, "idle": idle,
+            "idle_in_transaction": tx, "other": other}  # fmt: skip
+
+
+def _report_result(*, stock_tx: int = 0) -> DemoResult:
+    """Both runs as the demo records them (settings from the real plans), with samples
+    in which nothing is ever starting and, unless ``stock_tx``, nothing idle in a
+    transaction."""
+    pg = Postgres(source="embedded", conninfo="", host="127.0.0.1", port=5432,
+                  user="postgres", password=None, version="17.2", max_connections=40,
+                  free_connections=37)  # fmt: skip
+    stock_plan, cg_plan = plans(3.0)
+    stock = _run("stock", 39, 39)
+    stock.title, stock.settings = stock_plan.title, stock_plan.settings(pg, "uvicorn", 8000)
+    stock.samples = [_sample(0.0), _sample(0.5, active=30, tx=stock_tx), _sample(1.0, idle=39)]
+    cg = _run("connguard", 10, 1, pool=True)
+    cg.title, cg.settings = cg_plan.title, cg_plan.settings(pg, "uvicorn", 8001)
+    cg.samples = [_sample(0.0), _sample(0.5, active=10), _sample(1.0, idle=1)]
+    cg.pool_samples = [{"t": 0.5, "size": 10, "in_use": 10, "idle": 0, "waiting": 5}]
+    return DemoResult(
+        version="0.1.0.dev0",
+        postgres=pg.as_dict(),
+        options=DemoOptions(requests=100, concurrency=10, quiet_seconds=3.0).as_dict(),
+        runs=[stock, cg],
+    )
+
+
+def _legend_series(page: str) -> list[str]:
+    legend = re.search(r'<ul class="legend">(.*?)</ul>', page, re.S)
+    assert legend is not None
+    return re.findall(r'<li data-series="([\w-]+)">', legend.group(1))
+
+
+def test_report_legend_lists_only_what_a_chart_shows() -> None:
+    page = render_report(_report_result())
+    assert _legend_series(page) == ["active", "idle", "backends", "pool-size", "burst"]
+    assert "idle in transaction" not in page.split('<ul class="legend">')[1].split("</ul>")[0]
+    page = render_report(_report_result(stock_tx=2))
+    assert _legend_series(page) == [
+        "active", "idle", "idle_in_transaction", "backends", "pool-size", "burst"
+    ]  # fmt: skip
+
+
+def test_report_says_what_the_user_report_is() -> None:
+    page = render_report(_report_result())
+    assert html.escape(USER_REPORT, quote=True) in page
+    assert page.index('id="user-report"') < page.index('id="summary"')
+
+
+def test_report_ends_with_how_to_adopt_this() -> None:
+    """The last section: the settings diff from the user report's settings (with the
+    pool at production values, not the demo's short max_idle) and the docs."""
+    page = render_report(_report_result())
+    sections = re.findall(r'<section id="([\w-]+)">', page)
+    assert sections[-1] == "adopt", sections
+    adopt = page[page.index('<section id="adopt">') :]
+    assert "<h2>How to adopt this</h2>" in adopt
+    assert adoption_diff(_report_result()) == [
+        " DATABASES = {",
+        '     "default": {',
+        '-        "ENGINE": "django.db.backends.postgresql",',
+        '+        "ENGINE": "connguard.backends.postgresql",',
+        '         "NAME": ..., "USER": ..., "PASSWORD": ..., "HOST": ..., "PORT": ...,',
+        '-        "CONN_MAX_AGE": 15,',
+        '-        "CONN_HEALTH_CHECKS": True,',
+        '         "OPTIONS": {',
+        '+            "pool": {"min_size": 1, "max_size": 10, "timeout": 5},',
+        "         },",
+        "     },",
+        " }",
+        " INSTALLED_APPS = [",
+        "     ...,",
+        '+    "connguard.django",',
+        " ]",
+        " MIDDLEWARE = [",
+        '+    "connguard.django.middleware.ConnguardMiddleware",  # first',
+        "     ...,",
+        " ]",
+    ]
+    for line in adoption_diff(_report_result()):
+        assert html.escape(line, quote=True) in adopt
+    assert f'<a href="{DJANGO_DOCS_URL}#install">docs/django.md</a>' in adopt
+    assert (
+        "The demo's <code>max_idle</code> (0.75 s) and <code>housekeeping_interval</code> "
+        "(0.5 s) are shortened" in adopt
+    )
+    # The only addresses in the page are links to read, never resources to fetch.
+    assert re.findall(r"""(?:src|href)\s*=\s*["']?((?:https?:)?//[^"' >]*)""", page) == [
+        f"{DJANGO_DOCS_URL}#install"
+    ]
+
+
+# -- the terminal views, without servers --------------------------------------------------
+
+
+def _state(phase: str, *, now: int, peak: int, final: bool = False, elapsed: float = 1.0,
+           history: tuple[int, ...] = ()) -> LiveState:  # fmt: skip
+    return LiveState(
+        key="stock", title="stock Django", phase=phase, elapsed=elapsed,
+        quiet_left=2.0 if phase == "quiet" else None,
+        sample=Sample(0.0, now, 0, 0, now), history=list(history), max_connections=40,
+        pool=None, requests=120, done=60, failed=0, peak=peak, final=final,
+        history_seconds=24.0,
+    )  # fmt: skip
+
+
+def test_plain_view_prints_a_short_burst_with_its_peak() -> None:
+    """A burst shorter than the interval between lines still gets its line, with the
+    peak (the connguard run used to print none: its first line was the quiet period)."""
+    out = io.StringIO()
+    view = PlainView(out, every=2.0)
+    view.start_run("connguard", "the pool", 1, 2)
+    view.update(_state("burst", now=4, peak=10, elapsed=0.3))  # within 2 s: no line
+    view.update(_state("burst", now=3, peak=10, elapsed=0.8, final=True))
+    view.update(_state("quiet", now=3, peak=10))
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "run 2/2: connguard: the pool",
+        "  [stock] burst done in 0.8 s  backends peak 10/40, now 3 (active 0, idle 3)  "
+        "pool -  requests 60/120 done, 0 failed",
+        "  [stock] quiet   2.0 s left  backends peak 10/40, now 3 (active 0, idle 3)  "
+        "pool -  requests 60/120 done, 0 failed",
+    ]
+
+
+def test_plain_view_burst_line_shows_the_peak_not_a_dip() -> None:
+    out = io.StringIO()
+    view = PlainView(out, every=0.0)
+    view.start_run("stock Django", "the report's settings", 0, 2)
+    view.update(_state("burst", now=7, peak=39, elapsed=2.0))
+    line = out.getvalue().splitlines()[-1]
+    assert "backends peak 39/40, now 7 (" in line
+    assert "backends 7/40" not in line
+
+
+def test_sparkline_keeps_the_peak_and_says_its_scale() -> None:
+    values = [0] * 100 + [40] + [0] * 139  # one sample at the top, among 240
+    spark = sparkline(values, 40)
+    assert len(spark) == 40 and spark.count("█") == 1 and set(spark) == {"▁", "█"}
+    assert sparkline([0, 20, 40], 40) == "▁▅█"
+    state = _state("burst", now=7, peak=39, history=tuple(values))
+    assert sparkline_scale(state) == "0 to 40 (max_connections), last 24 s"
+    console = Console(file=io.StringIO(), width=120, color_system=None)
+    view = LiveView(console)
+    view._heading = "run 1/2: stock Django"
+    console.print(view._render(state))
+    drawn = console.file.getvalue()  # type: ignore[attr-defined]
+    assert spark in drawn and "0 to 40 (max_connections), last 24 s" in drawn

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -218,10 +220,104 @@ def test_cli_doctor_exit_status_follows_the_findings(private_pg: Any) -> None:
             conn.close()
 
 
-def test_cli_doctor_bad_dsn_is_one_masked_line() -> None:
-    code, out, err = run_cli("--dsn", "host=127.0.0.1 port=1 user=x password=hunter2")
-    assert code == 2 and out == ""
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert "hunter2" not in err and "cannot connect to the server" in err
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections: bound (so nobody else takes it) but
+    not listening."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
+def test_cli_doctor_unreachable_server_is_one_masked_line(refused_port: int) -> None:
+    """The demo's wording (test_cli.py checks the two agree): where, and libpq's
+    reason without its preamble; no password, no traceback, exit status 2."""
+    for dsn in (f"host=127.0.0.1 port={refused_port} user=x password=hunter2",
+                f"postgresql://x:hunter2@127.0.0.1:{refused_port}/db"):  # fmt: skip
+        code, out, err = run_cli("--dsn", dsn)
+        assert (code, out) == (2, "")
+        assert err == (
+            f"connguard: error: cannot connect to PostgreSQL at 127.0.0.1:{refused_port}: "
+            "Connection refused\n"
+        )
+
+
+@pytest.mark.real
+def test_cli_doctor_unreachable_pgbouncer_is_one_line(pg: Any, refused_port: int) -> None:
+    bouncer = f"host=127.0.0.1 port={refused_port} password=pw"
+    code, out, err = run_cli("--dsn", pg.dsn, "--pgbouncer", bouncer)
+    assert (code, out) == (2, "")
+    assert err == (
+        f"connguard: error: cannot connect to pgbouncer at 127.0.0.1:{refused_port}: "
+        "Connection refused\n"
+    )
+
+
+def test_cli_doctor_bad_options_are_one_line() -> None:
+    code, out, err = run_cli("--dsn", "hots=db password=hunter2")
+    assert (code, out) == (2, "")
+    assert err == 'connguard: error: invalid --dsn: invalid connection option "hots"\n'
+    code, out, err = run_cli("--dsn", "host=db", "--pgbouncer", "nonsense")
+    assert (code, out) == (2, "")
+    assert err.startswith("connguard: error: invalid --pgbouncer: ") and err.count("\n") == 1
     code, _, err = run_cli("--dsn", "x", "--max-size", "default=zero")
     assert code == 2 and "ALIAS=N" in err
+
+
+class _LibpqError(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("conninfo", "error", "message"),
+    [
+        # libpq says where it tried: that wins over the conninfo.
+        ("host=db port=6432",
+         'connection failed: connection to server at "10.0.0.2", port 6432 failed: '
+         "Connection refused\n\tIs the server running on that host and accepting TCP/IP "
+         "connections?",
+         "cannot connect to PostgreSQL at 10.0.0.2:6432: Connection refused"),
+        ("host=db",
+         'connection to server at "db" (10.0.0.2), port 5432 failed: FATAL:  password '
+         'authentication failed for user "app"',
+         'cannot connect to PostgreSQL at db:5432: FATAL: password authentication failed '
+         'for user "app"'),
+        ("user=app",
+         'connection is bad: connection to server on socket "/run/postgresql/.s.PGSQL.5433" '
+         "failed: No such file or directory",
+         "cannot connect to PostgreSQL at /run/postgresql:5433: No such file or directory"),
+        ("host=::1 port=5",
+         'connection failed: connection to server at "::1", port 5 failed: Connection refused',
+         "cannot connect to PostgreSQL at [::1]:5: Connection refused"),
+        # libpq does not say: the conninfo does, never with its password.
+        ("postgresql://app:hunter2@db.example:6543/x",
+         "failed to resolve host 'db.example': [Errno -2] Name or service not known",
+         "cannot connect to PostgreSQL at db.example:6543: failed to resolve host "
+         "'db.example': [Errno -2] Name or service not known"),
+        ("host=db password=hunter2", "connection failed: connection timeout expired",
+         "cannot connect to PostgreSQL at db:5432: connection timeout expired"),
+        ("not a conninfo", "missing \"=\" after \"not\" in connection info string",
+         'cannot connect to PostgreSQL: missing "=" after "not" in connection info string'),
+        ("host=db", "", "cannot connect to PostgreSQL at db:5432: _LibpqError"),
+    ],
+)  # fmt: skip
+def test_cannot_connect_wording(
+    monkeypatch: pytest.MonkeyPatch, conninfo: str, error: str, message: str
+) -> None:
+    monkeypatch.delenv("PGHOST", raising=False)
+    monkeypatch.delenv("PGPORT", raising=False)
+    text = doctor.cannot_connect("PostgreSQL", conninfo, _LibpqError(error))
+    assert text == message
+    assert "hunter2" not in text
+
+
+@pytest.mark.parametrize("module", ["psycopg", "psycopg2"])
+def test_cannot_connect_wording_from_either_driver(refused_port: int, module: str) -> None:
+    """Both drivers' real errors, read the same way."""
+    driver = pytest.importorskip(module)
+    dsn = f"host=127.0.0.1 port={refused_port} user=x password=hunter2 dbname=x"
+    with pytest.raises(driver.OperationalError) as caught:
+        driver.connect(dsn, connect_timeout=5)
+    assert doctor.cannot_connect("PostgreSQL", dsn, caught.value) == (
+        f"cannot connect to PostgreSQL at 127.0.0.1:{refused_port}: Connection refused"
+    )

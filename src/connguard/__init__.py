@@ -19,6 +19,9 @@ from .pool import (
 from .scope import Scope, current_scope, scope
 
 __version__ = "0.1.0.dev0"
+"""The version, PEP 440: ``0.MINOR.PATCH``, with ``.devN`` for a development release
+(not published on PyPI). The one place it is written: pyproject.toml reads it from
+here, ``connguard --version`` prints it, and CHANGELOG.md has a section for it."""
 
 __all__ = [
     "ConnectFailed",

@@ -1,9 +1,10 @@
 """The ``connguard`` command line.
 
-``connguard demo`` is the user report, reproduced and fixed in one command: the
-report's site under a real web server, the report's burst of image loads against
-stock Django and then against connguard, what PostgreSQL saw, side by side (see
-:mod:`connguard.demo`).
+``connguard demo`` is the user report (:data:`connguard.demo.USER_REPORT`: a site
+whose connections piled up, idle and never reused, until PostgreSQL refused new
+ones), reproduced and fixed in one command: the report's site under a real web
+server, the report's burst of image loads against stock Django and then against
+connguard, what PostgreSQL saw, side by side (see :mod:`connguard.demo`).
 
 Each subcommand is one ``add_<name>_command`` function that registers its parser on
 the subparsers object and points it at one ``cmd_<name>`` function; :data:`COMMANDS`
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from connguard import __version__
-from connguard.demo import DemoError
+from connguard.demo import USER_REPORT, DemoError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -145,7 +146,12 @@ def _seconds(value: str) -> float:
 def _build_parser() -> _Parser:
     parser = _Parser(
         prog=PROG,
-        description="connguard: Django database connections that come back.",
+        description=(
+            "connguard: Django database connections that come back. A bounded, "
+            "process-wide pool behind Django's PostgreSQL backend; these commands show "
+            "what it fixes (demo) and who holds which connection on a server (doctor)."
+        ),
+        epilog=USER_REPORT,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -156,7 +162,38 @@ def _build_parser() -> _Parser:
 
 # -- connguard demo --------------------------------------------------------------------
 
-DEMO_DEFAULT_REPORT = "connguard-demo-report.html"
+DEMO_REPORT_NAME = "demo-report.html"
+
+
+def default_report_path() -> Path:
+    """Where ``connguard demo`` writes its HTML report unless ``--report`` says:
+    ``connguard/demo-report.html`` in the user's cache directory
+    (``$XDG_CACHE_HOME``, else ``~/.cache`` on Linux, ``~/Library/Caches`` on macOS,
+    ``%LOCALAPPDATA%`` on Windows); one file, replaced by the next run.
+
+    Not the working directory: the demo is run from anywhere, often from a checkout
+    (this project's or, more likely, the user's own site), where a generated file
+    shows up as untracked and no ``.gitignore`` of ours applies. Not the temporary
+    directory: it is shared with other users (a fixed name there is an invitation to
+    symlink tricks) and cleaned at reboot, while the report is meant to be kept and
+    shared. The path is printed at the end of every run. Without a home directory,
+    ``./connguard-demo-report.html`` (which .gitignore lists).
+    """
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry (a bare container)
+        return Path.cwd() / f"connguard-{DEMO_REPORT_NAME}"
+    if os.path.isabs(xdg):  # the XDG rule: a relative value is ignored
+        base = Path(xdg)
+    elif sys.platform == "win32":
+        local = os.environ.get("LOCALAPPDATA", "")
+        base = Path(local) if local else home / "AppData" / "Local"
+    elif sys.platform == "darwin":
+        base = home / "Library" / "Caches"
+    else:
+        base = home / ".cache"
+    return base / "connguard" / DEMO_REPORT_NAME
 
 
 def add_demo_command(commands: argparse._SubParsersAction[_Parser]) -> None:
@@ -167,12 +204,14 @@ def add_demo_command(commands: argparse._SubParsersAction[_Parser]) -> None:
         "demo",
         help="the user report, reproduced with stock Django and fixed with connguard",
         description=(
-            "Start a throwaway PostgreSQL (or use --dsn) with a small max_connections, "
-            "serve a document viewer (pages as images, a permission query per image) "
-            "under a real web server, and replay a burst of parallel image loads "
+            "The user report, reproduced with stock Django and fixed with connguard. "
+            + USER_REPORT
+            + " The demo starts a throwaway PostgreSQL (or uses --dsn) with a small "
+            "max_connections, serves that site (pages as images, a permission query per "
+            "image) under a real web server, and replays a burst of parallel image loads "
             "against it twice: stock Django with CONN_MAX_AGE=15 and "
-            "CONN_HEALTH_CHECKS=True, then the same site on connguard. Shows what "
-            "PostgreSQL saw, live, then a summary and an HTML report."
+            "CONN_HEALTH_CHECKS=True, then the same site on connguard. It shows what "
+            "PostgreSQL saw, live, then a summary, and writes an HTML report."
         ),
     )
     demo.add_argument(
@@ -217,8 +256,13 @@ def add_demo_command(commands: argparse._SubParsersAction[_Parser]) -> None:
     demo.add_argument(
         "--report",
         type=Path,
-        default=Path(DEMO_DEFAULT_REPORT),
-        help=f"where to write the HTML report (default: ./{DEMO_DEFAULT_REPORT})",
+        default=None,
+        metavar="PATH",
+        help=(
+            "where to write the HTML report, replacing any file there (default: "
+            f"{default_report_path()}, in your cache directory; the path is printed "
+            "at the end)"
+        ),
     )
     demo.add_argument(
         "--no-live",
@@ -249,9 +293,32 @@ def _check_installed(server: str) -> None:
             raise CliError(f"{what} is not installed: python -m pip install {package}")
 
 
-def _demo_options(args: argparse.Namespace) -> DemoOptions:
-    """The command line as :class:`~connguard.demo.runner.DemoOptions`, after the
-    checks argparse cannot make (they depend on each other or on the machine)."""
+def _report_path(given: Path | None) -> Path:
+    """The report's path, checked before the demo starts: a file in a writable
+    directory. The default's directory is created; a given one must exist."""
+    report = default_report_path() if given is None else given
+    if given is None:
+        try:
+            report.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CliError(
+                f"cannot create {report.parent} for the report ({exc.strerror or exc}): "
+                "name another place with --report PATH"
+            ) from None
+    if report.is_dir():
+        raise CliError(f"--report {report} is a directory: name a file")
+    parent = report.resolve().parent
+    if not parent.is_dir():
+        raise CliError(f"--report {report}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CliError(f"--report {report}: directory {parent} is not writable")
+    return report.resolve()
+
+
+def _demo_options(args: argparse.Namespace) -> tuple[DemoOptions, Path]:
+    """The command line as :class:`~connguard.demo.runner.DemoOptions` and the
+    report's path, after the checks argparse cannot make (they depend on each other
+    or on the machine)."""
     from connguard.demo.runner import DemoOptions, min_connections  # noqa: PLC0415
     from connguard.demo.servers import port_in_use  # noqa: PLC0415
 
@@ -269,17 +336,10 @@ def _demo_options(args: argparse.Namespace) -> DemoOptions:
             f"--max-connections {max_connections} is too small: connguard's pool under "
             f"{args.server} and the demo's monitor need at least {needed}"
         )
-    report: Path = args.report
-    if report.is_dir():
-        raise CliError(f"--report {report} is a directory: name a file")
-    parent = report.resolve().parent
-    if not parent.is_dir():
-        raise CliError(f"--report {report}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise CliError(f"--report {report}: directory {parent} is not writable")
     if args.port is not None and port_in_use(args.port):
         raise CliError(f"port {args.port} on 127.0.0.1 is in use: pick another --port")
     _check_installed(args.server)
+    report = _report_path(args.report)
     return DemoOptions(
         requests=args.requests,
         concurrency=args.concurrency,
@@ -288,7 +348,7 @@ def _demo_options(args: argparse.Namespace) -> DemoOptions:
         max_connections=max_connections,
         quiet_seconds=args.quiet_seconds,
         port=args.port,
-    )
+    ), report
 
 
 def _live_console(stream: TextIO) -> Console | None:
@@ -314,7 +374,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rich_summary,
     )
 
-    options = _demo_options(args)
+    options, report = _demo_options(args)
     progress = sys.stderr if args.json else sys.stdout
     console = None if args.no_live else _live_console(progress)
     view: View = LiveView(console) if console is not None else PlainView(progress)
@@ -325,7 +385,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 result: DemoResult = run_demo(options, view, interrupts)
             finally:
                 view.close()
-            result.report = str(write_report(result, args.report))
+            result.report = str(write_report(result, report))
     except KeyboardInterrupt:
         if interrupts.terminated:
             print(f"{PROG}: terminated", file=sys.stderr, flush=True)
@@ -334,6 +394,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(result.as_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
+        print(f"report: {result.report}", file=progress, flush=True)
     elif console is not None:
         rich_summary(result, console)
         console.print(f"report: {result.report}", highlight=False, markup=False)
@@ -399,6 +460,9 @@ def add_doctor_command(commands: argparse._SubParsersAction[_Parser]) -> None:
 
 
 def _connect(dsn: str, what: str) -> Any:
+    """A connection for doctor; failing, one line worded as the demo's (see
+    :func:`connguard.diagnostics.doctor.cannot_connect`)."""
+    from connguard.diagnostics.doctor import cannot_connect  # noqa: PLC0415
     from connguard.drivers import load_driver  # noqa: PLC0415
 
     try:
@@ -408,14 +472,18 @@ def _connect(dsn: str, what: str) -> Any:
     try:
         return driver.connect(10.0)
     except Exception as exc:
-        raise CliError(f"cannot connect to {what}: {_one_line(exc)}") from None
+        raise CliError(mask_dsn(cannot_connect(what, dsn, exc))) from None
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Run ``connguard doctor``; see :func:`add_doctor_command`."""
     from connguard.diagnostics import doctor  # noqa: PLC0415
 
-    conn = _connect(args.dsn, "the server")
+    for option, dsn in (("--dsn", args.dsn), ("--pgbouncer", args.pgbouncer)):
+        invalid = None if dsn is None else doctor.conninfo_error(dsn)
+        if invalid is not None:
+            raise CliError(f"invalid {option}: {invalid}")
+    conn = _connect(args.dsn, "PostgreSQL")
     bouncer = _connect(args.pgbouncer, "pgbouncer") if args.pgbouncer else None
     try:
         text, status = doctor.run(

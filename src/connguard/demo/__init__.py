@@ -16,7 +16,20 @@ This module stays free of imports: Django imports ``connguard.demo.site`` throug
 
 from __future__ import annotations
 
-__all__ = ["DemoError"]
+__all__ = ["USER_REPORT", "DemoError"]
+
+USER_REPORT = (
+    "The user report is a Django user's account of a site that ran out of database "
+    "connections: it shows documents as page images, each image behind a permission "
+    "query, with CONN_MAX_AGE=15 and CONN_HEALTH_CHECKS=True. Every page load left "
+    "connections idle in pg_stat_activity for hours, each with a different last query "
+    "and never reused, until PostgreSQL (and pgbouncer in front of it) refused new ones; "
+    "CONN_MAX_AGE 0 or None and pgbouncer changed nothing, and only a middleware that "
+    "closes every connection after every request made it stop."
+)
+"""What "the user report" is, in three sentences, wherever the command line first
+names it (``connguard --help``, the demo's first line, the HTML report). The README
+says the same in its own words."""
 
 
 class DemoError(Exception):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,8 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+
+from connguard.diagnostics.doctor import cannot_connect
 
 from . import DemoError
 from .interrupts import Interrupts
@@ -198,14 +199,6 @@ def start_embedded(
     )
 
 
-def _where(params: Mapping[str, Any]) -> str:
-    """host:port as libpq would pick them, for a message about a server we could not
-    reach (no connection, so no ``conn.info`` to ask)."""
-    host = str(params.get("host") or params.get("hostaddr") or "the default host")
-    port = str(params.get("port") or "5432")
-    return f"{host}:{port}"
-
-
 def connect_existing(dsn: str, stack: contextlib.ExitStack, need: int) -> Postgres:
     """Use the server ``dsn`` names: check it has ``need`` free connections, create
     (or reuse) the demo database, and drop it at the end if the demo owns it."""
@@ -221,9 +214,7 @@ def connect_existing(dsn: str, stack: contextlib.ExitStack, need: int) -> Postgr
             connect_timeout=CONNECT_TIMEOUT,
         )
     except psycopg.Error as exc:
-        raise DemoError(
-            f"cannot connect to PostgreSQL at {_where(params)}: {_reason(exc)}"
-        ) from None
+        raise DemoError(cannot_connect("PostgreSQL", dsn, exc)) from None
     with conn:
         info = conn.info
         host, port, user, password = info.host, info.port, info.user, info.password

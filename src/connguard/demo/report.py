@@ -9,6 +9,12 @@ scripts are off.
 The script marks what it drew, for people and for tests: each chart's ``<svg>``
 gets ``data-points`` (samples drawn), and its backends line carries the sampled
 counts in ``data-values``.
+
+The legend lists only what some chart shows (a state no backend was ever in is left
+out), and the page ends with how to adopt this: the settings diff from the user
+report's settings to connguard's, and where the full checklist is. Links to the
+documentation are the only addresses in the page, and only as ``<a href>``: nothing
+is fetched.
 """
 
 from __future__ import annotations
@@ -20,9 +26,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import USER_REPORT
 from .figures import DemoResult, RunResult, compact, summary_rows, verdict
 
-__all__ = ["render_report", "write_report"]
+__all__ = ["DJANGO_DOCS_URL", "adoption_diff", "render_report", "write_report"]
+
+DJANGO_DOCS_URL = "https://github.com/connguard/connguard/blob/main/docs/django.md"
+"""docs/django.md in the project's repository (``[project.urls]`` in pyproject.toml)."""
 
 _CSS = """
 :root { --fg:#212529; --muted:#6c757d; --line:#dee2e6; --bg:#fff; --panel:#f8f9fa;
@@ -77,6 +87,9 @@ code { font-size: 13px; }
 .query { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 12px; }
 .settings { display: grid; grid-template-columns: repeat(auto-fit, minmax(520px, 1fr));
             gap: 20px; }
+pre.diff .add { color: #2b8a3e; background: #ebfbee; display: inline-block; width: 100%; }
+pre.diff .del { color: #c92a2a; background: #fff5f5; display: inline-block; width: 100%; }
+.user-report { font-size: 14px; color: var(--muted); max-width: 60em; }
 """
 
 # Draws one SVG chart per run from the JSON above it. Both charts share their scales
@@ -268,24 +281,34 @@ def _summary_table(result: DemoResult) -> str:
     )
 
 
-def _legend() -> str:
+_LAYERS = (
+    ("active", "var(--active)", "active (running a query)"),
+    ("idle", "var(--idle)", "idle (connected, doing nothing)"),
+    ("idle_in_transaction", "var(--idletx)", "idle in transaction"),
+    ("other", "var(--other)", "starting"),
+)
+"""The stacked areas of a chart: sample key, colour, legend text."""
+
+
+def _legend(result: DemoResult) -> str:
+    """The legend, of what the charts show: a state no sample of any run was in draws
+    nothing, and neither does the pool line without a pool."""
     items = [
-        ("var(--active)", "active (running a query)"),
-        ("var(--idle)", "idle (connected, doing nothing)"),
-        ("var(--idletx)", "idle in transaction"),
-        ("var(--other)", "starting"),
+        (key, f"background:{color};opacity:.6", text)
+        for key, color, text in _LAYERS
+        if any(sample.get(key, 0) for run in result.runs for sample in run.samples)
     ]
-    swatches = "".join(
-        f'<li><span class="swatch" style="background:{color};opacity:.6"></span>{_e(text)}</li>'
-        for color, text in items
+    items.append(("backends", "background:var(--fg);height:2px", "backends"))
+    if any(run.pool_samples for run in result.runs):
+        items.append(
+            ("pool-size", "border-top:2px dashed var(--pool);height:0", "connguard pool size")
+        )
+    items.append(("burst", "background:#e7f5ff", "the burst"))
+    entries = "".join(
+        f'<li data-series="{_e(key)}"><span class="swatch" style="{style}"></span>{_e(text)}</li>'
+        for key, style, text in items
     )
-    lines = (
-        '<li><span class="swatch" style="background:var(--fg);height:2px"></span>backends</li>'
-        '<li><span class="swatch" style="border-top:2px dashed var(--pool);height:0"></span>'
-        "connguard pool size</li>"
-        '<li><span class="swatch" style="background:#e7f5ff"></span>the burst</li>'
-    )
-    return f'<ul class="legend">{swatches}{lines}</ul>'
+    return f'<ul class="legend">{entries}</ul>'
 
 
 def _chart(run: RunResult) -> str:
@@ -421,6 +444,8 @@ def render_report(result: DemoResult) -> str:
 {_e(result.options["requests"])} image requests, {_e(result.options["concurrency"])} at a
 time, under {_e(stock.server)} &middot; finished in {result.elapsed_seconds:.0f} s</p>
 <p class="verdict{"" if good else " bad"}" id="verdict">{_e(verdict(result))}</p>
+<p class="user-report" id="user-report">{_e(USER_REPORT)} This page shows that site under
+a burst of image loads, first with the user report's settings, then on connguard.</p>
 </header>
 <section id="summary">
 <h2>Summary</h2>
@@ -439,7 +464,7 @@ the burst), which an idle site never does. connguard gives each one back when it
 request ends, for the next request to reuse, and closes the surplus after
 <code>max_idle</code>.</p>
 <div class="charts">{_chart(stock)}{_chart(cg)}</div>
-{_legend()}
+{_legend(result)}
 <noscript><p>The charts are drawn by a script in this page; enable JavaScript to see them.
 The data is in the page's <code>demo-data</code> element.</p></noscript>
 </section>
@@ -457,11 +482,115 @@ ran (the permission check for one page image), long after the request finished.<
 <h2>Settings used</h2>
 {_settings(result)}
 </section>
+{_adopt(result)}
 <script type="application/json" id="demo-data">{_json_for_script(_chart_data(result))}</script>
 <script>{_SCRIPT}</script>
 </body>
 </html>
 """
+
+
+def _database(run: RunResult) -> dict[str, Any]:
+    """The run's ``DATABASES["default"]`` ({} if the result does not hold it)."""
+    database: dict[str, Any] = run.settings.get("DATABASES", {}).get("default", {})
+    return database
+
+
+def _pool(run: RunResult) -> dict[str, Any]:
+    """The run's ``OPTIONS["pool"]`` ({} without one)."""
+    pool = _database(run).get("OPTIONS", {}).get("pool")
+    return pool if isinstance(pool, dict) else {}
+
+
+def adoption_diff(result: DemoResult) -> list[str]:
+    """From the user report's settings to connguard's, as a unified diff's lines
+    (``+``, ``-`` or a space, then the line): what the connguard run changed, with the
+    production values of the pool rather than the demo's shortened ``max_idle``."""
+    stock = _database(result.run("stock"))
+    cg = _database(result.run("connguard"))
+    pool = _pool(result.run("connguard"))
+    wanted = {
+        "min_size": pool.get("min_size", 1),
+        "max_size": pool.get("max_size", 10),
+        "timeout": pool.get("timeout", 5),
+    }
+    pool_text = ", ".join(f'"{key}": {value}' for key, value in wanted.items())
+    stock_engine = stock.get("ENGINE", "django.db.backends.postgresql")
+    cg_engine = cg.get("ENGINE", "connguard.backends.postgresql")
+    lines = [
+        " DATABASES = {",
+        '     "default": {',
+        f'-        "ENGINE": "{stock_engine}",',
+        f'+        "ENGINE": "{cg_engine}",',
+        '         "NAME": ..., "USER": ..., "PASSWORD": ..., "HOST": ..., "PORT": ...,',
+    ]
+    if "CONN_MAX_AGE" in stock:
+        lines.append(f'-        "CONN_MAX_AGE": {stock["CONN_MAX_AGE"]},')
+    if stock.get("CONN_HEALTH_CHECKS"):
+        lines.append('-        "CONN_HEALTH_CHECKS": True,')
+    lines += [
+        '         "OPTIONS": {',
+        f'+            "pool": {{{pool_text}}},',
+        "         },",
+        "     },",
+        " }",
+        " INSTALLED_APPS = [",
+        "     ...,",
+        '+    "connguard.django",',
+        " ]",
+        " MIDDLEWARE = [",
+        '+    "connguard.django.middleware.ConnguardMiddleware",  # first',
+        "     ...,",
+        " ]",
+    ]
+    return lines
+
+
+def _adopt(result: DemoResult) -> str:
+    """The page's last section: the settings diff, what each line buys, the docs."""
+    diff = "\n".join(
+        f'<span class="{"add" if line[0] == "+" else "del"}">{_e(line)}</span>'
+        if line[0] in "+-"
+        else _e(line)
+        for line in adoption_diff(result)
+    )
+    shortened = [
+        f"<code>{key}</code> ({_e(value)} s)"
+        for key, value in _pool(result.run("connguard")).items()
+        if key in ("max_idle", "housekeeping_interval")
+    ]
+    demo_only = (
+        f" The demo's {' and '.join(shortened)} {'are' if len(shortened) > 1 else 'is'} "
+        "shortened so that its quiet period shows the pool shrinking; leave "
+        f"{'them' if len(shortened) > 1 else 'it'} at the default."
+        if shortened
+        else ""
+    )
+    return f"""<section id="adopt">
+<h2>How to adopt this</h2>
+<p>On your site, the switch from the user report's settings is these lines of
+<code>settings.py</code> (the demo's site has <code>"connguard.django"</code> installed in
+both runs). From Django's native pool, keep your <code>OPTIONS["pool"]</code> and change
+the rest the same way.</p>
+<pre class="diff">{diff}</pre>
+<ul>
+<li><b><code>ENGINE</code></b>: the pool. Every request's connections go back when it
+ends, in whatever thread they were taken; at most processes &times; <code>max_size</code>
+backends. <code>CONN_MAX_AGE</code> has no effect under it and
+<code>CONN_HEALTH_CHECKS</code> is redundant: remove them.</li>
+<li><b><code>"connguard.django"</code></b> in <code>INSTALLED_APPS</code>: system checks of
+these settings (<code>manage.py check</code>) and <code>manage.py connguard status</code> /
+<code>doctor</code>.</li>
+<li><b><code>ConnguardMiddleware</code></b>, first in <code>MIDDLEWARE</code>: connections back
+as soon as the response is ready, and overload as a fast 503 with
+<code>Retry-After</code> instead of a 500.</li>
+</ul>
+<p class="note">Size <code>max_size</code> so that processes &times; <code>max_size</code>
+fits in <code>max_connections</code> minus the reserved connections.{demo_only}</p>
+<p>The full checklist, deployment (gunicorn, uvicorn, daphne, Celery, pgbouncer) and how to
+check the result: <a href="{_e(DJANGO_DOCS_URL)}#install">docs/django.md</a>, section
+&ldquo;Install&rdquo; (<code>docs/django.md</code> in the connguard source tree).</p>
+</section>"""
 
 
 def _command_line(result: DemoResult) -> str:

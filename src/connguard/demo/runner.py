@@ -21,16 +21,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 
 from connguard import __version__
 
-from . import DemoError
+from . import USER_REPORT, DemoError
 from .database import (
     DEMO_DATABASE,
     MONITOR_APP_NAME,
@@ -178,7 +177,7 @@ def plans(quiet_seconds: float) -> list[RunPlan]:
             title="stock Django",
             description=(
                 f"django.db.backends.postgresql, CONN_MAX_AGE={REPORT_MAX_AGE}, "
-                "CONN_HEALTH_CHECKS=True, no middleware (the report's settings)"
+                "CONN_HEALTH_CHECKS=True, no middleware (the user report's settings)"
             ),
             app_name="connguard-demo-stock",
             env={
@@ -232,6 +231,8 @@ def run_demo(options: DemoOptions, view: View, interrupts: Interrupts) -> DemoRe
         view.note(f"creating the demo site in database {DEMO_DATABASE} (10 documents x 30 pages)")
         launcher = Launcher(cwd=work)
         migrate(pg, launcher, work)
+        # Said once, before the first line that names it (the stock run's settings).
+        view.note(f"reproducing the user report, then fixing it. {USER_REPORT}")
         runs = []
         all_plans = plans(options.quiet_seconds)
         for index, plan in enumerate(all_plans):
@@ -334,6 +335,8 @@ def _measure(
             while worker.is_alive():
                 view.update(state("burst", None))
                 worker.join(TICK)
+            # The burst's last word, however short it was: its peak, for every view.
+            view.update(state("burst", None, final=True))
             quiet_end = time.monotonic() + options.quiet_seconds
             while (left := quiet_end - time.monotonic()) > 0:
                 view.update(state("quiet", left))
@@ -410,6 +413,12 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+class _StateReader(Protocol):
+    def __call__(
+        self, phase: str, quiet_left: float | None, *, final: bool = False
+    ) -> LiveState: ...
+
+
 def _state_reader(
     plan: RunPlan,
     pg: Postgres,
@@ -419,17 +428,20 @@ def _state_reader(
     pools: PoolSampler,
     load: Burst,
     t0: float,
-) -> Callable[[str, float | None], LiveState]:
+) -> _StateReader:
     """What the terminal view shows, read from the samplers without stopping them."""
 
-    def state(phase: str, quiet_left: float | None) -> LiveState:
+    def state(phase: str, quiet_left: float | None, *, final: bool = False) -> LiveState:
         samples = sampler.samples[-240:]
         pool: PoolGauges | None = pools.samples[-1][1] if pools.samples else None
+        elapsed = time.monotonic() - t0
+        if final and load.started is not None and load.finished is not None:
+            elapsed = load.finished - load.started  # as the run's summary line counts it
         return LiveState(
             key=plan.key,
             title=plan.title,
             phase=phase,
-            elapsed=time.monotonic() - t0,
+            elapsed=elapsed,
             quiet_left=quiet_left,
             sample=samples[-1] if samples else None,
             history=[s.backends for s in samples],
@@ -439,6 +451,9 @@ def _state_reader(
             done=load.done,
             failed=load.failed,
             failures=dict(load.failures),
+            peak=sampler.peak,
+            history_seconds=samples[-1].t - samples[0].t if samples else 0.0,
+            final=final,
         )
 
     return state

@@ -5,6 +5,11 @@ for a person at a terminal; :class:`PlainView` prints a line every few seconds, 
 logs and CI (``--no-live``, or when the output is not a terminal). rich is imported
 only by :class:`LiveView` and :func:`rich_summary`, so that the plain output needs
 nothing beyond the standard library.
+
+Every progress line leads with the run's peak so far, then the sample of the moment:
+backends come and go between samples (stock Django's garbage collector closes some
+mid-burst), and a log that shows a dip as the burst's figure misleads. Every run
+prints a ``burst done`` line with its peak, however short the burst.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ __all__ = [
     "plain_summary",
     "rich_summary",
     "sparkline",
+    "sparkline_scale",
 ]
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -54,6 +60,12 @@ class LiveState:
     done: int
     failed: int
     failures: dict[str, int] = field(default_factory=dict)
+    peak: int = 0
+    """Most backends sampled since the burst began."""
+    history_seconds: float = 0.0
+    """The time ``history`` covers."""
+    final: bool = False
+    """The last state of its phase (the burst is over): always shown."""
 
 
 class View(Protocol):
@@ -71,17 +83,27 @@ class View(Protocol):
 
 
 def sparkline(values: list[int], top: int, width: int = 40) -> str:
-    """``values`` (the last ``width`` of them) as block characters scaled to ``top``."""
+    """``values`` as at most ``width`` block characters, ``▁`` for 0 up to ``█`` for
+    ``top``. With more values than columns, each column shows the largest value of
+    its share, so that a peak is never averaged or sampled away."""
     if not values:
         return ""
-    tail = values[-width:]
+    per = -(-len(values) // width)  # ceiling division
+    columns = [max(values[i : i + per]) for i in range(0, len(values), per)]
     top = max(top, 1)
     return "".join(
-        SPARK[min(len(SPARK) - 1, max(0, round(v / top * (len(SPARK) - 1))))] for v in tail
+        SPARK[min(len(SPARK) - 1, max(0, round(v / top * (len(SPARK) - 1))))] for v in columns
     )
 
 
+def sparkline_scale(state: LiveState) -> str:
+    """What the sparkline's height and width mean."""
+    return f"0 to {state.max_connections} (max_connections), last {state.history_seconds:.0f} s"
+
+
 def _backends_text(state: LiveState) -> str:
+    """``backends peak 39/40, now 7 (active 3, idle 4)``: the run's peak so far, then
+    the sample of the moment by state."""
     s = state.sample
     if s is None:
         return "backends -"
@@ -90,7 +112,8 @@ def _backends_text(state: LiveState) -> str:
         parts.append(f"idle in transaction {s.idle_in_transaction}")
     if s.other:
         parts.append(f"starting {s.other}")
-    return f"backends {s.backends}/{state.max_connections} ({', '.join(parts)})"
+    peak = max(state.peak, s.backends)
+    return f"backends peak {peak}/{state.max_connections}, now {s.backends} ({', '.join(parts)})"
 
 
 def _pool_text(pool: PoolGauges | None) -> str:
@@ -111,6 +134,8 @@ def _requests_text(state: LiveState) -> str:
 
 def _phase_text(state: LiveState) -> str:
     if state.phase == "burst":
+        if state.final:
+            return f"burst done in {state.elapsed:.1f} s"
         return f"burst {state.elapsed:5.1f} s"
     return f"quiet {state.quiet_left or 0:5.1f} s left"
 
@@ -145,7 +170,7 @@ class PlainView:
 
     def update(self, state: LiveState) -> None:
         now = time.monotonic()
-        if state.phase == self._phase and now - self._last < self.every:
+        if not state.final and state.phase == self._phase and now - self._last < self.every:
             return
         self._phase, self._last = state.phase, now
         self._print(
@@ -196,8 +221,9 @@ class LiveView:
             grid.add_row("starting", "the web server")
             return Panel(grid, title=self._heading, title_align="left")
         spark = Text(sparkline(state.history, state.max_connections), style="cyan")
-        top = Text.assemble(_backends_text(state).removeprefix("backends "), "  ", spark)
+        top = Text.assemble(_backends_text(state).removeprefix("backends "))
         grid.add_row("PostgreSQL backends", top)
+        grid.add_row("", Text.assemble(spark, "  ", (sparkline_scale(state), "dim")))
         if state.pool is not None:
             grid.add_row("connguard pool", _pool_text(state.pool).removeprefix("pool "))
         else:

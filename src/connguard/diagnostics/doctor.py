@@ -9,19 +9,107 @@ says in plain words what it sees and what to change. Works with a role that has
 
 Collection (:func:`collect`) is separate from judgement (:func:`diagnose`), so the
 rules are tested on snapshots and the SQL on a real server.
+
+:func:`cannot_connect` words a failed connection for ``connguard doctor`` and
+``connguard demo --dsn`` alike: ``cannot connect to PostgreSQL at HOST:PORT: <reason>``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import os
+import re
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .tags import Tag, parse_tag
 
 HIDDEN = "<insufficient privilege>"
+
+# libpq names the server it tried: 'connection to server at "db" (10.0.0.2), port 5432
+# failed: ' or 'connection to server on socket "/run/postgresql/.s.PGSQL.5432" failed: ';
+# psycopg 3 puts 'connection failed: ' or 'connection is bad: ' in front.
+_LIBPQ_TARGET = re.compile(
+    r'^(?:connection (?:failed|is bad): )?connection to server (?:at "(?P<host>[^"]*)"'
+    r'(?: \([^)]*\))?, port (?P<port>\d+)|on socket "(?P<socket>[^"]*)") failed: '
+)
+_DRIVER_PREFIX = re.compile(r"^connection (?:failed|is bad): ")
+
+
+def cannot_connect(what: str, conninfo: str, exc: BaseException) -> str:
+    """``cannot connect to <what> at HOST:PORT: <reason>``: one line, for a connection
+    that failed (``what``: ``PostgreSQL``, ``pgbouncer``).
+
+    The place is the one libpq says it tried (a socket is named by its directory and
+    port), else the one ``conninfo`` names; the reason is libpq's, without the
+    preamble that repeats the place. Only host and port are taken from ``conninfo``,
+    so no password can reach the message.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    where: str | None = None
+    found = _LIBPQ_TARGET.match(text)
+    if found is not None:
+        if found["socket"] is not None:
+            directory, _, name = found["socket"].rpartition("/")
+            where = f"{directory or '/'}:{name.rpartition('.')[2]}"
+        else:
+            where = _host_port(found["host"], found["port"])
+        text = text[found.end() :]
+    else:
+        text = _DRIVER_PREFIX.sub("", text)
+        where = _where(conninfo)
+    reason = " ".join(text.split()) or type(exc).__name__
+    return f"cannot connect to {what}{f' at {where}' if where else ''}: {reason}"
+
+
+def conninfo_error(conninfo: str) -> str | None:
+    """Why ``conninfo`` is not a valid libpq conninfo or URL (one line), or None: it
+    is, or no driver is installed to tell."""
+    try:
+        _conninfo_params(conninfo)
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return lines[0] if lines else type(exc).__name__
+    return None
+
+
+def _where(conninfo: str) -> str | None:
+    """HOST:PORT as libpq would pick them from ``conninfo`` and the environment, or
+    None when ``conninfo`` cannot be read (then the reason says why)."""
+    try:
+        params = _conninfo_params(conninfo)
+    except Exception:
+        return None
+    if params is None:
+        return None
+    host = params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST")
+    port = params.get("port") or os.environ.get("PGPORT") or "5432"
+    return _host_port(str(host or "the default host"), str(port))
+
+
+def _host_port(host: str, port: str) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _conninfo_params(conninfo: str) -> Mapping[str, Any] | None:
+    """``conninfo`` (keywords or URL) parsed by whichever driver is installed (None
+    without one); the driver's error if it is not valid."""
+    for module, function in (
+        ("psycopg.conninfo", "conninfo_to_dict"),
+        ("psycopg2.extensions", "parse_dsn"),
+    ):
+        try:
+            parse = getattr(importlib.import_module(module), function)
+        except ImportError:
+            continue
+        params: Mapping[str, Any] = parse(conninfo)
+        return params
+    return None
 
 
 @dataclass(frozen=True, slots=True)
