@@ -10,11 +10,10 @@ Subjects (every pool is warm: min_size = max_size = N, all N connections open
 before anything is timed):
 
 * ``connguard``: ``Pool(psycopg driver, PoolConfig(min_size=N, max_size=N))``,
-  default settings otherwise (the no-round-trip liveness test runs only for
-  connections idle 0.5 s or more, so not in a tight loop);
+  default settings otherwise (the no-round-trip liveness test at every checkout);
   cycle = ``pool.acquire()`` + ``pool.release(lease)``.
-* ``connguard liveness_after_idle=0``: the same, testing liveness at every checkout,
-  to show what that test costs.
+* ``connguard liveness_after_idle=None``: the same without that liveness test, to
+  show what it costs.
 * ``connguard with pool.connection()``: the context-manager form.
 * ``psycopg_pool``: ``ConnectionPool(min_size=N, max_size=N, open=True)`` then
   ``wait()``; cycle = ``getconn()`` + ``putconn()``. The ratios use this row.
@@ -83,7 +82,7 @@ SIZE_MULTI = 10
 
 # Subject keys, in table order; the first is connguard's headline row.
 CG = "connguard"
-CG_NOLIVE = "connguard liveness_after_idle=0"
+CG_NOLIVE = "connguard liveness_after_idle=None"
 CG_NOSTACK = "connguard stack_depth=0"
 CG_CM = "connguard with pool.connection()"
 PP = "psycopg_pool"
@@ -179,9 +178,9 @@ class Pools:
         self.sqlalchemy: QueuePool | None = None
         try:
             variants = {
-                CG: {},  # the defaults: stack_depth=4, liveness_after_idle=0.5
+                CG: {},  # the defaults: stack_depth=3, liveness test at every checkout
                 CG_NOSTACK: {"stack_depth": 0},  # what recording the acquire site costs
-                CG_NOLIVE: {"liveness_after_idle": 0},  # what testing every checkout costs
+                CG_NOLIVE: {"liveness_after_idle": None},  # what that liveness test costs
             }
             for key, overrides in variants.items():
                 if key not in connguard:

@@ -7,6 +7,7 @@ connection at the same time (``FakeConnection.use``).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import threading
@@ -26,6 +27,9 @@ class FakeConnection:
         self.id = next(self._ids)
         self.status = TxStatus.IDLE
         self.alive = True
+        # Dead without a goodbye (a cut network, a failover): the no-round-trip
+        # liveness test sees nothing, only a round trip fails.
+        self.silent = False
         self.closed = False
         self.dropped = False
         self.session_dirty = False
@@ -33,6 +37,7 @@ class FakeConnection:
         self.pid = os.getpid()
         self.pings = 0
         self.cancels = 0
+        self.aborts = 0
         self._holder_lock = threading.Lock()
         self.holder: int | None = None
 
@@ -78,7 +83,8 @@ class FakeDriver:
         with self.lock:
             self.connects += 1
             if self.fail_connect is not None:
-                raise self.fail_connect
+                # a new exception each time, as a real driver raises
+                raise copy.copy(self.fail_connect)
             conn = FakeConnection()
             self.opened.append(conn)
             self.live += 1
@@ -102,11 +108,15 @@ class FakeDriver:
 
     def ping(self, conn: FakeConnection, timeout: float) -> None:
         conn.pings += 1
-        if not conn.alive:
+        if not conn.alive or conn.silent:
             raise FakeOperationalError("server closed the connection")
 
     def cancel(self, conn: FakeConnection) -> None:
         conn.cancels += 1
+
+    def abort(self, conn: FakeConnection) -> None:
+        conn.aborts += 1
+        conn.alive = False  # its socket is shut down: the connection is dead
 
     def transaction_status(self, conn: FakeConnection) -> TxStatus:
         return TxStatus.UNKNOWN if not conn.alive else conn.status

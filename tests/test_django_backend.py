@@ -333,7 +333,7 @@ def test_pool_overload_is_django_operational_error_and_503(
     from django.http import HttpResponse
     from django.test import RequestFactory
 
-    from connguard.django.middleware import ConnguardMiddleware, overload_error
+    from connguard.django.middleware import ConnguardMiddleware, unavailable_error
 
     holders = [threading.Event(), threading.Event()]
     done = threading.Event()
@@ -353,7 +353,7 @@ def test_pool_overload_is_django_operational_error_and_503(
     try:
         with pytest.raises(OperationalError) as info:
             scalar(connection, "SELECT 1")
-        assert overload_error(info.value) is not None
+        assert unavailable_error(info.value) is not None
         assert "max_size=1" in str(info.value)
 
         def view(request: Any) -> HttpResponse:
@@ -365,6 +365,7 @@ def test_pool_overload_is_django_operational_error_and_503(
         assert response.status_code == 503
         assert response["Retry-After"] == "3"
         assert b"overloaded" in response.content
+        assert response["Connguard-Cause"] == "overloaded"
     finally:
         done.set()
         t.join()
@@ -507,3 +508,14 @@ def test_django_is_usable_runs_inside_the_fence(connection: Any) -> None:
     finally:
         del raw.cursor
     assert seen and all(seen), f"is_usable() used the connection with the lease busy={seen}"
+
+
+def test_the_django_driver_passes_the_pools_capabilities_through(connection: Any) -> None:
+    """The pool looks up ``ping_bounded`` (an inline, bounded ping) and ``abort``
+    (``socket_timeout``) on its driver; Django's wrapper driver must not hide them,
+    or pings go to a thread each and a blocked call can never be ended."""
+    scalar(connection, "SELECT 1")
+    driver = the_pool().driver
+    base = driver.base
+    assert driver.ping_bounded == getattr(base, "ping_bounded", False)
+    assert driver.abort == base.abort

@@ -278,8 +278,7 @@ def test_dead_idle_connection_is_replaced_at_acquire(pool: Pool, clock: ManualCl
     conn = conn_of(lease)
     lease.release()
     conn.alive = False  # e.g. the server terminated the backend while idle
-    clock.advance(0.5)  # idle long enough to be tested (liveness_after_idle)
-    fresh = pool.acquire()
+    fresh = pool.acquire()  # at once: every checkout is tested (liveness_after_idle=0)
     assert conn_of(fresh) is not conn and conn.closed
     stats = pool.stats()
     assert stats.health_check_failures == 1 and stats.closed["broken"] == 1
@@ -287,11 +286,12 @@ def test_dead_idle_connection_is_replaced_at_acquire(pool: Pool, clock: ManualCl
     fresh.release()
 
 
-def test_recently_returned_connection_skips_the_liveness_test(
-    pool: Pool, driver: FakeDriver, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+def test_recently_returned_connection_skips_the_liveness_test_when_configured(
+    driver: FakeDriver, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[object] = []
     monkeypatch.setattr(driver, "is_alive", lambda conn: calls.append(conn) or True)
+    pool = make_pool(driver, clock, max_size=3, liveness_after_idle=0.5)
     pool.acquire().release()
     clock.advance(0.4)
     pool.acquire().release()
@@ -299,6 +299,7 @@ def test_recently_returned_connection_skips_the_liveness_test(
     clock.advance(0.5)
     pool.acquire().release()
     assert len(calls) == 1
+    pool.close()
 
 
 def test_round_trip_ping_only_after_idle_threshold(driver: FakeDriver, clock: ManualClock) -> None:

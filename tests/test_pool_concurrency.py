@@ -373,7 +373,8 @@ class PoolMachine(RuleBasedStateMachine):
     @rule()
     def database_comes_back(self) -> None:
         self.driver.fail_connect = None
-        wait_until(lambda: self.pool._backoff_until < time.monotonic())
+        pool = self.pool
+        wait_until(lambda: pool._failed_at + pool._backoff_delay < time.monotonic())
 
     @invariant()
     def books_balance(self) -> None:

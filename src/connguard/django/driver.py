@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from connguard.drivers.libpq import LibpqDriver, forget_attempt, tcp_keepalives
 from connguard.pool.driver import Driver, TxStatus
 
 
@@ -36,21 +37,49 @@ class DjangoDriver:
         self.name = base.name
         self.operational_error = base.operational_error
         self._connect = connect  # the backend's Database.connect
-        self._conn_params = dict(conn_params)
+        # Django passes every libpq parameter as a keyword (OPTIONS included), never
+        # in a conninfo string: its keys are all the user set.
+        keepalives = (
+            tcp_keepalives(conn_params, base.libpq_version())
+            if isinstance(base, LibpqDriver)
+            else {}
+        )
+        self._conn_params = {**keepalives, **conn_params}
         self._configure = configure  # returns True when it ran statements
         self._baseline = baseline  # the same set-up as SQL, appended to a reset
         self.changes_session = base.changes_session  # type: ignore[attr-defined]
+        # What the pool looks up on its driver, passed through: a bounded inline ping,
+        # and abort() for socket_timeout (without it a blocked call cannot be ended).
+        self.ping_bounded: bool = getattr(base, "ping_bounded", False)
+        abort = getattr(base, "abort", None)
+        if abort is not None:
+            self.abort: Callable[[Any], None] = abort
         self._autocommit = autocommit
         self._tag = tag  # application_name for each new connection (pid may change)
 
+    def __repr__(self) -> str:
+        return f"<DjangoDriver {self.name} autocommit={self._autocommit}>"
+
     def connect(self, timeout: float) -> Any:
+        """Open a connection with Django's parameters and set it up.
+
+        The parameters carry :data:`~connguard.drivers.libpq.TCP_KEEPALIVES` unless
+        the alias's ``OPTIONS`` set any of them, and the password as Django's
+        wrapper made it (a :class:`~connguard.django.wrapper.MaskedPassword`, so this
+        frame's locals do not show it). A connect error leaves without the failed
+        attempt's ``pgconn`` (:func:`~connguard.drivers.libpq.forget_attempt`).
+        """
         params = self._conn_params
         if "connect_timeout" not in params:
             # libpq takes whole seconds and treats less than 2 as 2.
             params = {**params, "connect_timeout": max(2, math.ceil(timeout))}
         if self._tag is not None:
             params = {**params, "application_name": self._tag()}
-        conn = self._connect(**params)
+        try:
+            conn = self._connect(**params)
+        except Exception as exc:
+            forget_attempt(exc)
+            raise
         try:
             self._set_up(conn)
         except BaseException:

@@ -1,5 +1,5 @@
 """``ConnguardMiddleware``: give connections back as soon as the response is ready,
-and turn pool overload into a fast HTTP 503.
+and turn pool overload or a database outage into a fast HTTP 503 that says which.
 
 Put it first in ``MIDDLEWARE``. Without it connections still come back when the
 request finishes (Django's ``request_finished`` signal), but that is after a slow
@@ -16,18 +16,21 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.conf import settings
 from django.core.signals import got_request_exception
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 
-from connguard.pool import PoolError, PoolRefused, PoolTimeout
+from connguard.pool import ConnectFailed, PoolError, PoolRefused, PoolTimeout
 from connguard.scope import Scope, current_scope
 
-_OVERLOAD_ATTR = "_connguard_overload"
+from .conf import app_settings
+
+_UNAVAILABLE_ATTR = "_connguard_unavailable"
 
 
-def overload_error(exc: BaseException | None) -> PoolError | None:
-    """The pool overload (timeout, refusal) behind ``exc``, if that is what it is.
+def unavailable_error(exc: BaseException | None) -> PoolError | None:
+    """The pool error behind ``exc`` that makes the site unavailable, if there is one:
+    overload (``PoolTimeout``), refusal (``PoolRefused``) or an unreachable database
+    (``ConnectFailed``).
 
     Django wraps the pool's error in its own ``OperationalError``, so walk the chain.
     """
@@ -42,25 +45,53 @@ def overload_error(exc: BaseException | None) -> PoolError | None:
 
 def _note_exception(sender: Any, request: HttpRequest | None = None, **kwargs: Any) -> None:
     """Django turns a view's exception into a 500 before outer middleware sees it;
-    remember an overload on the request so the middleware can answer 503 instead."""
-    found = overload_error(sys.exc_info()[1])
+    remember a pool error on the request so the middleware can answer 503 instead."""
+    found = unavailable_error(sys.exc_info()[1])
     if found is not None and request is not None:
-        setattr(request, _OVERLOAD_ATTR, found)
+        setattr(request, _UNAVAILABLE_ATTR, found)
 
 
 got_request_exception.connect(_note_exception, dispatch_uid="connguard.note_exception")
 
+CAUSE_HEADER = "Connguard-Cause"
+"""Response header naming why a 503 was sent: ``overloaded``, ``refused`` or
+``unreachable`` (see :func:`unavailable_response`)."""
 
-def overload_response(error: PoolError) -> HttpResponse:
-    """503 with ``Retry-After``: the client should retry, the server is not broken."""
-    retry_after = int(getattr(settings, "CONNGUARD", {}).get("retry_after", 1))
+
+def unavailable_response(error: PoolError) -> HttpResponse:
+    """A 503 that says why, with ``Retry-After``.
+
+    * ``unreachable`` (``ConnectFailed``): the pool needed a connection and could not
+      open one. Nothing is wrong with this server's load; the database (or the way to
+      it) is down. ``Retry-After`` is ``CONNGUARD["outage_retry_after"]``.
+    * ``refused`` (``PoolRefused``): ``max_waiting`` requests already wait; refused at
+      once. ``Retry-After`` is ``CONNGUARD["retry_after"]``.
+    * ``overloaded`` (``PoolTimeout``): every connection stayed busy for ``timeout``
+      seconds. ``Retry-After`` is ``CONNGUARD["retry_after"]``.
+    """
+    conf = app_settings()
+    if isinstance(error, ConnectFailed):
+        cause, retry_after = "unreachable", conf.outage_retry_after
+        text = "the database behind connection pool {pool!r} is unreachable; retry later."
+    elif isinstance(error, PoolRefused):
+        cause, retry_after = "refused", conf.retry_after
+        text = (
+            "the database connection pool {pool!r} is overloaded: too many requests "
+            "already wait for a connection; retry shortly."
+        )
+    else:
+        cause, retry_after = "overloaded", conf.retry_after
+        text = (
+            "the database connection pool {pool!r} is overloaded: no connection was "
+            "free in time; retry shortly."
+        )
     response = HttpResponse(
-        f"503 Service Unavailable: the database connection pool {error.pool!r} is "
-        "overloaded; retry shortly.\n",
+        "503 Service Unavailable: " + text.format(pool=error.pool) + "\n",
         status=503,
         content_type="text/plain; charset=utf-8",
     )
     response["Retry-After"] = str(retry_after)
+    response[CAUSE_HEADER] = cause
     return response
 
 
@@ -105,9 +136,9 @@ class ConnguardMiddleware:
         self._process_view(request, view_func, view_args, view_kwargs)
 
     def _finish(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
-        error = getattr(request, _OVERLOAD_ATTR, None)
+        error = getattr(request, _UNAVAILABLE_ATTR, None)
         if error is not None and response.status_code >= 500:
-            response = overload_response(error)
+            response = unavailable_response(error)
         scope = current_scope()
         if scope is not None and scope.kind == "request":
             scope.release_all(early=True)
@@ -147,4 +178,4 @@ def _end_with_stream(response: StreamingHttpResponse, scope: Scope) -> None:
         response.streaming_content = ended()
 
 
-__all__ = ["ConnguardMiddleware", "overload_error", "overload_response"]
+__all__ = ["CAUSE_HEADER", "ConnguardMiddleware", "unavailable_error", "unavailable_response"]

@@ -104,12 +104,14 @@ def pool_for(wrapper: Any, conn_params: dict[str, Any]) -> Pool:
 
 
 def _new_pool(wrapper: Any, conn_params: dict[str, Any]) -> Pool:
-    settings_dict = wrapper.settings_dict
+    # No local holds the settings dict: with DEBUG=True an error raised here shows this
+    # frame's locals on Django's debug page, and the dict holds the password.
+    options = wrapper.settings_dict["OPTIONS"]
     try:
-        config = pool_config(settings_dict["OPTIONS"])
+        config = pool_config(options)
     except PoolConfigError as exc:
         raise ImproperlyConfigured(f"DATABASES[{wrapper.alias!r}]: {exc}") from None
-    autocommit = bool(settings_dict["AUTOCOMMIT"])
+    autocommit = bool(wrapper.settings_dict["AUTOCOMMIT"])
     base = load_driver("psycopg" if is_psycopg3 else "psycopg2", autocommit=autocommit)
     driver = DjangoDriver(
         base,
@@ -118,7 +120,7 @@ def _new_pool(wrapper: Any, conn_params: dict[str, Any]) -> Pool:
         configure=wrapper.connguard_configure,
         baseline=wrapper.connguard_baseline_sql,
         autocommit=autocommit,
-        tag=functools.partial(make_tag, tag_prefix(settings_dict["OPTIONS"]), wrapper.alias),
+        tag=functools.partial(make_tag, tag_prefix(options), wrapper.alias),
     )
     return Pool(driver, config, name=wrapper.alias)
 

@@ -34,10 +34,13 @@ from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
 from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 from django.utils.asyncio import async_unsafe
+from django.views.decorators.debug import sensitive_variables
 
 import connguard
+from connguard.drivers.libpq import forget_attempt
 from connguard.drivers.session import literal
 from connguard.pool import Lease, LeaseEnded, Pool
+from connguard.pool.errors import detach
 from connguard.pool.lease import fenced_rows
 from connguard.scope import Scope, owner_scope
 
@@ -116,6 +119,24 @@ def _sql_module() -> Any:
     from psycopg2 import sql as sql2  # noqa: PLC0415
 
     return sql2
+
+
+class MaskedPassword(str):
+    """The password, as the driver needs it, that ``repr()`` shows as stars.
+
+    With ``DEBUG=True`` Django's technical 500 page shows the locals of every frame of
+    the traceback (its ``sensitive_variables`` cleansing only runs when ``DEBUG`` is
+    off), and a connection error's traceback runs through Django's ``connect()``,
+    whose ``conn_params`` we cannot take out of its frame. So the value in those
+    parameters is one whose ``repr`` (what the page, ``pprint`` and ``%r`` show) is
+    masked, while ``str()``, formatting and comparisons give the password itself, as
+    libpq's connect needs.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'********************'"  # what Django's own cleansing shows
 
 
 class FencedCursorMixin:
@@ -383,27 +404,61 @@ class ConnguardWrapperMixin:
 
     # ---------------------------------------------------------------- Django's hooks
 
+    @sensitive_variables()
+    def connect(self) -> None:
+        """Django's ``connect()``, with the locals of every frame under it hidden from
+        Django's error reports when ``DEBUG`` is off.
+
+        Those reports (``AdminEmailHandler(include_html=True)``, any reporter built on
+        ``SafeExceptionReporterFilter``) cleanse the locals of a traceback's frame when
+        a ``sensitive_variables`` wrapper is among its callers (the filter walks
+        ``f_back``), so this one entry point covers every frame below it, Django's,
+        connguard's and the driver's, including those holding the settings dict
+        itself (an ``ImproperlyConfigured`` from a bad pool setting). All variables
+        rather than a list of names: a driver names its locals as it likes.
+
+        With ``DEBUG=True`` Django cleanses nothing; there the password is safe because
+        it is a :class:`MaskedPassword` in the connection parameters, the driver's
+        error from a direct connect leaves without its frames, and the pool records
+        its opener's connect errors through :func:`~connguard.pool.errors.detach`.
+        """
+        super().connect()  # type: ignore[misc]
+
     def get_connection_params(self) -> dict[str, Any]:
         """Django's parameters, with ``OPTIONS["pool"]`` stripped (on a copy: the
-        user's settings are never mutated). Django itself would refuse the key under
-        psycopg2, and it is connguard's, not the driver's."""
+        user's settings are never mutated; Django itself would refuse the key under
+        psycopg2, and it is connguard's, not the driver's) and the password wrapped
+        in :class:`MaskedPassword`."""
         options = self.settings_dict["OPTIONS"]
         if "pool" not in options:
-            return super().get_connection_params()  # type: ignore[misc, no-any-return]
-        settings = self.settings_dict
-        self.settings_dict = {
-            **settings,
-            "OPTIONS": {k: v for k, v in options.items() if k != "pool"},
-        }
-        try:
-            return super().get_connection_params()  # type: ignore[misc, no-any-return]
-        finally:
-            self.settings_dict = settings
+            params: dict[str, Any] = super().get_connection_params()  # type: ignore[misc]
+        else:
+            settings = self.settings_dict
+            self.settings_dict = {
+                **settings,
+                "OPTIONS": {k: v for k, v in options.items() if k != "pool"},
+            }
+            try:
+                params = super().get_connection_params()  # type: ignore[misc]
+            finally:
+                self.settings_dict = settings
+        password = params.get("password")
+        if isinstance(password, str) and password:
+            params["password"] = MaskedPassword(password)
+        return params
 
     @async_unsafe
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         if self.alias == NO_DB_ALIAS:
-            return super().get_new_connection(conn_params)  # type: ignore[misc]
+            try:
+                return super().get_new_connection(conn_params)  # type: ignore[misc]
+            except Exception as exc:
+                # The driver's frames hold the conninfo, password in clear (psycopg's
+                # ``conninfo``, psycopg2's ``dsn``): the error leaves without them,
+                # and without psycopg's failed attempt, whose repr shows it too.
+                detach(exc)
+                forget_attempt(exc)
+                raise
         options = self.settings_dict["OPTIONS"]
         isolation = options.get("isolation_level")
         if isolation is None:
@@ -439,13 +494,19 @@ class ConnguardWrapperMixin:
         """The pool for the current settings, remembered on the wrapper: the full pool
         key (``repr`` of every option) costs several microseconds per acquire, this
         check about one. Settings replaced (test databases, ``override_settings``,
-        a new ``OPTIONS`` value) change the probe and fall back to the registry."""
+        a new ``OPTIONS`` value) change the probe and fall back to the registry.
+
+        Neither the probe nor this frame keeps the password (the probe has its hash,
+        as the pool key does): when building a pool fails (a bad pool setting), this
+        frame is on the traceback Django's DEBUG page shows with its locals."""
         settings = self.settings_dict
         options = settings["OPTIONS"]
         probe = (
             settings["NAME"], settings["USER"], settings["HOST"], settings["PORT"],
-            settings["PASSWORD"], self.timezone_name, len(options), *map(id, options.values()),  # type: ignore[attr-defined]
+            hash(settings["PASSWORD"]), self.timezone_name,  # type: ignore[attr-defined]
+            len(options), *map(id, options.values()),
         )  # fmt: skip
+        del settings
         cached = self._cg_pool_cache
         if cached is not None and cached[0] == probe and not cached[1].closed:
             return cached[1]

@@ -16,10 +16,11 @@ from typing import Any
 
 import psycopg
 from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict
 
 from connguard.pool.driver import TxStatus
 
-from .libpq import READ_EVENTS, LibpqDriver, socket_readable
+from .libpq import READ_EVENTS, LibpqDriver, forget_attempt, socket_readable, tcp_keepalives
 
 __all__ = ["PsycopgDriver"]
 
@@ -61,19 +62,36 @@ class PsycopgDriver(LibpqDriver):
     def socket(self, conn: Any) -> int:
         return int(conn.pgconn.socket)
 
+    def libpq_version(self) -> int:
+        return pq.version()
+
     def connect(self, timeout: float) -> psycopg.Connection[Any]:
         """Open a connection in the baseline state.
 
         ``timeout`` becomes libpq's ``connect_timeout``, which counts whole seconds and is
         at least 2 (libpq's rule, which psycopg copies): ``timeout=0.5`` really waits up to
         2 s. With several hosts in ``conninfo`` the timeout applies to each attempt.
+        The connection gets :data:`~connguard.drivers.libpq.TCP_KEEPALIVES` unless
+        ``conninfo`` or ``connect_kwargs`` set any of them. A connect error leaves
+        without the failed attempt's ``pgconn`` (see :func:`forget_attempt`).
         """
-        params = dict(self.connect_kwargs)
+        params = {**self._keepalives(), **self.connect_kwargs}
         if self.application_name is not None:
             params["application_name"] = self.application_name
         params["connect_timeout"] = max(1, math.ceil(timeout))
         params["autocommit"] = self.autocommit
-        return psycopg.Connection.connect(self.conninfo, **params)
+        try:
+            return psycopg.Connection.connect(self.conninfo, **params)
+        except psycopg.Error as exc:
+            forget_attempt(exc)
+            raise
+
+    def _keepalives(self) -> dict[str, int]:
+        try:
+            user = conninfo_to_dict(self.conninfo)
+        except psycopg.Error:  # a malformed conninfo: connect() reports it as before
+            return {}
+        return tcp_keepalives({**user, **self.connect_kwargs}, pq.version())
 
     def close(self, conn: psycopg.Connection[Any]) -> None:
         """Close politely (libpq sends Terminate). Never raises: the pool calls this on

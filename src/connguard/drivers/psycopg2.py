@@ -16,7 +16,7 @@ import psycopg2.extensions as ext
 
 from connguard.pool.driver import TxStatus
 
-from .libpq import LibpqDriver, socket_readable
+from .libpq import LibpqDriver, socket_readable, tcp_keepalives
 
 __all__ = ["Psycopg2Driver"]
 
@@ -53,13 +53,19 @@ class Psycopg2Driver(LibpqDriver):
     def socket(self, conn: Any) -> int:
         return -1 if conn.closed else int(conn.fileno())
 
+    def libpq_version(self) -> int:
+        version: int = ext.libpq_version()
+        return version
+
     def connect(self, timeout: float) -> Any:
         """Open a connection in the baseline state.
 
         ``timeout`` becomes libpq's ``connect_timeout``: whole seconds, at least 2 in
         practice (libpq rounds 1 up to 2), and per host with a multi-host ``conninfo``.
+        The connection gets :data:`~connguard.drivers.libpq.TCP_KEEPALIVES` unless
+        ``conninfo`` or ``connect_kwargs`` set any of them.
         """
-        params = dict(self.connect_kwargs)
+        params = {**self._keepalives(), **self.connect_kwargs}
         if self.application_name is not None:
             params["application_name"] = self.application_name
         params["connect_timeout"] = max(1, math.ceil(timeout))
@@ -70,6 +76,13 @@ class Psycopg2Driver(LibpqDriver):
             conn.close()
             raise
         return conn
+
+    def _keepalives(self) -> dict[str, int]:
+        try:
+            user = ext.parse_dsn(self.conninfo) if self.conninfo else {}
+        except psycopg2.Error:  # a malformed conninfo: connect() reports it as before
+            return {}
+        return tcp_keepalives({**user, **self.connect_kwargs}, self.libpq_version())
 
     def close(self, conn: Any) -> None:
         """Close politely (libpq sends Terminate). Never raises."""

@@ -56,12 +56,23 @@ class PoolConfig:
     """A connection idle longer than this gets a round-trip ping before it is
     handed out; a fresher one only gets the cheap liveness test (no round trip).
     0: always ping. None: never ping."""
-    liveness_after_idle: float | None = 0.5
+    liveness_after_idle: float | None = 0.0
     """A connection idle at least this long gets the cheap liveness test (no round
     trip) before it is handed out; one returned more recently is handed out as it
-    is, like HikariCP's 500 ms bypass window. The test is a zero-timeout poll, but
-    any system call releases the GIL, and under many threads that alone turns
-    every acquire into a queued hand-off. 0: always test. None: never."""
+    is. 0 (the default): every checkout is tested, so a backend terminated while
+    idle (``pg_terminate_backend``, ``idle_session_timeout``, a restart) is never
+    handed to a request. The test is one zero-timeout ``poll()`` that keeps the GIL
+    (about 0.7 µs). None: never test (HikariCP's 500 ms bypass window is 0.5)."""
+    socket_timeout: float | None = None
+    """A single call into the driver on a leased connection (a statement, a fetch, a
+    COPY) still blocked after this long is aborted: the connection's socket is shut
+    down, the caller gets the driver's ``OperationalError`` at once, and the
+    connection is closed. The last resort against a server that stopped answering (a
+    network black hole, a hung host), which neither PostgreSQL's ``statement_timeout``
+    nor a cancel request can reach; like pgjdbc's ``socketTimeout``. Checked by
+    housekeeping, so a call is aborted after between this and this plus
+    ``housekeeping_interval`` seconds. None (the default): never; set PostgreSQL's
+    ``statement_timeout`` below it so slow queries on a healthy server end there."""
     leak_threshold: float | None = 60.0
     """A lease held longer than this is reported as a probable leak. None: off."""
     connect_timeout: float = 10.0
@@ -116,6 +127,7 @@ class PoolConfig:
         _fraction(self, "lifetime_jitter", 0.0, 0.5)
         _seconds(self, "ping_after_idle", optional=True, zero_ok=True)
         _seconds(self, "liveness_after_idle", optional=True, zero_ok=True)
+        _seconds(self, "socket_timeout", optional=True)
         _seconds(self, "leak_threshold", optional=True)
         _seconds(self, "connect_timeout")
         _seconds(self, "reconnect_backoff")

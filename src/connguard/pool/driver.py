@@ -98,6 +98,10 @@ class Driver(Protocol):
         """
         ...
 
+    # Optional: ``abort(conn) -> None``: shut the connection's socket down from any
+    # thread, so a thread blocked reading from it returns at once with the driver's
+    # error (setting ``socket_timeout``). Without it a blocked call cannot be ended.
+
     def transaction_status(self, conn: Any) -> TxStatus:
         """Where ``conn`` stands; must not do I/O."""
         ...

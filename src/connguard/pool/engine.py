@@ -118,13 +118,13 @@ class Pool:
         self.name = name
         self._clock = clock
         self._housekeeping = housekeeping
-        # Below this many seconds idle an idle connection is handed out untested.
         cfg = self.config
         self._stack_depth = cfg.stack_depth
-        self._check_after = min(
-            math.inf if cfg.ping_after_idle is None else cfg.ping_after_idle,
-            math.inf if cfg.liveness_after_idle is None else cfg.liveness_after_idle,
-        )
+        # An idle connection idle this long gets a round-trip ping before reuse; one
+        # idle at least _live_after gets the cheap liveness test; a fresher one none.
+        self._ping_after = math.inf if cfg.ping_after_idle is None else cfg.ping_after_idle
+        self._live_after = math.inf if cfg.liveness_after_idle is None else cfg.liveness_after_idle
+        self._is_alive = driver.is_alive
         self._reset_always = cfg.reset == "always"
         self._background_reset = cfg.background_reset
         self._reset_auto = cfg.reset == "auto"
@@ -133,7 +133,9 @@ class Pool:
             changes if callable(changes) else _any_statement
         )
         self._lock = threading.Lock()
-        self._stopping = threading.Event()  # set on close: wakes openers in backoff
+        # Wakes an opener sleeping in reconnect backoff: set on close, and when a
+        # caller starts waiting (demand shortens the backoff, see opening.py).
+        self._wake_opener = threading.Event()
 
         # Physical connections that exist, counting those being opened, checked,
         # reset or closed. Invariant: _size <= config.max_size.
@@ -154,9 +156,11 @@ class Pool:
         self._closed = False
         self._pid = os.getpid()
 
-        # Reconnect backoff: no new connect attempt before _backoff_until (real time).
-        self._backoff_until = 0.0
+        # Reconnect backoff: when the last attempt failed (real time) and the delay
+        # before the next one while nobody waits (it doubles on each failure).
+        self._failed_at = 0.0
         self._backoff_delay = 0.0
+        self._backoff_jitter = 1.0
         self._last_connect_error: BaseException | None = None  # since the last success
         self._reset_counters()
 
@@ -189,6 +193,7 @@ class Pool:
         self._n_reclaims = 0
         self._n_dropped = 0
         self._n_revoked = 0
+        self._n_aborted = 0
         self._n_closed = dict.fromkeys(CLOSE_REASONS, 0)
         self._h_wait = Histogram()
         self._h_hold = Histogram()
@@ -239,9 +244,20 @@ class Pool:
                 conn = None
         if conn is not None:
             lease.stack = conn.stack = stack
-            if start - conn.idle_since < self._check_after and start < conn.expires_at:
-                return lease
-            if self._checked(lease, conn, start, _monotonic() + self._limit(timeout)):
+            idle_for = start - conn.idle_since
+            if idle_for < self._ping_after and start < conn.expires_at and not conn.suspect:
+                if idle_for < self._live_after:
+                    return lease
+                # The cheap liveness test, inlined (the common case under load).
+                try:
+                    alive = self._is_alive(conn.raw)
+                except BaseException:
+                    self._end_lease(lease, "broken", health=True)
+                    raise
+                if alive:
+                    return lease
+                self._end_lease(lease, "broken", health=True)
+            elif self._checked(lease, conn, start, _monotonic() + self._limit(timeout)):
                 return lease
         lease = self._acquire_slow(start, timeout, owner)
         lease.stack = stack
@@ -272,6 +288,7 @@ class Pool:
             take_back_dropped(self)
         while True:
             openers = 0
+            failing = False
             with self._lock:
                 if self._closed:
                     raise self._error(PoolClosed, "the pool is closed")
@@ -292,9 +309,12 @@ class Pool:
                     self._waiters.append(waiter)
                     self._n_waits += 1
                     openers = request_open_locked(self)
+                    failing = self._last_connect_error is not None
             if waiter is not None:
                 if openers:
                     start_openers(self, openers)
+                elif failing:  # an opener sleeps in backoff: a caller waits now
+                    self._wake_opener.set()
                 # A fresh connection or one just returned: no health check needed.
                 return self._wait(waiter, deadline, limit)
             if self._checked(lease, conn, start, deadline):
@@ -333,13 +353,18 @@ class Pool:
         ping_after = cfg.ping_after_idle
         live_after = cfg.liveness_after_idle
         try:
-            if ping_after is not None and idle_for >= ping_after:
+            if conn.suspect or (ping_after is not None and idle_for >= ping_after):
                 budget = min(cfg.connect_timeout, deadline - _monotonic())
                 if budget <= 0 or not self.driver.is_alive(conn.raw):
                     return False
                 if not getattr(self.driver, "ping_bounded", False):
-                    return self._ping_off_thread(conn, budget)
-                self.driver.ping(conn.raw, budget)
+                    healthy = self._ping_off_thread(conn, budget)
+                else:
+                    self.driver.ping(conn.raw, budget)
+                    healthy = True
+                if healthy:
+                    conn.suspect = False
+                return healthy
             elif live_after is not None and idle_for >= live_after:
                 return self.driver.is_alive(conn.raw)
         except Exception:
@@ -413,8 +438,11 @@ class Pool:
         return lease
 
     def _timeout_locked(self, waited: float) -> PoolError:
+        """The error for a caller that waited in vain: ``ConnectFailed`` when the
+        pool needed a new connection and its last attempt to open one failed (an
+        outage), ``PoolTimeout`` when every connection was simply in use (overload)."""
         cause = self._last_connect_error
-        if cause is not None and not self._idle and not self._leases:
+        if cause is not None and not self._idle:
             err = self._error(
                 ConnectFailed,
                 f"no connection within {waited:.2f} s: the database is unreachable; "
@@ -451,6 +479,8 @@ class Pool:
             if reset:
                 lease.reset_requested = True
             busy = lease._busy
+            if busy and lease.ended_by is None:
+                lease.ended_by = "revoked"
         if busy:
             self._revoke(lease)
             return
@@ -596,6 +626,8 @@ class Pool:
                 if reason is not None:
                     self._closing += 1
                     self._n_closed[reason] += 1
+                    if status is TxStatus.UNKNOWN:  # it died in its holder's hands
+                        self._suspect_idle_locked()
             if reason is not None:
                 self._close_conn(conn)
 
@@ -648,8 +680,20 @@ class Pool:
                 self._h_hold.record(now - lease.acquired_at)
             self._closing += 1
             self._n_closed[reason] += 1
+            if reason == "broken":
+                self._suspect_idle_locked()
         if close:
             self._close_conn(conn)
+
+    def _suspect_idle_locked(self) -> None:
+        """A connection was found dead: ping every idle one before its next use.
+
+        Whatever killed one (a restart, a failover, ``pg_terminate_backend`` of the
+        pool's backends, a cut network) has often killed them all; the cheap liveness
+        test sees a server that said goodbye, only a round trip sees a silent one.
+        O(idle), at most ``max_size``. Caller holds the lock."""
+        for conn in self._idle:
+            conn.suspect = True
 
     def _close_conn(self, conn: _Conn) -> None:
         """Close a connection already counted in ``_closing``; free its slot."""
@@ -687,7 +731,7 @@ class Pool:
                 waiter = self._waiters.popleft()
                 waiter.error = self._error(PoolClosed, "the pool was closed while waiting")
                 waiter.event.release()
-        self._stopping.set()
+        self._wake_opener.set()
         for conn in idle:
             self._close_conn(conn)
         if not self._leases:
@@ -727,6 +771,7 @@ class Pool:
                 reclaims=self._n_reclaims,
                 dropped=self._n_dropped,
                 revoked=self._n_revoked,
+                aborted=self._n_aborted,
                 closed=dict(self._n_closed),
                 acquire_wait=self._h_wait.snapshot(zeros=self._n_acquires - self._h_wait.count),
                 hold_time=self._h_hold.snapshot(),

@@ -56,7 +56,7 @@ def reset_in_child(pool: Pool) -> None:
             lease._ending = True
             lease._conn = None
     pool._lock = threading.Lock()
-    pool._stopping = threading.Event()
+    pool._wake_opener = threading.Event()
     pool._idle = []
     pool._leases = {}
     pool._dropped = collections.deque()
@@ -64,7 +64,7 @@ def reset_in_child(pool: Pool) -> None:
     pool._waiters = collections.deque()
     pool._size = pool._opening = pool._closing = pool._resetting = 0
     pool._pid = os.getpid()
-    pool._backoff_until = pool._backoff_delay = 0.0
+    pool._failed_at = pool._backoff_delay = 0.0
     pool._last_connect_error = None
     pool._reset_counters()
     for conn in inherited:

@@ -36,10 +36,29 @@ if TYPE_CHECKING:
 _getframe = sys._getframe
 
 
+ENDINGS: dict[str | None, str] = {
+    None: "it was released",
+    "revoked": "it was released by another thread while this code was using it, and its "
+    "statement was cancelled (revoked)",
+    "orphaned": "the request or scope it belonged to has ended, and the pool took it back",
+    "reclaimed": "the thread that took it has died, and the pool reclaimed it (reclaim=True)",
+}
+"""What :class:`LeaseEnded` says, by :attr:`Lease.ended_by`."""
+
+
 class _Conn:
     """One physical connection and what the pool knows of it."""
 
-    __slots__ = ("created_at", "expires_at", "idle_since", "owner", "pid", "raw", "stack")
+    __slots__ = (
+        "created_at",
+        "expires_at",
+        "idle_since",
+        "owner",
+        "pid",
+        "raw",
+        "stack",
+        "suspect",
+    )
 
     def __init__(self, raw: Any, now: float, expires_at: float, pid: int) -> None:
         self.raw = raw
@@ -51,6 +70,10 @@ class _Conn:
         # holder dropped can still say once the Lease object is gone.
         self.owner: object = None
         self.stack: tuple[Any, ...] = ()
+        # Idle when another connection of the pool was found dead: a restart or a
+        # failover kills them all at once, and a dead network sends no goodbye the
+        # cheap liveness test could see, so it gets a round-trip ping before reuse.
+        self.suspect = False
 
 
 class Lease:
@@ -71,8 +94,12 @@ class Lease:
         "_guard",
         "_pool",
         "_ref",
+        "_seen_at",
+        "_seen_uses",
+        "_uses",
         "acquired_at",
         "dirty",
+        "ended_by",
         "leak_reported",
         "owner",
         "reset_requested",
@@ -92,6 +119,11 @@ class Lease:
         # A revoking thread is sending a cancel: the release must wait for it, or the
         # cancel could reach the connection's next holder.
         self._cancelling = False
+        # Uses begun so far, and what housekeeping last saw of them (socket_timeout:
+        # a use in progress whose count has not moved since _seen_at is blocked).
+        self._uses = 0
+        self._seen_uses = -1
+        self._seen_at = 0.0
         self.acquired_at = acquired_at
         self.owner = owner  # the scope (request, task...) that holds it, if any
         self.thread_id = thread_id  # the thread that asked for it (its name: on demand)
@@ -104,6 +136,9 @@ class Lease:
         # with one is pinned: an early release must not take the connection away.
         self.server_cursors: set[int] | None = None
         self._ref: Any = None  # the pool's weak reference, set by the pool
+        # Why the lease ended, when it was not its holder's plain release: "revoked",
+        # "orphaned", "reclaimed" (see ENDINGS); LeaseEnded's message says it.
+        self.ended_by: str | None = None
 
     # ---------------------------------------------------------------- the fence
 
@@ -118,6 +153,7 @@ class Lease:
             if conn is None or self._ending:
                 raise self._ended()
             self._busy += 1
+            self._uses += 1
         return conn.raw
 
     def exit(self) -> None:
@@ -148,8 +184,9 @@ class Lease:
             self.exit()
 
     def _ended(self) -> LeaseEnded:
+        why = ENDINGS.get(self.ended_by, ENDINGS[None])
         return self._pool._error(  # type: ignore[return-value]
-            LeaseEnded, "this lease has ended; acquire a new one to use the database"
+            LeaseEnded, f"this lease has ended: {why}; acquire a new one to use the database"
         )
 
     # ---------------------------------------------------------------- access

@@ -1,7 +1,8 @@
 """Housekeeping: what the process-wide housekeeping thread does to each pool.
 
 Retire connections past their lifetime or idle past ``max_idle`` (never below
-``min_size``), refill to ``min_size``, report leases held past ``leak_threshold``, and
+``min_size``), close idle connections found dead, refill to ``min_size``, abort calls
+blocked past ``socket_timeout``, report leases held past ``leak_threshold``, and
 take back leases nobody will return: released while a statement ran outside the
 fence (finished once it ends), owned by a unit of work that has ended, collected
 unreleased, or (``reclaim``) taken by a thread that has died. Never under a running
@@ -11,6 +12,7 @@ statement, never under the pool's lock.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import TYPE_CHECKING
 
@@ -54,6 +56,8 @@ def housekeep(pool: Pool) -> None:
             for _conn, reason in retired:
                 pool._n_closed[reason] += 1
         held = [lease for ref in pool._leases if (lease := ref()) is not None]
+        stuck = _stuck_locked(held, cfg.socket_timeout, now)
+        idle_now = [(conn, conn.idle_since) for conn in pool._idle]
         threshold = cfg.leak_threshold
         if threshold is not None:
             for lease in held:
@@ -76,8 +80,81 @@ def housekeep(pool: Pool) -> None:
         )
     for conn, _reason in retired:
         pool._close_conn(conn)
+    for lease in stuck:
+        abort_stuck(pool, lease)
+    sweep_idle(pool, idle_now)
     take_back_dropped(pool)
     take_back(pool, held)
+
+
+def _stuck_locked(held: list[Lease], limit: float | None, now: float) -> list[Lease]:
+    """Leases whose use in progress has not moved for ``limit`` seconds
+    (``socket_timeout``). A use is one call into the driver; the lease counts the
+    uses begun, so a count unchanged since housekeeping first saw it busy means the
+    same call has been blocked since at least then."""
+    if limit is None:
+        return []
+    stuck: list[Lease] = []
+    for lease in held:
+        if not lease._busy:
+            continue
+        if lease._uses != lease._seen_uses:
+            lease._seen_uses = lease._uses
+            lease._seen_at = now
+        elif now - lease._seen_at >= limit:
+            stuck.append(lease)
+    return stuck
+
+
+def abort_stuck(pool: Pool, lease: Lease) -> None:
+    """Abort the blocked call of ``lease`` (``socket_timeout``): shut its socket down,
+    so the holder's thread gets the driver's error at once; the connection is then
+    broken and closed when the lease ends. Under the lease's guard, so the lease
+    cannot end (and the descriptor be closed) meanwhile."""
+    abort = getattr(pool.driver, "abort", None)
+    if abort is None:
+        return
+    with lease._guard:
+        conn = lease._conn
+        if conn is None or not lease._busy or lease._uses != lease._seen_uses:
+            return  # the call returned meanwhile
+        abort(conn.raw)
+        lease._seen_at = math.inf  # the same use is not aborted twice
+    with pool._lock:
+        pool._n_aborted += 1
+    logger.warning(
+        "pool %r: aborted a database call blocked for over %s s (socket_timeout) by "
+        "thread %s for %s; acquired at %s",
+        pool.name,
+        pool.config.socket_timeout,
+        lease.thread_name,
+        describe_owner(lease.owner),
+        first_site(lease.where()),
+    )
+
+
+def sweep_idle(pool: Pool, idle: list[tuple[_Conn, float]]) -> None:
+    """Test the idle connections (no round trip) and close the dead ones, so a pool
+    whose backends were terminated while idle refills in the background instead of
+    waiting for a checkout to find each one. The test runs outside the lock; a
+    connection taken and given back meanwhile (its ``idle_since`` moved) is left
+    alone, since what was tested was another idle period."""
+    is_alive = pool.driver.is_alive
+    dead = [(conn, since) for conn, since in idle if not is_alive(conn.raw)]
+    if not dead:
+        return
+    with pool._lock:
+        gone = [conn for conn, since in dead if conn.idle_since == since and conn in pool._idle]
+        for conn in gone:
+            pool._idle.remove(conn)
+        pool._closing += len(gone)
+        pool._n_closed["broken"] += len(gone)
+        if gone:
+            pool._suspect_idle_locked()
+    if gone:
+        logger.info("pool %r: %d idle connection(s) found dead, closed", pool.name, len(gone))
+    for conn in gone:
+        pool._close_conn(conn)
 
 
 def _after_close(pool: Pool) -> None:
@@ -149,6 +226,7 @@ def end_taken(pool: Pool, lease: Lease, how: str) -> None:
         if lease._conn is None:
             return
         pool._n_reclaims += 1
+        lease.ended_by = how
     logger.warning(
         "pool %r: %s a lease held for %.1f s by thread %s for %s; acquired at %s",
         pool.name,

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from .errors import one_line
+from .errors import detach, one_line
 from .lease import _Conn
 
 if TYPE_CHECKING:
@@ -57,12 +57,30 @@ def start_openers(pool: Pool, count: int) -> None:
 
 
 def run_opener(pool: Pool) -> None:
-    """Open one connection for the pool; retry with backoff while it is needed."""
+    """Open one connection for the pool; retry with backoff while it is needed.
+
+    While the database is failing, the wait after a failed attempt depends on who
+    needs the connection. Nobody waiting (only ``min_size`` to refill): the backoff
+    doubles up to ``reconnect_backoff_max``, so an outage costs the database almost
+    nothing. A caller waiting: ``reconnect_backoff`` after the last attempt, however
+    long the outage, so the first request after the database returns is served at
+    once instead of sleeping out a backoff grown during the outage. Either way one
+    opener per pool probes, so a returning database sees at most one connect attempt
+    per pool per ``reconnect_backoff``, never a storm.
+    """
     cfg = pool.config
+    wake = pool._wake_opener
     while True:
-        wait = pool._backoff_until - _monotonic()
-        if wait > 0 and pool._stopping.wait(wait):
-            break  # pool closed
+        wake.clear()
+        with pool._lock:
+            closed = pool._closed
+            delay = cfg.reconnect_backoff if pool._waiters else pool._backoff_delay
+            wait = pool._failed_at + delay * pool._backoff_jitter - _monotonic()
+        if closed:
+            break
+        # Woken early (a caller started waiting, or the pool closed): think again.
+        if wait > 0 and wake.wait(wait):
+            continue
         started = _monotonic()
         try:
             raw = pool.driver.connect(cfg.connect_timeout)
@@ -85,7 +103,7 @@ def run_opener(pool: Pool) -> None:
             recovered = pool._last_connect_error is not None
             pool._last_connect_error = None
             pool._backoff_delay = 0.0
-            pool._backoff_until = 0.0
+            pool._failed_at = 0.0
             openers = 0
             if not pool._closed:
                 pool._give_back_locked(conn, now)
@@ -115,11 +133,12 @@ def connect_failed(pool: Pool, exc: BaseException, elapsed: float) -> bool:
         first = pool._last_connect_error is None
         pool._n_connect_errors += 1
         pool._h_connect.record(elapsed)
-        pool._last_connect_error = exc
+        pool._last_connect_error = detach(exc)
         delay = pool._backoff_delay * 2 if pool._backoff_delay else cfg.reconnect_backoff
         pool._backoff_delay = min(delay, cfg.reconnect_backoff_max)
-        # up to 20 % jitter so many processes do not retry in lockstep
-        pool._backoff_until = _monotonic() + pool._backoff_delay * (0.8 + 0.2 * random.random())
+        pool._failed_at = _monotonic()
+        # up to 20 % off so many processes do not retry in lockstep
+        pool._backoff_jitter = 0.8 + 0.2 * random.random()
         needed = bool(pool._waiters) or pool._size <= cfg.min_size
         retry = not pool._closed and needed and pool._opening == 1
         if not retry:

@@ -123,6 +123,8 @@ class PoolStats:
     reclaims: int
     dropped: int
     revoked: int = 0
+    aborted: int = 0
+    """Calls blocked past ``socket_timeout`` whose connection was shut down."""
     resetting: int = 0
     closed: dict[str, int] = field(default_factory=dict)
     # latency histograms
@@ -138,7 +140,7 @@ class PoolStats:
             "resetting",
             "max_size", "min_size", "acquires", "waits", "timeouts", "refusals", "releases",
             "resets", "opened", "connect_errors", "health_check_failures", "leaks",
-            "reclaims", "dropped", "revoked",
+            "reclaims", "dropped", "revoked", "aborted",
         ):  # fmt: skip
             out[key] = getattr(self, key)
         for reason in CLOSE_REASONS:

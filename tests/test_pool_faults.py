@@ -1,0 +1,318 @@
+"""The engine when the database has a bad day (issue 10), on the fake driver: dead
+idle connections are never handed out, one dead connection makes the others suspect,
+a waiting caller is not held back by a backoff grown during an outage, and an outage
+is told apart from overload.
+
+The same faults through real servers and a real PostgreSQL are in
+``tests/test_fault_servers.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from connguard.pool import ConnectFailed, Pool, PoolConfig, PoolTimeout
+
+from .fakes import FakeConnection, FakeDriver, FakeOperationalError, ManualClock, wait_until
+
+
+def make_pool(driver: FakeDriver, clock: ManualClock | None = None, **settings: object) -> Pool:
+    settings.setdefault("min_size", 0)
+    return Pool(
+        driver,
+        PoolConfig(**settings),  # type: ignore[arg-type]
+        name="faults",
+        clock=clock or ManualClock(),
+        housekeeping=False,
+    )
+
+
+def conn_of(lease: object) -> FakeConnection:
+    c = lease.raw  # type: ignore[attr-defined]
+    assert isinstance(c, FakeConnection)
+    return c
+
+
+def fill_idle(pool: Pool, count: int) -> list[FakeConnection]:
+    """Open ``count`` connections and leave them idle (most recent last)."""
+    leases = [pool.acquire() for _ in range(count)]
+    conns = [conn_of(lease) for lease in leases]
+    for lease in leases:
+        lease.release()
+    return conns
+
+
+def test_a_connection_killed_a_moment_ago_is_never_handed_out() -> None:
+    """The issue's first break: a backend terminated 150 ms after its connection went
+    idle was handed out untested (inside the 0.5 s bypass window) and the request's
+    first statement failed. Now every checkout is tested, with no clock advance."""
+    driver = FakeDriver()
+    pool = make_pool(driver, max_size=2)
+    (conn,) = fill_idle(pool, 1)
+    conn.alive = False  # pg_terminate_backend: the server said goodbye on the socket
+    lease = pool.acquire()
+    assert conn_of(lease) is not conn and conn.closed
+    stats = pool.stats()
+    assert stats.health_check_failures == 1 and stats.closed["broken"] == 1
+    lease.release()
+    pool.close()
+
+
+def test_one_dead_connection_makes_every_idle_one_get_a_ping() -> None:
+    """A restart or failover kills every connection; a cut network kills them
+    silently (no goodbye for the cheap test to see). Once one is found dead, the
+    others are pinged before their next use, and the dead ones are replaced."""
+    driver = FakeDriver()
+    clock = ManualClock()
+    pool = make_pool(driver, clock, max_size=4)
+    healthy, silent, dead = fill_idle(pool, 3)  # LIFO: `dead` comes out first
+    dead.alive = False
+    silent.silent = True  # passes the cheap test, fails a round trip
+    got = [pool.acquire() for _ in range(3)]
+    conns = [conn_of(lease) for lease in got]
+    assert dead not in conns and silent not in conns and healthy in conns
+    assert dead.closed and silent.closed
+    assert silent.pings == 1 and healthy.pings == 1
+    assert dead.pings == 0, "found dead without a round trip"
+    for lease in got:
+        lease.release()
+    # A ping that succeeded cleared the suspicion: no further round trips.
+    again = [pool.acquire() for _ in range(3)]
+    assert healthy in [conn_of(lease) for lease in again]
+    assert healthy.pings == 1
+    for lease in again:
+        lease.release()
+    assert pool.stats().closed["broken"] == 2
+    pool.close()
+
+
+def test_a_connection_that_broke_in_use_makes_the_idle_ones_suspect() -> None:
+    driver = FakeDriver()
+    pool = make_pool(driver, max_size=3)
+    held = pool.acquire()
+    idle_silent, idle_ok = fill_idle(pool, 2)
+    idle_silent.silent = True
+    conn_of(held).alive = False  # its statement failed: server gone
+    held.release()  # UNKNOWN status: closed as broken
+    leases = [pool.acquire(), pool.acquire()]
+    conns = [conn_of(lease) for lease in leases]
+    assert idle_silent not in conns and idle_silent.closed
+    assert idle_ok in conns and idle_ok.pings == 1
+    for lease in leases:
+        lease.release()
+    pool.close()
+
+
+def test_a_failing_liveness_test_never_strands_the_lease(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever the liveness test raises (here a KeyboardInterrupt from a signal),
+    the connection is closed and its slot freed, not left on a half-made lease."""
+    driver = FakeDriver()
+    pool = make_pool(driver, max_size=1)
+    (conn,) = fill_idle(pool, 1)
+
+    def interrupted(c: FakeConnection) -> bool:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pool, "_is_alive", interrupted)  # the pool binds it once
+    with pytest.raises(KeyboardInterrupt):
+        pool.acquire()
+    monkeypatch.undo()
+    assert conn.closed
+    wait_until(lambda: pool.stats().size == 0)
+    pool.acquire(timeout=2).release()  # the slot is usable again
+    pool.close()
+
+
+def test_a_waiting_caller_is_not_held_back_by_a_backoff_grown_during_an_outage() -> None:
+    """The issue's second break: after a long outage the backoff had grown to its
+    maximum, so the site kept failing for seconds after the database returned. A
+    caller that waits makes the opener try again ``reconnect_backoff`` after its last
+    attempt, whatever the grown backoff."""
+    driver = FakeDriver()
+    driver.fail_connect = FakeOperationalError("connection refused")  # down at start
+    pool = make_pool(
+        driver, min_size=1, max_size=2, reconnect_backoff=0.02, reconnect_backoff_max=60.0
+    )
+    wait_until(lambda: pool.stats().connect_errors >= 1)
+    with pool._lock:  # as after a long outage: the next unprompted attempt is 60 s away
+        pool._backoff_delay = 60.0
+    pool._wake_opener.set()  # the sleeping opener takes the new delay
+    attempts = driver.connects
+    driver.fail_connect = None  # the database is back
+    lease = pool.acquire(timeout=3)  # without the fix: PoolTimeout after 3 s
+    assert driver.connects == attempts + 1
+    lease.release()
+    pool.close()
+
+
+def test_the_database_is_not_hammered_while_callers_wait() -> None:
+    """Waiting callers shorten the backoff to ``reconnect_backoff``, not to zero: one
+    opener, one attempt per interval, however many callers wait."""
+    driver = FakeDriver()
+    pool = make_pool(driver, max_size=8, reconnect_backoff=0.05, reconnect_backoff_max=0.05)
+    driver.fail_connect = FakeOperationalError("connection refused")
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            pool.acquire(timeout=0.5)
+        except ConnectFailed as exc:
+            errors.append(exc)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    assert len(errors) == 8
+    # one attempt at once, then one per >= 0.04 s (0.05 minus at most 20 % jitter)
+    assert driver.connects <= 1 + elapsed / 0.04
+    pool.close()
+
+
+def test_an_outage_is_not_called_overload_even_with_leases_out() -> None:
+    driver = FakeDriver()
+    pool = make_pool(driver, max_size=2, reconnect_backoff=0.01, reconnect_backoff_max=0.01)
+    held = pool.acquire()  # a request still holding a connection from before
+    driver.fail_connect = FakeOperationalError("connection refused")
+    with pytest.raises(ConnectFailed) as info:
+        pool.acquire(timeout=0.1)
+    assert "unreachable" in str(info.value) and "connection refused" in str(info.value)
+    held.release()
+    pool.close()
+
+
+def test_a_full_pool_with_a_healthy_database_is_overload() -> None:
+    driver = FakeDriver()
+    pool = make_pool(driver, max_size=1)
+    held = pool.acquire()
+    with pytest.raises(PoolTimeout) as info:
+        pool.acquire(timeout=0.05)
+    assert not isinstance(info.value, ConnectFailed)
+    assert "unreachable" not in str(info.value)
+    held.release()
+    pool.close()
+
+
+def test_connect_error_kept_by_the_pool_holds_no_frames() -> None:
+    """The error an opener thread caught is chained to the caller's ``ConnectFailed``
+    without its traceback: the driver's frames hold the conninfo (with the password),
+    and they belong to another thread anyway."""
+    driver = FakeDriver()
+    pool = make_pool(driver, max_size=1, reconnect_backoff=0.01, reconnect_backoff_max=0.01)
+    driver.fail_connect = FakeOperationalError("connection refused")
+    with pytest.raises(ConnectFailed) as info:
+        pool.acquire(timeout=0.05)
+    cause = info.value.__cause__
+    assert isinstance(cause, FakeOperationalError)
+    assert cause.__traceback__ is None
+    pool.close()
+
+
+def test_lease_ended_says_why() -> None:
+    """A holder that finds its lease ended is told whether it released it itself,
+    another thread revoked it mid-use, or the pool took it back from an ended owner."""
+    from connguard.pool import LeaseEnded
+
+    driver = FakeDriver()
+    pool = make_pool(driver, max_size=3)
+
+    released = pool.acquire()
+    released.release()
+    with pytest.raises(LeaseEnded, match="it was released;"):
+        released.enter()
+
+    revoked = pool.acquire()
+    revoked.enter()  # a use in progress (a statement running in this thread)
+    threading.Thread(target=revoked.release).start()
+    wait_until(lambda: conn_of_ended(revoked))
+    revoked.exit()  # the use ends; the release finishes
+    with pytest.raises(LeaseEnded, match=r"another thread while this code was using it"):
+        revoked.enter()
+
+    class Owner:
+        ended = False
+
+    owner = Owner()
+    orphan = pool.acquire(owner=owner)
+    owner.ended = True  # its request ended without giving it back
+    pool.housekeep()
+    with pytest.raises(LeaseEnded, match="the request or scope it belonged to has ended"):
+        orphan.enter()
+    pool.close()
+
+
+def conn_of_ended(lease: object) -> bool:
+    return bool(lease._ending)  # type: ignore[attr-defined]
+
+
+def test_a_call_blocked_past_socket_timeout_is_aborted_once() -> None:
+    """``socket_timeout``: a use that has not returned for that long (a server that
+    stopped answering) gets its socket shut down, once; a lease whose uses move on,
+    or that is merely held, is left alone."""
+    driver = FakeDriver()
+    clock = ManualClock()
+    pool = make_pool(driver, clock, max_size=3, socket_timeout=5.0)
+    blocked, working, holding = pool.acquire(), pool.acquire(), pool.acquire()
+    blocked.enter()  # a statement sent into a black hole: never returns
+    working.enter()
+    pool.housekeep()  # first sight of both uses
+    for _ in range(6):
+        clock.advance(1.0)
+        working.exit()  # this one's calls return and new ones begin
+        working.enter()
+        pool.housekeep()
+    assert conn_of(blocked).aborts == 1
+    assert conn_of(working).aborts == 0 and conn_of(holding).aborts == 0
+    working.exit()  # idle between statements now: held, not blocked
+    clock.advance(10.0)
+    pool.housekeep()
+    assert conn_of(blocked).aborts == 1, "a use is aborted once"
+    assert pool.stats().aborted == 1
+    # The holder's call fails (its socket is gone); the lease ends; the slot is freed.
+    blocked.exit()
+    dead = conn_of(blocked)
+    blocked.release()
+    assert dead.closed and pool.stats().closed["broken"] == 1
+    working.release()
+    holding.release()
+    pool.close()
+
+
+def test_socket_timeout_off_by_default_aborts_nothing() -> None:
+    driver = FakeDriver()
+    clock = ManualClock()
+    pool = make_pool(driver, clock, max_size=1)
+    lease = pool.acquire()
+    lease.enter()
+    pool.housekeep()
+    clock.advance(3600.0)
+    pool.housekeep()
+    assert conn_of(lease).aborts == 0
+    lease.exit()
+    lease.release()
+    pool.close()
+
+
+def test_housekeeping_replaces_idle_connections_found_dead() -> None:
+    """A pool whose idle backends were terminated refills in the background: nobody
+    has to check one out to find it dead, and the server again sees ``min_size``."""
+    driver = FakeDriver()
+    pool = make_pool(driver, min_size=2, max_size=3)
+    wait_until(lambda: pool.stats().idle == 2)
+    with pool._lock:
+        first, second = (conn.raw for conn in pool._idle)
+    first.alive = False
+    second.alive = False
+    pool.housekeep()
+    assert first.closed and second.closed
+    wait_until(lambda: pool.stats().idle == 2 and driver.live == 2)
+    assert pool.stats().closed["broken"] == 2
+    pool.close()
