@@ -519,3 +519,36 @@ def test_the_django_driver_passes_the_pools_capabilities_through(connection: Any
     base = driver.base
     assert driver.ping_bounded == getattr(base, "ping_bounded", False)
     assert driver.abort == base.abort
+
+
+def test_pool_false_means_a_connection_per_lease(
+    connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``OPTIONS["pool"] = False`` (Django's "no pool") is accepted: each lease opens
+    its own connection and closes it when it ends; PostgreSQL keeps none idle."""
+    from django.db import connections
+
+    from connguard.django import pools
+
+    monkeypatch.setitem(connection.settings_dict["OPTIONS"], "pool", False)
+    try:
+        first = scalar(connection, "SELECT pg_backend_pid()")
+        connection.close()
+        second = scalar(connection, "SELECT pg_backend_pid()")
+        connection.close()
+        assert first != second, "a connection serves one lease"
+        (pool,) = [p for p in pools.pools() if not p.config.reuse]
+        assert pool.stats().closed["single_use"] == 2 and pool.stats().idle == 0
+        with psycopg.connect(**connections["default"].get_connection_params()) as probe:
+            pause = threading.Event()
+            for _ in range(500):  # a backend exits just after its client's goodbye
+                alive = probe.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)",
+                    [[first, second]],
+                ).fetchone()
+                if alive == (0,):
+                    break
+                pause.wait(0.01)
+        assert alive == (0,)
+    finally:
+        pools.close_pools(alias="default")

@@ -316,3 +316,49 @@ def test_housekeeping_replaces_idle_connections_found_dead() -> None:
     wait_until(lambda: pool.stats().idle == 2 and driver.live == 2)
     assert pool.stats().closed["broken"] == 2
     pool.close()
+
+
+def test_reuse_false_gives_each_lease_its_own_connection() -> None:
+    """``reuse=False`` (Django's ``OPTIONS["pool"] = False``): a connection per lease,
+    closed when it ends, and still at most ``max_size`` at once."""
+    driver = FakeDriver()
+    pool = make_pool(driver, max_size=2, reuse=False)
+    first = pool.acquire()
+    conn = conn_of(first)
+    first.release()
+    assert conn.closed
+    second = pool.acquire()
+    assert conn_of(second) is not conn
+    third = pool.acquire()
+    with pytest.raises(PoolTimeout):
+        pool.acquire(timeout=0.05)
+    third.release()
+    second.release()
+    assert driver.live == 0 and driver.max_live == 2
+    stats = pool.stats()
+    assert stats.closed["single_use"] == 3 and stats.health_check_failures == 0
+    pool.close()
+
+
+def test_reuse_false_with_min_size_is_refused() -> None:
+    from connguard.pool import PoolConfigError
+
+    with pytest.raises(PoolConfigError, match="min_size must be 0 when reuse is False"):
+        PoolConfig(min_size=1, reuse=False)
+
+
+def test_an_expired_idle_connection_is_retired_not_counted_broken() -> None:
+    """A connection past its lifetime met at checkout is retired ("lifetime"): not a
+    failed health check, and no reason to suspect the other idle connections."""
+    driver = FakeDriver()
+    clock = ManualClock()
+    pool = make_pool(driver, clock, max_size=3, max_lifetime=100.0, lifetime_jitter=0.0)
+    old, other = fill_idle(pool, 2)
+    clock.advance(101.0)
+    fresh = pool.acquire()
+    stats = pool.stats()
+    assert stats.health_check_failures == 0 and stats.closed["broken"] == 0
+    assert stats.closed["lifetime"] >= 1
+    assert other.pings == 0 and old.pings == 0
+    fresh.release()
+    pool.close()

@@ -4,7 +4,7 @@ IDs are stable; each message names the setting and the allowed values.
 
 | id | problem |
 |---|---|
-| connguard.E001 | ``OPTIONS["pool"]`` is neither a dict nor True |
+| connguard.E001 | ``OPTIONS["pool"]`` is not a dict, True or False |
 | connguard.E002 | unknown key in ``OPTIONS["pool"]`` (a typo, or a psycopg_pool-only setting) |
 | connguard.E003 | a pool setting has a value outside its allowed range |
 | connguard.E004 | ``min_size`` greater than ``max_size`` |

@@ -53,9 +53,15 @@ def pool_config(options: Mapping[str, Any]) -> PoolConfig:
     raw = options.get("pool", True)
     if raw is True or raw is None:
         return PoolConfig()
+    if raw is False:
+        # Django's "no pool" (settings built from environment variables produce it):
+        # no reuse, a connection per lease, closed when the lease ends, still bounded,
+        # fenced and leak-checked like any other.
+        return PoolConfig(min_size=0, reuse=False)
     if not isinstance(raw, Mapping):
         raise PoolConfigError(
-            "pool", f"OPTIONS['pool'] must be a dict of pool settings or True (got {raw!r})"
+            "pool",
+            f"OPTIONS['pool'] must be a dict of pool settings, True or False (got {raw!r})",
         )
     for key in raw:
         if key == "reset" and callable(raw[key]):

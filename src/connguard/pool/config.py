@@ -86,6 +86,11 @@ class PoolConfig:
     """Frames of the acquiring code recorded with each lease, for leak reports and
     ``connguard status`` (file:line). About 0.25 µs for the default 3 frames (more
     cost about 0.15 µs each). 0: record nothing."""
+    reuse: bool = True
+    """False: a connection serves one lease and is closed when it ends (no idle
+    connections; ``min_size`` must be 0). Every lease then pays a connect, but keeps
+    the bound, the fence, the leak records and the reset guarantees. Django's
+    ``OPTIONS["pool"] = False`` means this."""
     reclaim: bool = False
     """Take back a lease whose owner is gone (its scope ended, or its thread died)
     and which is not executing a statement: rolled back, fenced, counted, logged."""
@@ -149,6 +154,14 @@ class PoolConfig:
             raise PoolConfigError(
                 "background_reset",
                 f"background_reset must be True or False (got {self.background_reset!r})",
+            )
+        if not isinstance(self.reuse, bool):
+            raise PoolConfigError("reuse", f"reuse must be True or False (got {self.reuse!r})")
+        if not self.reuse and self.min_size:
+            raise PoolConfigError(
+                "min_size",
+                f"min_size must be 0 when reuse is False (got {self.min_size}): "
+                "connections are not kept",
             )
         if not isinstance(self.reclaim, bool):
             raise PoolConfigError(

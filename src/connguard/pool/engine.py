@@ -125,6 +125,9 @@ class Pool:
         self._ping_after = math.inf if cfg.ping_after_idle is None else cfg.ping_after_idle
         self._live_after = math.inf if cfg.liveness_after_idle is None else cfg.liveness_after_idle
         self._is_alive = driver.is_alive
+        # Why a connection past its expiry is closed: with reuse=False every
+        # connection expires as it is opened, so it serves one lease.
+        self._expired = "lifetime" if cfg.reuse else "single_use"
         self._reset_always = cfg.reset == "always"
         self._background_reset = cfg.background_reset
         self._reset_auto = cfg.reset == "auto"
@@ -326,7 +329,11 @@ class Pool:
 
     def _checked(self, lease: Lease, conn: _Conn, now: float, deadline: float) -> bool:
         """Health-check the connection behind a new lease; on failure close it (the
-        caller then tries another). Whatever happens, the lease is not left half-made."""
+        caller then tries another). Whatever happens, the lease is not left half-made.
+        A connection past its lifetime is retired, not counted as a failed check."""
+        if now >= conn.expires_at:
+            self._end_lease(lease, self._expired, health=True)
+            return False
         try:
             healthy = self._healthy(conn, now, deadline)
         except BaseException:
@@ -346,8 +353,6 @@ class Pool:
         ``connect_timeout``); a connection whose ping would outlast it counts as
         unhealthy, so no acquire overruns its timeout because of health checks.
         """
-        if now >= conn.expires_at:
-            return False
         cfg = self.config
         idle_for = now - conn.idle_since
         ping_after = cfg.ping_after_idle
@@ -557,7 +562,7 @@ class Pool:
                     conn.idle_since = now
                     self._idle.append(conn)
                 return
-        self._end_lease(lease, "pool_closed" if self._closed else "lifetime")
+        self._end_lease(lease, "pool_closed" if self._closed else self._expired)
 
     def _release_dirty(self, lease: Lease, conn: _Conn, status: TxStatus, reset: bool) -> None:
         """Slow path: the connection needs a rollback or reset (outside the lock).
@@ -620,7 +625,7 @@ class Pool:
                     if self._closed:
                         reason = "pool_closed"
                     elif now >= conn.expires_at:
-                        reason = "lifetime"
+                        reason = self._expired
                     else:
                         self._give_back_locked(conn, now)
                 if reason is not None:
@@ -674,7 +679,8 @@ class Pool:
             lease._ref = None
             if health:
                 self._n_acquires -= 1  # it never reached the caller
-                self._n_health_failures += 1
+                if reason == "broken":
+                    self._n_health_failures += 1
             else:
                 self._n_releases += 1
                 self._h_hold.record(now - lease.acquired_at)

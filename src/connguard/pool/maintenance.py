@@ -44,7 +44,7 @@ def housekeep(pool: Pool) -> None:
         keep: list[_Conn] = []
         for conn in pool._idle:  # oldest-returned first
             if now >= conn.expires_at:
-                retired.append((conn, "lifetime"))
+                retired.append((conn, pool._expired))
             elif max_idle is not None and surplus > 0 and now - conn.idle_since >= max_idle:
                 retired.append((conn, "idle"))
                 surplus -= 1

@@ -91,7 +91,9 @@ def run_opener(pool: Pool) -> None:
         elapsed = _monotonic() - started
         now = pool._clock()
         lifetime = cfg.max_lifetime
-        if lifetime is None:
+        if not cfg.reuse:
+            expires = now  # serves the lease it was opened for, then is closed
+        elif lifetime is None:
             expires = float("inf")
         else:
             expires = now + lifetime * (1.0 - cfg.lifetime_jitter * random.random())

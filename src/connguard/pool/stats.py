@@ -19,7 +19,14 @@ BUCKET_BOUNDS: tuple[float, ...] = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 
-CLOSE_REASONS: tuple[str, ...] = ("lifetime", "idle", "broken", "reset_failed", "pool_closed")
+CLOSE_REASONS: tuple[str, ...] = (
+    "lifetime",
+    "idle",
+    "broken",
+    "reset_failed",
+    "pool_closed",
+    "single_use",
+)
 """Why a connection was closed; each has a ``closed_<reason>`` counter."""
 
 
