@@ -1,8 +1,9 @@
 """Django's PostgreSQL backend with connguard's pool (psycopg 3 or psycopg2).
 
 Thin on purpose: everything that differs from Django's own backend lives in
-:mod:`connguard.django.wrapper`; this module only composes it with Django's
-classes, which pick psycopg 3 when installed and psycopg2 otherwise.
+:mod:`connguard.django.wrapper` and :mod:`connguard.django.cursors`; this module only
+composes them with Django's classes, which pick psycopg 3 when installed and psycopg2
+otherwise.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from django.db.backends.postgresql import base as django_pg
 from django.db.backends.postgresql.creation import DatabaseCreation as DjangoCreation
 
 from connguard.django import pools, scopes
-from connguard.django.wrapper import ConnguardWrapperMixin, FencedCursorMixin
+from connguard.django.cursors import FencedCursorMixin
+from connguard.django.wrapper import ConnguardWrapperMixin
 
 scopes.install()
 
