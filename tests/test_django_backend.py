@@ -552,3 +552,73 @@ def test_pool_false_means_a_connection_per_lease(
         assert alive == (0,)
     finally:
         pools.close_pools(alias="default")
+
+
+def test_reconnect_takes_the_short_path_and_keeps_djangos_contract(
+    connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its first acquire a wrapper re-acquires without rebuilding Django's
+    connection parameters, yet ``connection_created`` still fires at every checkout,
+    a connection a holder left with autocommit off is put back, and Django's
+    bookkeeping starts fresh."""
+    from django.db import connections
+    from django.db.backends.signals import connection_created
+
+    connection = connections["default"]  # the wrapper itself, not Django's proxy
+    scalar(connection, "SELECT 1")
+    connection.close()  # the wrapper now knows its pool
+    built: list[int] = []
+    real = type(connection).get_connection_params
+    monkeypatch.setattr(
+        type(connection),
+        "get_connection_params",
+        lambda self: built.append(1) or real(self),
+    )
+    created: list[Any] = []
+
+    def receiver(sender: Any, connection: Any, **kwargs: Any) -> None:
+        created.append(connection)
+
+    connection_created.connect(receiver)
+    try:
+        connection.ensure_connection()
+        raw = connection.connection
+        connection.set_autocommit(False)  # a holder that leaves autocommit off...
+        connection.needs_rollback = True
+        connection.close()  # ...and gives the connection back that way
+        connection.ensure_connection()
+        assert built == [], "the short path builds no connection parameters"
+        assert created == [connection, connection]
+        assert connection.get_autocommit() is True
+        assert connection.connection.autocommit is True
+        assert connection.needs_rollback is False and connection.in_atomic_block is False
+        assert connection.connection is raw, "the same pooled connection, reused"
+        assert scalar(connection, "SELECT 1") == 1
+    finally:
+        connection_created.disconnect(receiver)
+        connection.close()
+
+
+def test_reconnect_puts_back_a_time_zone_a_holder_changed(
+    connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under reset policy ``"rollback"`` session state crosses to the next holder, but
+    Django's time zone must not: datetimes would be read in the wrong zone. Each
+    checkout compares it (client-side) and sets it back."""
+    from django.db import connections
+
+    from connguard.django import pools
+
+    monkeypatch.setitem(
+        connection.settings_dict["OPTIONS"], "pool", {"max_size": 1, "reset": "rollback"}
+    )
+    wrapper = connections["default"]
+    try:
+        with wrapper.cursor() as cursor:
+            cursor.execute("SET TIME ZONE 'Asia/Tokyo'")
+        assert scalar(wrapper, "SHOW TIME ZONE") == "Asia/Tokyo"
+        wrapper.close()
+        assert scalar(wrapper, "SHOW TIME ZONE") == wrapper.timezone_name
+    finally:
+        wrapper.close()
+        pools.close_pools(alias="default")
