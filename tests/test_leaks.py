@@ -87,6 +87,23 @@ def test_dropped_lease_is_taken_back_with_its_site(caplog: pytest.LogCaptureFixt
     pool.close()
 
 
+def test_a_scope_does_not_keep_a_dropped_lease_alive() -> None:
+    """A scope holds its leases weakly: a lease its holder dropped while the scope
+    is still open is taken back by the backstop, not kept until the scope ends."""
+    driver = FakeDriver()
+    pool = make_pool(driver, max_size=1)
+    scope = Scope("job")
+    lease = pool.acquire(owner=scope)
+    scope.add(lease)
+    del lease
+    gc.collect()
+    pool.housekeep()
+    stats = pool.stats()
+    assert stats.dropped == 1 and stats.in_use == 0
+    assert scope.leases() == [] and scope.release_all() == 0
+    pool.close()
+
+
 def test_held_lease_is_never_taken_back() -> None:
     pool = make_pool(FakeDriver(), reclaim=True)
     lease = pool.acquire()

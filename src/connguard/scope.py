@@ -60,8 +60,10 @@ class Scope:
         self.ended = False
         self._lock = threading.Lock()
         # Weak: a scope never keeps alive a lease its holder dropped (the pool's
-        # backstop takes those back and says where they were acquired).
-        self._leases: weakref.WeakSet[Lease] = weakref.WeakSet()
+        # backstop takes those back and says where they were acquired). A list of
+        # plain weak references, not a WeakSet: a scope holds one or two leases, and
+        # a WeakSet costs microseconds per request to make and to empty.
+        self._leases: list[weakref.ref[Lease]] = []
 
     def add(self, lease: Lease) -> None:
         """Record ``lease`` as owned by this scope.
@@ -71,18 +73,18 @@ class Scope:
         """
         with self._lock:
             if not self.ended:
-                self._leases.add(lease)
+                self._leases.append(weakref.ref(lease))
                 return
         lease.release()
 
     def discard(self, lease: Lease) -> None:
         """Forget ``lease`` (its holder released it)."""
         with self._lock:
-            self._leases.discard(lease)
+            self._leases = [ref for ref in self._leases if ref() is not lease]
 
     def leases(self) -> list[Lease]:
         with self._lock:
-            return [lease for lease in self._leases if lease.active]
+            return [lease for ref in self._leases if (lease := ref()) is not None and lease.active]
 
     def release_all(self, *, early: bool = False) -> int:
         """Give back every lease taken in the scope; the scope stays open.
@@ -94,13 +96,13 @@ class Scope:
         would break a streaming export half way. They go back when the scope ends.
         """
         with self._lock:
-            leases = list(self._leases)
+            leases = [lease for ref in self._leases if (lease := ref()) is not None]
             if early:
                 kept = [lease for lease in leases if lease.active and lease.pinned]
                 leases = [lease for lease in leases if lease not in kept]
             else:
                 kept = []
-            self._leases = weakref.WeakSet(kept)
+            self._leases = [weakref.ref(lease) for lease in kept]
         count = 0
         for lease in leases:
             if lease.active:
