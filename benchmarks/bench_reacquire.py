@@ -1,0 +1,123 @@
+"""Django's per-request database cycle with no query, in-process: what a request pays
+for its connection when it does nothing else (issue 11's first figure).
+
+    python benchmarks/bench_reacquire.py [--query] [--rounds R] [--before SRC]
+
+One process, one embedded PostgreSQL, three aliases of the same database:
+
+* ``persistent``: stock backend, ``CONN_MAX_AGE=None`` (the anchor);
+* ``native``: Django's own pool (psycopg_pool), ``min_size = max_size = 4``;
+* ``connguard``: ``ENGINE = connguard.backends.postgresql``, ``min_size = max_size = 4``.
+
+A cycle is what Django's handler does for the database around a view:
+``request_started``, ``connections[alias].ensure_connection()`` (with ``--query``:
+one ``SELECT 1`` through a cursor), ``request_finished``. Each cycle is timed
+(``perf_counter_ns``); R rounds of 300 cycles per alias, aliases interleaved round by
+round after a warm-up; the figure is the median cycle. All three aliases are
+configured in every run, so Django's own per-request work over all aliases
+(``close_old_connections``) is the same for each.
+
+``--before SRC`` runs the connguard alias of an older tree too (``SRC`` = its
+``src/``, e.g. from ``git archive``), in a child process with the same settings, and
+prints both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ALIASES = ("persistent", "native", "connguard")
+BATCH = 300
+
+
+def run(rounds: int, query: bool) -> dict[str, float]:
+    import django
+    from django.conf import settings
+
+    from connguard.testing.postgres import EmbeddedPostgres
+
+    with EmbeddedPostgres() as pg:
+        base = {"NAME": "postgres", "USER": pg.user, "HOST": pg.host, "PORT": pg.port}
+        pool = {"pool": {"min_size": 4, "max_size": 4}}
+        stock = "django.db.backends.postgresql"
+        settings.configure(
+            DATABASES={
+                "default": {**base, "ENGINE": stock, "CONN_MAX_AGE": None},
+                "persistent": {**base, "ENGINE": stock, "CONN_MAX_AGE": None},
+                "native": {**base, "ENGINE": stock, "OPTIONS": pool},
+                "connguard": {**base, "ENGINE": "connguard.backends.postgresql", "OPTIONS": pool},
+            },
+            INSTALLED_APPS=["connguard.django"],
+            USE_TZ=True,
+            TIME_ZONE="UTC",
+        )
+        django.setup()
+        from django.core.signals import request_finished, request_started
+        from django.db import connections
+
+        def cycle(alias: str) -> None:
+            request_started.send(sender=None)
+            conn = connections[alias]
+            conn.ensure_connection()
+            if query:
+                with conn.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+                    cursor.fetchone()
+            request_finished.send(sender=None)
+
+        timings: dict[str, list[int]] = {alias: [] for alias in ALIASES}
+        for alias in ALIASES:
+            for _ in range(BATCH):
+                cycle(alias)
+        clock = time.perf_counter_ns
+        for n in range(rounds):
+            order = ALIASES[n % 3 :] + ALIASES[: n % 3]
+            for alias in order:
+                out = timings[alias]
+                for _ in range(BATCH):
+                    started = clock()
+                    cycle(alias)
+                    out.append(clock() - started)
+        return {alias: statistics.median(ts) / 1e3 for alias, ts in timings.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--query", action="store_true", help="one SELECT 1 per cycle")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--before", type=Path, metavar="SRC", help="an older tree's src/")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run(args.rounds, args.query)))
+        return
+    here = Path(__file__).resolve().parent.parent / "src"
+    trees: list[tuple[str, Path]] = [("this tree", here)]
+    if args.before is not None:
+        trees.insert(0, ("before", args.before.resolve()))
+    print(f"Django per-request cycle, {'one SELECT 1' if args.query else 'no query'}, "
+          f"median of {args.rounds * BATCH} cycles per alias (µs)")  # fmt: skip
+    for label, src in trees:
+        env = {**os.environ, "PYTHONPATH": str(src)}
+        child = [sys.executable, __file__, "--child", "--rounds", str(args.rounds)]
+        if args.query:
+            child.append("--query")
+        out = subprocess.run(child, env=env, capture_output=True, text=True, check=True)
+        figures: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        p, n, c = (figures[a] for a in ALIASES)
+        print(
+            f"  {label:10} persistent {p:6.1f}  native {n:6.1f}  connguard {c:6.1f}   "
+            f"connguard/persistent {c / p:4.2f}  connguard/native {c / n:4.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
