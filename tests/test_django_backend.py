@@ -305,17 +305,17 @@ def test_set_up_runs_once_per_physical_connection(
     connection: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from connguard.django import pools
-    from connguard.django.wrapper import ConnguardWrapperMixin
+    from connguard.django.wrapper import ConnectionSetup
 
     pools.close_pools(alias="default")
     calls = []
-    original = ConnguardWrapperMixin.connguard_configure
+    original = ConnectionSetup.configure
 
     def counting(self: Any, conn: Any) -> Any:
         calls.append(1)
         return original(self, conn)
 
-    monkeypatch.setattr(ConnguardWrapperMixin, "connguard_configure", counting)
+    monkeypatch.setattr(ConnectionSetup, "configure", counting)
     monkeypatch.setitem(connection.settings_dict["OPTIONS"], "assume_role", "cg_reader")
     for _ in range(5):
         assert scalar(connection, "SELECT current_user") == "cg_reader"

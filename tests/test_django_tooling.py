@@ -1,5 +1,6 @@
 """Django's own test tooling on connguard: the test runner (with parallel test
-processes) and pytest-django, each in a subprocess against a private server."""
+processes) and pytest-django, each in a subprocess against a private server; and
+``manage.py connguard doctor`` when the server cannot be reached."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from connguard.testing.postgres import EmbeddedPostgres
 
-from .servers import ROOT, manage, site_env
+from .servers import ROOT, free_port, manage, site_env
 
 pytestmark = [pytest.mark.real, pytest.mark.private]
 
@@ -77,3 +78,23 @@ def test_pytest_django(tooling_db: tuple[EmbeddedPostgres, dict[str, Any]]) -> N
     assert result.returncode == 0, output[-4000:]
     assert "4 passed" in output, output[-2000:]
     assert not [name for name in databases(pg) if name.startswith("test_")]
+
+
+def test_manage_doctor_cannot_connect() -> None:
+    """An unreachable server: one line worded as ``connguard doctor`` words it, exit
+    status 2, no traceback, no password, and none of the pool's retry warnings."""
+    port = free_port()  # nobody listens there
+    db = {"HOST": "127.0.0.1", "PORT": port, "NAME": "docsite", "USER": "postgres",
+          "PASSWORD": "s3cret-pw"}  # fmt: skip
+    env = site_env(db, DOCSITE_POOL=json.dumps({"timeout": 1, "connect_timeout": 1}))
+    # The settings come from DJANGO_SETTINGS_MODULE: after the sub-action, --settings
+    # would be the sub-parser's (unknown) argument.
+    result = subprocess.run(
+        [sys.executable, "-m", "django", "connguard", "doctor"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"CommandError: cannot connect to PostgreSQL at 127.0.0.1:{port}: Connection refused"
+    ], result.stderr

@@ -393,6 +393,32 @@ def test_abort_ends_a_call_blocked_in_another_thread(
 
 
 @real
+def test_refused_tells_a_refusal_from_an_outage(pg: Any, driver_name: str) -> None:
+    """``refused()``: the server answered and said no (a database or role that does
+    not exist, a role that may not be assumed) against nobody answering."""
+    host = str(conninfo_to_dict(pg.dsn).get("host", "127.0.0.1"))
+    d = load_driver(driver_name, conninfo=pg.dsn)
+    refused = d.refused  # type: ignore[attr-defined]
+    for conninfo in (f"{pg.dsn} dbname=no_such_db", f"{pg.dsn} user=no_such_role"):
+        bad = load_driver(driver_name, conninfo=conninfo)
+        with pytest.raises(bad.operational_error) as info:
+            bad.connect(5)
+        assert refused(info.value), str(info.value)
+    nobody = load_driver(driver_name, conninfo=f"host={host} port={free_port()}")
+    with pytest.raises(nobody.operational_error) as info:
+        nobody.connect(5)
+    assert not refused(info.value), str(info.value)
+    conn = d.connect(5)
+    try:
+        with pytest.raises(Exception) as info:
+            query(conn, "SET ROLE no_such_role")
+        assert refused(info.value), str(info.value)
+    finally:
+        d.close(conn)
+    assert not refused(d.operational_error("FATAL:  sorry, too many clients already"))
+
+
+@real
 def test_is_alive_after_a_network_reset(pg: Any, driver_name: str, pg_proxy: FaultProxy) -> None:
     d = load_driver(driver_name, conninfo=pg_proxy.dsn(pg.dsn))
     conn = d.connect(5)

@@ -362,3 +362,42 @@ def test_an_expired_idle_connection_is_retired_not_counted_broken() -> None:
     assert other.pings == 0 and old.pings == 0
     fresh.release()
     pool.close()
+
+
+def test_a_refusal_fails_the_waiting_callers_at_once() -> None:
+    """Bad credentials or a database that does not exist are not an outage: waiting
+    would not help, so the callers waiting get ``ConnectFailed`` with the server's
+    reason at once, not at their ``timeout``."""
+    driver = FakeDriver()
+    driver.refused = lambda exc: "FATAL" in str(exc)  # type: ignore[attr-defined]
+    driver.fail_connect = FakeOperationalError('FATAL:  database "nope" does not exist')
+    pool = make_pool(driver, max_size=2, reconnect_backoff=0.01, reconnect_backoff_max=0.01)
+    started = time.monotonic()
+    with pytest.raises(ConnectFailed) as info:
+        pool.acquire(timeout=30)
+    assert time.monotonic() - started < 10, "failed at once, not at its timeout"
+    assert "refused" in str(info.value) and "does not exist" in str(info.value)
+    assert isinstance(info.value.__cause__, FakeOperationalError)
+    driver.fail_connect = None  # fixed: the next caller is served
+    pool.acquire(timeout=5).release()
+    pool.close()
+
+
+def test_an_outage_still_waits_for_the_timeout() -> None:
+    driver = FakeDriver()
+    driver.refused = lambda exc: "FATAL" in str(exc)  # type: ignore[attr-defined]
+    driver.fail_connect = FakeOperationalError("connection refused")  # no answer at all
+    pool = make_pool(driver, max_size=2, reconnect_backoff=0.01, reconnect_backoff_max=0.01)
+    gate = threading.Event()
+
+    def back_soon() -> None:
+        wait_until(lambda: pool.stats().connect_errors >= 2)
+        driver.fail_connect = None
+        gate.set()
+
+    helper = threading.Thread(target=back_soon)
+    helper.start()
+    pool.acquire(timeout=10).release()  # rode through the outage
+    helper.join()
+    assert gate.is_set()
+    pool.close()

@@ -54,6 +54,9 @@ class DjangoDriver:
         abort = getattr(base, "abort", None)
         if abort is not None:
             self.abort: Callable[[Any], None] = abort
+        refused = getattr(base, "refused", None)
+        if refused is not None:
+            self.refused: Callable[[BaseException], bool] = refused
         self._autocommit = autocommit
         self._tag = tag  # application_name for each new connection (pid may change)
 

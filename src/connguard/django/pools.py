@@ -118,13 +118,14 @@ def _new_pool(wrapper: Any, conn_params: dict[str, Any]) -> Pool:
     except PoolConfigError as exc:
         raise ImproperlyConfigured(f"DATABASES[{wrapper.alias!r}]: {exc}") from None
     autocommit = bool(wrapper.settings_dict["AUTOCOMMIT"])
+    setup = wrapper.connguard_setup()
     base = load_driver("psycopg" if is_psycopg3 else "psycopg2", autocommit=autocommit)
     driver = DjangoDriver(
         base,
         connect=wrapper.Database.connect,
         conn_params=conn_params,
-        configure=wrapper.connguard_configure,
-        baseline=wrapper.connguard_baseline_sql,
+        configure=setup.configure,
+        baseline=setup.baseline_sql,
         autocommit=autocommit,
         tag=functools.partial(make_tag, tag_prefix(options), wrapper.alias),
     )

@@ -10,12 +10,14 @@ that has ended raises instead of touching a connection that is now someone
 else's.
 
 What Django does once per connection (time zone, ``assume_role``) runs once per
-*physical* connection, in :class:`~connguard.django.driver.DjangoDriver`, and again
-at checkout only when the wanted time zone differs.
+*physical* connection (:class:`ConnectionSetup`, through
+:class:`~connguard.django.driver.DjangoDriver`), and again at checkout only when the
+wanted time zone differs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -30,6 +32,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
 from django.db.backends.signals import connection_created
+from django.db.backends.utils import debug_transaction
 from django.utils.asyncio import async_unsafe
 from django.views.decorators.debug import sensitive_variables
 
@@ -134,6 +137,51 @@ class MaskedPassword(str):
 
     def __repr__(self) -> str:
         return "'********************'"  # what Django's own cleansing shows
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionSetup:
+    """What Django does once per connection (time zone, ``assume_role``, psycopg2's
+    JSON adapters), as one pool applies it to each of its connections: when opened
+    (:meth:`configure`, on an opener thread) and after each reset
+    (:meth:`baseline_sql`, in the reset's round trip)."""
+
+    timezone_name: str | None
+    role: str | None
+    set_time_zone_sql: str
+
+    def baseline_sql(self) -> str:
+        """The set-up as SQL, re-applied in the same round trip as a reset."""
+        statements = []
+        if self.timezone_name:
+            statements.append(f"SET TIME ZONE {literal(self.timezone_name)}")
+        if self.role:
+            statements.append(f"SET ROLE {literal(self.role)}")
+        return "; ".join(statements)
+
+    def configure(self, connection: Any) -> bool:
+        """Set up a new physical connection; True when it ran statements.
+
+        Runs on the pool's opener thread, so it touches only ``connection``: Django's
+        own ``_configure_role`` builds its SQL through the wrapper's connection,
+        which would acquire from the pool being filled.
+        """
+        ran = False
+        timezone_name = self.timezone_name
+        if timezone_name and connection.info.parameter_status("TimeZone") != timezone_name:
+            with connection.cursor() as cursor:
+                cursor.execute(self.set_time_zone_sql, [timezone_name])
+            ran = True
+        if self.role:
+            with connection.cursor() as cursor:
+                sql = _sql_module()
+                cursor.execute(sql.SQL("SET ROLE {}").format(sql.Literal(self.role)))
+            ran = True
+        if not is_psycopg3:
+            import psycopg2.extras  # noqa: PLC0415 - only installed when it is the driver
+
+            psycopg2.extras.register_default_jsonb(conn_or_curs=connection, loads=lambda x: x)
+        return ran
 
 
 class ConnguardWrapperMixin:
@@ -422,41 +470,15 @@ class ConnguardWrapperMixin:
             if self._configure_timezone(connection) and not self.get_autocommit():  # type: ignore[attr-defined]
                 connection.commit()
 
-    def connguard_baseline_sql(self) -> str:
-        """The per-connection set-up as SQL, re-applied in the same round trip as a
-        reset (see :meth:`connguard_configure`)."""
-        statements = []
-        timezone_name = self.timezone_name  # type: ignore[attr-defined]
-        if timezone_name:
-            statements.append(f"SET TIME ZONE {literal(timezone_name)}")
-        role = self.settings_dict["OPTIONS"].get("assume_role")
-        if role:
-            statements.append(f"SET ROLE {literal(role)}")
-        return "; ".join(statements)
-
-    def connguard_configure(self, connection: Any) -> bool:
-        """Per-physical-connection set-up; True when it ran statements.
-
-        Runs on the pool's opener thread, so it must touch only ``connection``:
-        Django's own ``_configure_role`` builds its SQL through the wrapper's
-        connection, which would acquire from the pool being filled.
-        """
-        ran = False
-        timezone_name = self.timezone_name  # type: ignore[attr-defined]
-        if timezone_name and connection.info.parameter_status("TimeZone") != timezone_name:
-            with connection.cursor() as cursor:
-                cursor.execute(self.ops.set_time_zone_sql(), [timezone_name])  # type: ignore[attr-defined]
-            ran = True
-        role = self.settings_dict["OPTIONS"].get("assume_role")
-        if role:
-            with connection.cursor() as cursor:
-                cursor.execute(_sql_module().SQL("SET ROLE {}").format(_sql_module().Literal(role)))
-            ran = True
-        if not is_psycopg3:
-            import psycopg2.extras  # noqa: PLC0415 - only installed when it is the driver
-
-            psycopg2.extras.register_default_jsonb(conn_or_curs=connection, loads=lambda x: x)
-        return ran
+    def connguard_setup(self) -> ConnectionSetup:
+        """Django's per-connection set-up for a new pool, fixed now: the pool keeps it,
+        whatever later happens to this wrapper's settings (a pool is keyed by them, so
+        changed settings get a pool of their own)."""
+        return ConnectionSetup(
+            timezone_name=self.timezone_name,  # type: ignore[attr-defined]
+            role=self.settings_dict["OPTIONS"].get("assume_role") or None,
+            set_time_zone_sql=self.ops.set_time_zone_sql(),  # type: ignore[attr-defined]
+        )
 
     def _close(self) -> None:
         lease, self._cg_lease = self._cg_lease, None
@@ -517,7 +539,11 @@ class ConnguardWrapperMixin:
         if lease is None:
             super()._commit()  # type: ignore[misc]
             return
-        with self.wrap_database_errors, lease.using() as connection:  # type: ignore[attr-defined]
+        with (
+            debug_transaction(self, "COMMIT"),  # connection.queries and the log, as Django
+            self.wrap_database_errors,  # type: ignore[attr-defined]
+            lease.using() as connection,
+        ):
             connection.commit()
 
     def _rollback(self) -> None:
@@ -525,7 +551,11 @@ class ConnguardWrapperMixin:
         if lease is None:
             super()._rollback()  # type: ignore[misc]
             return
-        with self.wrap_database_errors, lease.using() as connection:  # type: ignore[attr-defined]
+        with (
+            debug_transaction(self, "ROLLBACK"),
+            self.wrap_database_errors,  # type: ignore[attr-defined]
+            lease.using() as connection,
+        ):
             connection.rollback()
 
     def _set_autocommit(self, autocommit: bool) -> None:

@@ -123,6 +123,18 @@ def forget_attempt(exc: BaseException) -> None:
         exc._pgconn = None  # type: ignore[attr-defined]
 
 
+_PASSING_FATAL = (
+    "too many clients",
+    "remaining connection slots",
+    "starting up",
+    "shutting down",
+    "in recovery",
+    "not yet accepting",
+    "terminating connection",
+)
+"""FATAL start-up messages of a server that will accept connections again soon."""
+
+
 class LibpqDriver:
     """Base of the libpq drivers: their settings and :meth:`drop`.
 
@@ -163,6 +175,22 @@ class LibpqDriver:
     def libpq_version(self) -> int:
         """The version of the libpq the driver runs on, as libpq spells it (170002)."""
         raise NotImplementedError
+
+    def refused(self, exc: BaseException) -> bool:
+        """Whether a failed connect means the server answered and refused, so that
+        retrying soon cannot help: authentication (SQLSTATE class 28), a database that
+        does not exist (3D000), or a set-up statement that failed for the same kind of
+        reason (a role that does not exist or may not be assumed: 22023, 42704,
+        42501). Not an outage: "too many clients" (53300) or a server starting up or
+        shutting down (57P0x) will pass, and an error without a SQLSTATE (refused,
+        timed out, unreachable) is the network's."""
+        code = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+        if isinstance(code, str):
+            return code[:2] in ("28", "3D") or code in ("22023", "42704", "42501")
+        # A FATAL during the start-up has no SQLSTATE in either driver, only the
+        # server's message: a FATAL that is not one of the passing kinds.
+        text = str(exc)
+        return "FATAL:" in text and not any(mark in text for mark in _PASSING_FATAL)
 
     def abort(self, conn: Any) -> None:
         """Shut the connection's socket down, from any thread, so a thread blocked

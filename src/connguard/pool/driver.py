@@ -98,6 +98,8 @@ class Driver(Protocol):
         """
         ...
 
+    # Optional: ``refused(exc) -> bool``: a failed connect was the server's refusal
+    # (bad credentials, no such database or role), so waiting callers fail at once.
     # Optional: ``abort(conn) -> None``: shut the connection's socket down from any
     # thread, so a thread blocked reading from it returns at once with the driver's
     # error (setting ``socket_timeout``). Without it a blocked call cannot be ended.

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from .errors import detach, one_line
+from .errors import ConnectFailed, detach, one_line
 from .lease import _Conn
 
 if TYPE_CHECKING:
@@ -129,8 +129,16 @@ def run_opener(pool: Pool) -> None:
 
 
 def connect_failed(pool: Pool, exc: BaseException, elapsed: float) -> bool:
-    """Record a failed connect; return True if this opener should retry."""
+    """Record a failed connect; return True if this opener should retry.
+
+    When the server answered and refused (the driver's ``refused(exc)``: bad
+    credentials, a database or role that does not exist, a set-up statement that
+    failed), waiting would not help: every caller waiting now gets ``ConnectFailed``
+    at once, with the server's reason, instead of at its ``timeout``. Callers that
+    come later make the pool try again (after ``reconnect_backoff``)."""
     cfg = pool.config
+    refused = getattr(pool.driver, "refused", None)
+    hopeless = refused is not None and refused(exc)
     with pool._lock:
         first = pool._last_connect_error is None
         pool._n_connect_errors += 1
@@ -141,6 +149,8 @@ def connect_failed(pool: Pool, exc: BaseException, elapsed: float) -> bool:
         pool._failed_at = _monotonic()
         # up to 20 % off so many processes do not retry in lockstep
         pool._backoff_jitter = 0.8 + 0.2 * random.random()
+        if hopeless:
+            fail_waiters_locked(pool, exc)
         needed = bool(pool._waiters) or pool._size <= cfg.min_size
         retry = not pool._closed and needed and pool._opening == 1
         if not retry:
@@ -151,3 +161,17 @@ def connect_failed(pool: Pool, exc: BaseException, elapsed: float) -> bool:
             "pool %r: cannot connect (%s); retrying with backoff", pool.name, one_line(exc)
         )
     return retry
+
+
+def fail_waiters_locked(pool: Pool, exc: BaseException) -> None:
+    """Wake every waiting caller with ``ConnectFailed`` caused by ``exc``, the
+    server's refusal. Caller holds the lock."""
+    while pool._waiters:
+        waiter = pool._waiters.popleft()
+        error = pool._error(
+            ConnectFailed,
+            f"the database refused a new connection: {one_line(exc)}",
+        )
+        error.__cause__ = exc
+        waiter.error = error
+        waiter.event.release()
