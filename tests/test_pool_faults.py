@@ -401,3 +401,83 @@ def test_an_outage_still_waits_for_the_timeout() -> None:
     helper.join()
     assert gate.is_set()
     pool.close()
+
+
+def test_a_refusal_with_leases_out_lets_the_waiters_wait() -> None:
+    """At a connection limit the pool's own leases come back: a refused new connection
+    must not fail callers that a returned one would serve."""
+    driver = FakeDriver()
+    driver.refused = lambda exc: "FATAL" in str(exc)  # type: ignore[attr-defined]
+    pool = make_pool(driver, max_size=2, reconnect_backoff=0.01, reconnect_backoff_max=0.01)
+    held = pool.acquire()
+    first = conn_of(held)
+    driver.fail_connect = FakeOperationalError("FATAL:  password authentication failed")
+    threading.Timer(0.2, held.release).start()
+    lease = pool.acquire(timeout=5)  # served by the returned connection
+    assert conn_of(lease) is first
+    lease.release()
+    pool.close()
+
+
+def test_after_a_refusal_waiting_callers_do_not_shorten_the_backoff() -> None:
+    """A bad password must not be tried twice a second because callers keep coming."""
+    driver = FakeDriver()
+    driver.refused = lambda exc: "FATAL" in str(exc)  # type: ignore[attr-defined]
+    driver.fail_connect = FakeOperationalError("FATAL:  password authentication failed")
+    pool = make_pool(driver, max_size=2, reconnect_backoff=0.05, reconnect_backoff_max=60.0)
+    with pytest.raises(ConnectFailed):
+        pool.acquire(timeout=3)
+    with pool._lock:  # as after a few refusals: the backoff has grown
+        pool._backoff_delay = 60.0
+    attempts = driver.connects
+    with pytest.raises(ConnectFailed):
+        pool.acquire(timeout=0.3)  # within the backoff: no new attempt for it
+    assert driver.connects == attempts
+    pool.close()
+
+
+def test_an_aborted_call_gets_a_cancel_and_its_connection_a_reset() -> None:
+    """``socket_timeout``: a cancel goes first (a server that still answers stops the
+    statement), and should the call have returned just before the abort, the
+    connection goes through a full reset (which fails on a shut-down socket, so it is
+    closed) instead of back to the idle set as it is."""
+    driver = FakeDriver()
+    clock = ManualClock()
+    pool = make_pool(driver, clock, max_size=1, socket_timeout=1.0)
+    lease = pool.acquire()
+    conn = conn_of(lease)
+    aborted: list[FakeConnection] = []
+    driver.abort = aborted.append  # type: ignore[method-assign]  # the socket reads idle
+    lease.enter()
+    pool.housekeep()
+    clock.advance(2.0)
+    pool.housekeep()
+    assert aborted == [conn]
+    wait_until(lambda: conn.cancels == 1)
+    lease.exit()
+    conn.session_dirty = True
+    lease.release()
+    assert not conn.session_dirty, "a full reset ran before any reuse"
+    pool.close()
+
+
+def test_housekeeping_goes_on_when_the_liveness_test_raises(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    driver = FakeDriver()
+    pool = make_pool(driver, max_size=2)
+    fill_idle(pool, 2)
+
+    class Owner:
+        ended = True
+
+    orphan = pool.acquire(owner=Owner())
+
+    def broken(conn: FakeConnection) -> bool:
+        raise RuntimeError("driver bug")
+
+    monkeypatch.setattr(driver, "is_alive", broken)
+    pool.housekeep()  # the idle one is closed in doubt; the orphan still taken back
+    assert not orphan.active
+    monkeypatch.undo()
+    pool.close()

@@ -123,16 +123,17 @@ def forget_attempt(exc: BaseException) -> None:
         exc._pgconn = None  # type: ignore[attr-defined]
 
 
-_PASSING_FATAL = (
-    "too many clients",
-    "remaining connection slots",
-    "starting up",
-    "shutting down",
-    "in recovery",
-    "not yet accepting",
-    "terminating connection",
+_REFUSAL_FATAL = (
+    "password authentication failed",
+    "authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",
+    "is not permitted to log in",
+    "permission denied",
 )
-"""FATAL start-up messages of a server that will accept connections again soon."""
+"""Start-up FATAL messages (English) of a server that answered and refused for good.
+Anything else (too many connections, starting up, a pooler that cannot reach its
+server, a translated message) counts as passing: waiting may help."""
 
 
 class LibpqDriver:
@@ -181,16 +182,16 @@ class LibpqDriver:
         retrying soon cannot help: authentication (SQLSTATE class 28), a database that
         does not exist (3D000), or a set-up statement that failed for the same kind of
         reason (a role that does not exist or may not be assumed: 22023, 42704,
-        42501). Not an outage: "too many clients" (53300) or a server starting up or
+        42501). Not a refusal: "too many clients" (53300) or a server starting up or
         shutting down (57P0x) will pass, and an error without a SQLSTATE (refused,
         timed out, unreachable) is the network's."""
         code = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
         if isinstance(code, str):
             return code[:2] in ("28", "3D") or code in ("22023", "42704", "42501")
         # A FATAL during the start-up has no SQLSTATE in either driver, only the
-        # server's message: a FATAL that is not one of the passing kinds.
+        # server's message: only the known refusals count, in doubt it may pass.
         text = str(exc)
-        return "FATAL:" in text and not any(mark in text for mark in _PASSING_FATAL)
+        return "FATAL:" in text and any(mark in text for mark in _REFUSAL_FATAL)
 
     def abort(self, conn: Any) -> None:
         """Shut the connection's socket down, from any thread, so a thread blocked
@@ -201,6 +202,11 @@ class LibpqDriver:
         ``shutdown()`` acts on the socket, not on a descriptor: it is applied through
         a duplicate, so the connection's own descriptor is never closed here and its
         number cannot be reused under the thread that is blocked on it. Never raises.
+
+        Not closed: a race with libpq dropping the connection by itself at that very
+        moment (its socket died just then), after which the number read here may
+        already name another socket. Both at once is rare; a socket duplicated at
+        connect time would close it.
         """
         try:
             fd = self.socket(conn)

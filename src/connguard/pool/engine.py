@@ -164,6 +164,7 @@ class Pool:
         self._failed_at = 0.0
         self._backoff_delay = 0.0
         self._backoff_jitter = 1.0
+        self._refused = False  # the last connect failed by the server's refusal
         self._last_connect_error: BaseException | None = None  # since the last success
         self._reset_counters()
 
@@ -254,6 +255,8 @@ class Pool:
                 # The cheap liveness test, inlined (the common case under load).
                 try:
                     alive = self._is_alive(conn.raw)
+                except Exception:
+                    alive = False  # in doubt, not handed out
                 except BaseException:
                     self._end_lease(lease, "broken", health=True)
                     raise
@@ -358,7 +361,7 @@ class Pool:
         ping_after = cfg.ping_after_idle
         live_after = cfg.liveness_after_idle
         try:
-            if conn.suspect or (ping_after is not None and idle_for >= ping_after):
+            if ping_after is not None and (conn.suspect or idle_for >= ping_after):
                 budget = min(cfg.connect_timeout, deadline - _monotonic())
                 if budget <= 0 or not self.driver.is_alive(conn.raw):
                     return False

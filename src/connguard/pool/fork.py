@@ -65,6 +65,7 @@ def reset_in_child(pool: Pool) -> None:
     pool._size = pool._opening = pool._closing = pool._resetting = 0
     pool._pid = os.getpid()
     pool._failed_at = pool._backoff_delay = 0.0
+    pool._refused = False
     pool._last_connect_error = None
     pool._reset_counters()
     for conn in inherited:

@@ -118,8 +118,17 @@ def abort_stuck(pool: Pool, lease: Lease) -> None:
         conn = lease._conn
         if conn is None or not lease._busy or lease._uses != lease._seen_uses:
             return  # the call returned meanwhile
+        # A cancel first, on a thread of its own (it may hang in a black hole): a
+        # server that still answers stops the statement, so its backend does not
+        # outlive the slot freed below.
+        threading.Thread(
+            target=pool.driver.cancel, args=(conn.raw,), name="connguard-cancel", daemon=True
+        ).start()
         abort(conn.raw)
         lease._seen_at = math.inf  # the same use is not aborted twice
+        # Should the call have returned just before the abort, its connection still
+        # reads as idle: the full reset on release then fails, and it is closed.
+        lease.reset_requested = True
     with pool._lock:
         pool._n_aborted += 1
     logger.warning(
@@ -140,7 +149,14 @@ def sweep_idle(pool: Pool, idle: list[tuple[_Conn, float]]) -> None:
     connection taken and given back meanwhile (its ``idle_since`` moved) is left
     alone, since what was tested was another idle period."""
     is_alive = pool.driver.is_alive
-    dead = [(conn, since) for conn, since in idle if not is_alive(conn.raw)]
+
+    def dead_now(conn: _Conn) -> bool:
+        try:
+            return not is_alive(conn.raw)
+        except Exception:  # in doubt, closed: the rest of housekeeping must still run
+            return True
+
+    dead = [(conn, since) for conn, since in idle if dead_now(conn)]
     if not dead:
         return
     with pool._lock:

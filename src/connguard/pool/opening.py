@@ -74,7 +74,10 @@ def run_opener(pool: Pool) -> None:
         wake.clear()
         with pool._lock:
             closed = pool._closed
-            delay = cfg.reconnect_backoff if pool._waiters else pool._backoff_delay
+            # Demand shortens the backoff, except after a refusal: retrying a bad
+            # password every half second would only lock the account.
+            waiting = pool._waiters and not pool._refused
+            delay = cfg.reconnect_backoff if waiting else pool._backoff_delay
             wait = pool._failed_at + delay * pool._backoff_jitter - _monotonic()
         if closed:
             break
@@ -106,6 +109,7 @@ def run_opener(pool: Pool) -> None:
             pool._last_connect_error = None
             pool._backoff_delay = 0.0
             pool._failed_at = 0.0
+            pool._refused = False
             openers = 0
             if not pool._closed:
                 pool._give_back_locked(conn, now)
@@ -133,9 +137,10 @@ def connect_failed(pool: Pool, exc: BaseException, elapsed: float) -> bool:
 
     When the server answered and refused (the driver's ``refused(exc)``: bad
     credentials, a database or role that does not exist, a set-up statement that
-    failed), waiting would not help: every caller waiting now gets ``ConnectFailed``
-    at once, with the server's reason, instead of at its ``timeout``. Callers that
-    come later make the pool try again (after ``reconnect_backoff``)."""
+    failed) and no lease is out to come back, waiting would not help: every caller
+    waiting now gets ``ConnectFailed`` at once, with the server's reason, instead of
+    at its ``timeout``. The next attempt then waits out the grown backoff even when
+    callers wait (a bad password must not be tried twice a second)."""
     cfg = pool.config
     refused = getattr(pool.driver, "refused", None)
     hopeless = refused is not None and refused(exc)
@@ -149,7 +154,10 @@ def connect_failed(pool: Pool, exc: BaseException, elapsed: float) -> bool:
         pool._failed_at = _monotonic()
         # up to 20 % off so many processes do not retry in lockstep
         pool._backoff_jitter = 0.8 + 0.2 * random.random()
-        if hopeless:
+        pool._refused = hopeless
+        if hopeless and not pool._leases:
+            # Nothing will come back to serve them: fail them now. (With leases out,
+            # a returned connection may serve them before their timeout.)
             fail_waiters_locked(pool, exc)
         needed = bool(pool._waiters) or pool._size <= cfg.min_size
         retry = not pool._closed and needed and pool._opening == 1
