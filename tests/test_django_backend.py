@@ -622,3 +622,29 @@ def test_reconnect_puts_back_a_time_zone_a_holder_changed(
     finally:
         wrapper.close()
         pools.close_pools(alias="default")
+
+
+def test_reconnect_with_autocommit_off_logs_begin_as_django_does(
+    connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``AUTOCOMMIT=False``: Django logs its "BEGIN" on every connect (so
+    ``assertNumQueries`` counts it); the short path must too."""
+    from django.db import connections
+
+    wrapper = connections["default"]
+    monkeypatch.setitem(wrapper.settings_dict, "AUTOCOMMIT", False)
+    try:
+        wrapper.ensure_connection()
+        wrapper.close()  # the next connect takes the short path
+        # (CaptureQueriesContext connects before it starts capturing.)
+        monkeypatch.setattr(wrapper, "force_debug_cursor", True)
+        wrapper.queries_log.clear()
+        wrapper.ensure_connection()
+        assert [q["sql"] for q in wrapper.queries] == ["BEGIN"]
+        assert wrapper.get_autocommit() is False
+    finally:
+        wrapper.rollback()
+        wrapper.close()
+        from connguard.django import pools
+
+        pools.close_pools(alias="default")

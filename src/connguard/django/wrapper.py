@@ -201,6 +201,7 @@ class ConnguardWrapperMixin:
     in_atomic_block: bool
     closed_in_transaction: bool
     needs_rollback: bool
+    run_commit_hooks_on_set_autocommit_on: bool
     isolation_level: Any
 
     # ---------------------------------------------------------------- the connection
@@ -320,8 +321,9 @@ class ConnguardWrapperMixin:
         bookkeeping it resets for a new connection, the lease, the time zone check
         (client-side: a holder under reset policy ``"rollback"`` may have changed it)
         and ``connection_created``; and skips building the connection parameters,
-        ``set_autocommit()`` (done on the driver's connection only when a holder
-        left it changed) and the database version check (done once per alias).
+        ``set_autocommit()`` (called only when a holder left the driver's connection
+        changed, when ``AUTOCOMMIT`` is False, whose "BEGIN" Django logs, or when
+        commit hooks wait for it) and the database version check (once per alias).
         """
         cached = self._cg_pool_cache
         if cached is None or self.alias == NO_DB_ALIAS:
@@ -346,9 +348,13 @@ class ConnguardWrapperMixin:
         self.isolation_level = IsolationLevel.READ_COMMITTED
         raw = self._cg_lease_from(pool)
         autocommit = settings["AUTOCOMMIT"]
-        if raw.autocommit != autocommit:
-            self._set_autocommit(autocommit)
-        self.autocommit = autocommit
+        hooks = self.run_commit_hooks_on_set_autocommit_on
+        if raw.autocommit != autocommit or not autocommit or hooks:
+            # Django's own call: a holder left autocommit changed, or its "BEGIN" is
+            # logged (AUTOCOMMIT=False), or commit hooks wait for autocommit.
+            self.set_autocommit(autocommit)  # type: ignore[attr-defined]
+        else:
+            self.autocommit = autocommit
         if self.timezone_name != raw.info.parameter_status("TimeZone"):  # type: ignore[attr-defined]
             self.init_connection_state()
         connection_created.send(sender=self.__class__, connection=self)
