@@ -64,6 +64,7 @@ class FakeConnection:
 class FakeDriver:
     name = "fake"
     operational_error: type[Exception] = FakeOperationalError
+    cancel_bounded = True
 
     def __init__(self) -> None:
         self.lock = threading.Lock()

@@ -518,6 +518,7 @@ def test_the_django_driver_passes_the_pools_capabilities_through(connection: Any
     driver = the_pool().driver
     base = driver.base
     assert driver.ping_bounded == getattr(base, "ping_bounded", False)
+    assert driver.cancel_bounded == getattr(base, "cancel_bounded", False)
     assert driver.abort == base.abort
 
 

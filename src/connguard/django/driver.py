@@ -51,6 +51,7 @@ class DjangoDriver:
         # What the pool looks up on its driver, passed through: a bounded inline ping,
         # and abort() for socket_timeout (without it a blocked call cannot be ended).
         self.ping_bounded: bool = getattr(base, "ping_bounded", False)
+        self.cancel_bounded: bool = getattr(base, "cancel_bounded", False)
         abort = getattr(base, "abort", None)
         if abort is not None:
             self.abort: Callable[[Any], None] = abort

@@ -108,6 +108,10 @@ class Psycopg2Driver(LibpqDriver):
             return False
 
     ping_bounded = False
+    cancel_bounded = False
+    """psycopg2's ``cancel()`` (libpq's ``PQcancel``) has no timeout: towards a server
+    that stopped answering it waits for ever, and it was seen to hold the whole process
+    meanwhile. The pool sends no cancel of its own for ``socket_timeout`` then."""
     """Its ping cannot keep a timeout: the pool runs it on a thread of its own."""
 
     def ping(self, conn: Any, timeout: float) -> None:
