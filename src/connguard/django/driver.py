@@ -48,8 +48,9 @@ class DjangoDriver:
         self._configure = configure  # returns True when it ran statements
         self._baseline = baseline  # the same set-up as SQL, appended to a reset
         self.changes_session = base.changes_session  # type: ignore[attr-defined]
-        # What the pool looks up on its driver, passed through: a bounded inline ping,
-        # and abort() for socket_timeout (without it a blocked call cannot be ended).
+        # The optional capabilities the pool looks up on its driver, passed through:
+        # hidden, pings would run on threads of their own, socket_timeout could end no
+        # call, and a refused connection would be waited for as if it were an outage.
         self.ping_bounded: bool = getattr(base, "ping_bounded", False)
         self.cancel_bounded: bool = getattr(base, "cancel_bounded", False)
         abort = getattr(base, "abort", None)

@@ -325,8 +325,7 @@ class ConnguardWrapperMixin:
         changed, when ``AUTOCOMMIT`` is False, whose "BEGIN" Django logs, or when
         commit hooks wait for it) and the database version check (once per alias).
         """
-        cached = self._cg_pool_cache
-        if cached is None or self.alias == NO_DB_ALIAS:
+        if self.alias == NO_DB_ALIAS:
             return False
         settings = self.settings_dict
         if settings["OPTIONS"].get("isolation_level") is not None:
@@ -355,8 +354,9 @@ class ConnguardWrapperMixin:
             self.set_autocommit(autocommit)  # type: ignore[attr-defined]
         else:
             self.autocommit = autocommit
-        if self.timezone_name != raw.info.parameter_status("TimeZone"):  # type: ignore[attr-defined]
-            self.init_connection_state()
+        timezone_name = self.timezone_name  # type: ignore[attr-defined]
+        if timezone_name and timezone_name != raw.info.parameter_status("TimeZone"):
+            self.init_connection_state()  # as Django's _configure_timezone: no zone, no SET
         connection_created.send(sender=self.__class__, connection=self)
         self.run_on_commit: list[Any] = []
         return True

@@ -121,10 +121,10 @@ class PsycopgDriver(LibpqDriver):
             return False
 
     ping_bounded = True
+    """Its ping keeps its timeout (libpq's non-blocking API): the pool calls it inline."""
     cancel_bounded = True
     """Its cancel keeps a bound (``cancel_safe(timeout=5)``) and lets other threads run
     meanwhile: the pool may send one on its own, for ``socket_timeout``."""
-    """Its ping keeps its timeout (libpq's non-blocking API): the pool calls it inline."""
 
     def ping(self, conn: psycopg.Connection[Any], timeout: float) -> None:
         """One round trip, an empty query, bounded by ``timeout`` seconds.

@@ -108,11 +108,11 @@ class Psycopg2Driver(LibpqDriver):
             return False
 
     ping_bounded = False
-    cancel_bounded = False
-    """psycopg2's ``cancel()`` (libpq's ``PQcancel``) has no timeout: towards a server
-    that stopped answering it waits for ever, and it was seen to hold the whole process
-    meanwhile. The pool sends no cancel of its own for ``socket_timeout`` then."""
     """Its ping cannot keep a timeout: the pool runs it on a thread of its own."""
+    cancel_bounded = False
+    """psycopg2's ``cancel()`` (libpq's ``PQcancel``) has no timeout and holds the GIL:
+    towards a server that stopped answering it freezes the whole process until the
+    network answers again. The pool sends no cancel of its own for ``socket_timeout``."""
 
     def ping(self, conn: Any, timeout: float) -> None:
         """One round trip: the empty query ``;``.
