@@ -179,13 +179,13 @@ EXTRA_VARIANTS = (
 # "rollback" the same statement costs no reset (and its state crosses to the next
 # request), which isolates the reset's cost from the statement's.
 GUC_PATH = "/x/guc"
-_GUC_URLS = {"DOCSITE_EXTRA_URLS": "benchmarks.bench_views"}
+_BENCH_VIEWS = {"DOCSITE_EXTRA_URLS": "benchmarks.bench_views"}
 RESET_VARIANTS = tuple(
     Variant(
         f"connguard-{policy}{suffix}",
         f"connguard (N={POOL_SIZE}), reset={policy}{label}",
         "trust",
-        {**_pooled("connguard", POOL_SIZE, reset=policy), **(_GUC_URLS if suffix else {})},
+        {**_pooled("connguard", POOL_SIZE, reset=policy), **(_BENCH_VIEWS if suffix else {})},
         GUC_PATH if suffix else PATH,
     )
     for policy, suffix, label in (
@@ -205,7 +205,18 @@ RESET_RUN = (
     "connguard-rollback+guc",
     "connguard-auto+guc",
 )
-BY_KEY = {v.key: v for v in (*VARIANTS, *EXTRA_VARIANTS, *RESET_VARIANTS)}
+# Issue 11's async path (--variants persistent+async,native+async,connguard+async
+# --servers uvicorn): an async view that reaches the database through the async ORM
+# and sync_to_async (benchmarks/bench_views.py), instead of the sync /one.
+ASYNC_PATH = "/x/async"
+ASYNC_VARIANTS = tuple(
+    Variant(
+        f"{v.key}+async", f"{v.label}, async view", "trust", {**v.env, **_BENCH_VIEWS}, ASYNC_PATH
+    )
+    for v in VARIANTS
+    if v.key in ("persistent", "native", "connguard")
+)
+BY_KEY = {v.key: v for v in (*VARIANTS, *EXTRA_VARIANTS, *RESET_VARIANTS, *ASYNC_VARIANTS)}
 # Order of the windows in a round (then rotated round by round): each ratio's two
 # sides run next to each other, so a change in the machine's load hits both alike.
 RUN_ORDER = (
@@ -222,6 +233,9 @@ RUN_ORDER = (
     "close",
     "close+scram",
     "connguard+scram",
+    "native+async",
+    "connguard+async",
+    "persistent+async",
 )
 
 # (name, numerator, denominator, target ratio of throughputs, what the target says)
@@ -260,6 +274,14 @@ RATIOS = (
         "(information)",
     ),
     ("GUC view: auto / /one auto", "connguard-auto+guc", "connguard-auto", None, "(information)"),
+    ("async view: connguard / native pool", "connguard+async", "native+async", 1.0, ">= 1.00"),
+    (
+        "async view: connguard / CONN_MAX_AGE=None",
+        "connguard+async",
+        "persistent+async",
+        0.95,
+        ">= 0.95 (within 5%)",
+    ),
 )
 
 
@@ -842,9 +864,15 @@ def print_report(
         "  (web/PG µs/req: CPU time of the server's / PostgreSQL's processes per request;"
         "\n   foreign: cores used by other processes on the machine during the windows)"
     )
-    guc = [v for v in BY_KEY.values() if v.path != PATH and any(k[1] == v.key for k in cells)]
-    if guc:
-        print(f"  (variants whose view sets a GUC: GET {GUC_PATH}, one `{GUC_SQL}` instead)")
+    others = {
+        v.path for v in BY_KEY.values() if v.path != PATH and any(k[1] == v.key for k in cells)
+    }
+    what = {
+        GUC_PATH: f"one `{GUC_SQL}` instead",
+        ASYNC_PATH: "an async view: one async ORM query, one SELECT 1 through sync_to_async",
+    }
+    for other in sorted(others):
+        print(f"  (variants marked so ask for GET {other}: {what[other]})")
     resets = [(k, c) for k, c in cells.items() if isinstance(c.pool_stats, list) and c.pool_stats]
     if resets:
         print("  connguard resets (rollback or full) per 1000 releases, one worker's pools:")

@@ -17,6 +17,14 @@ round after a warm-up; the figure is the median cycle. All three aliases are
 configured in every run, so Django's own per-request work over all aliases
 (``close_old_connections``) is the same for each.
 
+``--alone`` measures instead as a new user would compare them (issue 11's method): each
+configuration is a site of its own, with that one database as ``default`` and
+nothing else (the persistent and native sites without connguard installed), in a
+child process of its own; the three children take turns, R rounds of 3,000 cycles
+each, and the figure is the median over the rounds of each round's median cycle.
+Django's per-request work over its aliases then costs what one alias costs, so the
+ratios are harder than in the default mode, where every alias pays for all four.
+
 ``--before SRC`` runs the connguard alias of an older tree too (``SRC`` = its
 ``src/``, e.g. from ``git archive``), in a child process with the same settings, and
 prints both.
@@ -36,6 +44,62 @@ from typing import Any
 
 ALIASES = ("persistent", "native", "connguard")
 BATCH = 300
+
+
+def run_alone(alias: str, cycles: int, query: bool) -> float:
+    """One configuration as the only database of its site; the median cycle (µs)."""
+    import django
+    from django.conf import settings
+
+    from connguard.testing.postgres import EmbeddedPostgres
+
+    with EmbeddedPostgres() as pg:
+        base = {"NAME": "postgres", "USER": pg.user, "HOST": pg.host, "PORT": pg.port}
+        pool = {"pool": {"min_size": 4, "max_size": 4}}
+        stock = "django.db.backends.postgresql"
+        database = {
+            "persistent": {**base, "ENGINE": stock, "CONN_MAX_AGE": None},
+            "native": {**base, "ENGINE": stock, "OPTIONS": pool},
+            "connguard": {**base, "ENGINE": "connguard.backends.postgresql", "OPTIONS": pool},
+        }[alias]
+        settings.configure(
+            DATABASES={"default": database},
+            INSTALLED_APPS=["connguard.django"] if alias == "connguard" else [],
+            USE_TZ=True,
+            TIME_ZONE="UTC",
+        )
+        django.setup()
+        from django.core.signals import request_finished, request_started
+        from django.db import connection
+
+        clock = time.perf_counter_ns
+        timings: list[int] = []
+        for n in range(cycles + 1000):  # the first 1,000: warm-up
+            started = clock()
+            request_started.send(sender=None)
+            connection.ensure_connection()
+            if query:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+                    cursor.fetchone()
+            request_finished.send(sender=None)
+            if n >= 1000:
+                timings.append(clock() - started)
+        return statistics.median(timings) / 1e3
+
+
+def alone(src: Path, rounds: int, query: bool) -> dict[str, float]:
+    """Each configuration in its own child, the children taking turns."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    per_round: dict[str, list[float]] = {alias: [] for alias in ALIASES}
+    for n in range(rounds):
+        for alias in ALIASES[n % 3 :] + ALIASES[: n % 3]:
+            child = [sys.executable, __file__, "--alone-child", alias]
+            if query:
+                child.append("--query")
+            out = subprocess.run(child, env=env, capture_output=True, text=True, check=True)
+            per_round[alias].append(float(out.stdout.strip().splitlines()[-1]))
+    return {alias: statistics.median(values) for alias, values in per_round.items()}
 
 
 def run(rounds: int, query: bool) -> dict[str, float]:
@@ -94,18 +158,36 @@ def main() -> None:
     parser.add_argument("--query", action="store_true", help="one SELECT 1 per cycle")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--before", type=Path, metavar="SRC", help="an older tree's src/")
+    parser.add_argument("--alone", action="store_true", help="each configuration a site of its own")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--alone-child", choices=ALIASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run(args.rounds, args.query)))
+        return
+    if args.alone_child:
+        print(run_alone(args.alone_child, 3000, args.query))
         return
     here = Path(__file__).resolve().parent.parent / "src"
     trees: list[tuple[str, Path]] = [("this tree", here)]
     if args.before is not None:
         trees.insert(0, ("before", args.before.resolve()))
-    print(f"Django per-request cycle, {'one SELECT 1' if args.query else 'no query'}, "
-          f"median of {args.rounds * BATCH} cycles per alias (µs)")  # fmt: skip
+    what = "one SELECT 1" if args.query else "no query"
+    if args.alone:
+        print(f"Django per-request cycle, {what}, each configuration alone, median of "
+              f"{args.rounds} rounds of 3,000 cycles (µs)")  # fmt: skip
+    else:
+        print(f"Django per-request cycle, {what}, "
+              f"median of {args.rounds * BATCH} cycles per alias (µs)")  # fmt: skip
     for label, src in trees:
+        if args.alone:
+            alone_figures = alone(src, args.rounds, args.query)
+            p, n, c = (alone_figures[a] for a in ALIASES)
+            print(
+                f"  {label:10} persistent {p:6.1f}  native {n:6.1f}  connguard {c:6.1f}   "
+                f"connguard/persistent {c / p:4.2f}  connguard/native {c / n:4.2f}"
+            )
+            continue
         env = {**os.environ, "PYTHONPATH": str(src)}
         child = [sys.executable, __file__, "--child", "--rounds", str(args.rounds)]
         if args.query:

@@ -278,7 +278,8 @@ def test_dead_idle_connection_is_replaced_at_acquire(pool: Pool, clock: ManualCl
     conn = conn_of(lease)
     lease.release()
     conn.alive = False  # e.g. the server terminated the backend while idle
-    fresh = pool.acquire()  # at once: every checkout is tested (liveness_after_idle=0)
+    clock.advance(0.002)  # not tested for longer than liveness_after_idle (1 ms)
+    fresh = pool.acquire()
     assert conn_of(fresh) is not conn and conn.closed
     stats = pool.stats()
     assert stats.health_check_failures == 1 and stats.closed["broken"] == 1
@@ -299,6 +300,37 @@ def test_recently_returned_connection_skips_the_liveness_test_when_configured(
     clock.advance(0.5)
     pool.acquire().release()
     assert len(calls) == 1
+    pool.close()
+
+
+def test_liveness_window_counts_from_the_last_test_not_from_the_return(
+    driver: FakeDriver, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default window (1 ms) skips the test only for a connection known alive
+    within it. A connection held longer than that and returned a moment ago is
+    tested: its holder may not have touched it all that time (HikariCP's window,
+    counted from the return, would hand it out untested)."""
+    calls: list[object] = []
+    real = driver.is_alive
+    monkeypatch.setattr(driver, "is_alive", lambda conn: calls.append(conn) or real(conn))
+    pool = make_pool(driver, clock, max_size=1)
+    assert pool.config.liveness_after_idle == 0.001
+    pool.acquire().release()  # opens the connection: known alive now
+    assert calls == []
+    clock.advance(0.01)
+    pool.acquire().release()
+    assert len(calls) == 1, "known alive 10 ms ago: tested"
+    clock.advance(0.0005)
+    pool.acquire().release()
+    assert len(calls) == 1, "tested 0.5 ms ago: inside the window"
+    held = pool.acquire()
+    clock.advance(0.002)  # held for 2 ms, then returned and taken again at once
+    conn = conn_of(held)
+    held.release()
+    conn.alive = False  # the backend died while its holder sat on it
+    fresh = pool.acquire()
+    assert len(calls) == 2 and conn_of(fresh) is not conn and conn.closed
+    fresh.release()
     pool.close()
 
 

@@ -37,18 +37,23 @@ def conn_of(lease: object) -> FakeConnection:
 
 
 def fill_idle(pool: Pool, count: int) -> list[FakeConnection]:
-    """Open ``count`` connections and leave them idle (most recent last)."""
+    """Open ``count`` connections and leave them idle (most recent last) for 150 ms,
+    the issue's scenario: past ``liveness_after_idle`` (1 ms), so checkouts test them."""
     leases = [pool.acquire() for _ in range(count)]
     conns = [conn_of(lease) for lease in leases]
     for lease in leases:
         lease.release()
+    clock = pool._clock
+    assert isinstance(clock, ManualClock)
+    clock.advance(0.15)
     return conns
 
 
 def test_a_connection_killed_a_moment_ago_is_never_handed_out() -> None:
     """The issue's first break: a backend terminated 150 ms after its connection went
     idle was handed out untested (inside the 0.5 s bypass window) and the request's
-    first statement failed. Now every checkout is tested, with no clock advance."""
+    first statement failed. Now a connection not known alive for 1 ms is tested; with
+    ``liveness_after_idle=0``, every checkout, with no clock advance at all."""
     driver = FakeDriver()
     pool = make_pool(driver, max_size=2)
     (conn,) = fill_idle(pool, 1)
@@ -59,6 +64,16 @@ def test_a_connection_killed_a_moment_ago_is_never_handed_out() -> None:
     assert stats.health_check_failures == 1 and stats.closed["broken"] == 1
     lease.release()
     pool.close()
+
+    every = make_pool(FakeDriver(), max_size=2, liveness_after_idle=0)
+    first = every.acquire()
+    conn = conn_of(first)
+    first.release()
+    conn.alive = False
+    lease = every.acquire()  # the same instant
+    assert conn_of(lease) is not conn and conn.closed
+    lease.release()
+    every.close()
 
 
 def test_one_dead_connection_makes_every_idle_one_get_a_ping() -> None:

@@ -59,6 +59,10 @@ class DjangoDriver:
         refused = getattr(base, "refused", None)
         if refused is not None:
             self.refused: Callable[[BaseException], bool] = refused
+        # The pool calls these on every checkout and release: the base driver's own
+        # bound methods, not a method of ours that calls them (one call less each).
+        self.is_alive: Callable[[Any], bool] = base.is_alive
+        self.transaction_status: Callable[[Any], TxStatus] = base.transaction_status
         self._autocommit = autocommit
         self._tag = tag  # application_name for each new connection (pid may change)
 
@@ -109,14 +113,8 @@ class DjangoDriver:
     def drop(self, conn: Any) -> None:
         self.base.drop(conn)
 
-    def is_alive(self, conn: Any) -> bool:
-        return self.base.is_alive(conn)
-
     def ping(self, conn: Any, timeout: float) -> None:
         self.base.ping(conn, timeout)
-
-    def transaction_status(self, conn: Any) -> TxStatus:
-        return self.base.transaction_status(conn)
 
     def rollback(self, conn: Any) -> None:
         self.base.rollback(conn)

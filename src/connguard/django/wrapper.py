@@ -91,6 +91,11 @@ _MACHINERY = (
 )
 
 
+# Each source file's verdict, decided once: a dict lookup on the file name (whose
+# hash the string keeps) instead of a dozen startswith() per frame per acquire.
+_MACHINERY_FILES: dict[str, bool] = {}
+
+
 def _user_stack(depth: int) -> tuple[Any, ...]:
     """(code, line) pairs of the first ``depth`` frames outside Django, asgiref, the
     standard library and connguard's machinery: the view or task that queried.
@@ -99,9 +104,14 @@ def _user_stack(depth: int) -> tuple[Any, ...]:
     frame: Any = sys._getframe(2)
     out: list[Any] = []
     walked = 0
+    known = _MACHINERY_FILES
     while frame is not None and depth and walked < 80:
         code = frame.f_code
-        if not code.co_filename.startswith(_MACHINERY):
+        filename = code.co_filename
+        machinery = known.get(filename)
+        if machinery is None:
+            machinery = known[filename] = filename.startswith(_MACHINERY)
+        if not machinery:
             out.append(code)
             out.append(frame.f_lasti)  # made a line number only when reported
             depth -= 1
@@ -327,8 +337,9 @@ class ConnguardWrapperMixin:
         """
         if self.alias == NO_DB_ALIAS:
             return False
-        settings = self.settings_dict
-        if settings["OPTIONS"].get("isolation_level") is not None:
+        # No local holds the settings dict: it has the password, and with DEBUG=True
+        # Django's error page shows every frame's locals uncleansed.
+        if self.settings_dict["OPTIONS"].get("isolation_level") is not None:
             return False
         pool = self._cg_known_pool()
         if pool is None:
@@ -338,15 +349,15 @@ class ConnguardWrapperMixin:
         self.savepoint_ids: list[Any] = []
         self.atomic_blocks: list[Any] = []
         self.needs_rollback = False
-        self.health_check_enabled = settings["CONN_HEALTH_CHECKS"]
-        max_age = settings["CONN_MAX_AGE"]
+        self.health_check_enabled = self.settings_dict["CONN_HEALTH_CHECKS"]
+        max_age = self.settings_dict["CONN_MAX_AGE"]
         self.close_at = None if max_age is None else time.monotonic() + max_age
         self.closed_in_transaction = False
         self.errors_occurred = False
         self.health_check_done = True
         self.isolation_level = IsolationLevel.READ_COMMITTED
         raw = self._cg_lease_from(pool)
-        autocommit = settings["AUTOCOMMIT"]
+        autocommit = self.settings_dict["AUTOCOMMIT"]
         hooks = self.run_commit_hooks_on_set_autocommit_on
         if raw.autocommit != autocommit or not autocommit or hooks:
             # Django's own call: a holder left autocommit changed, or its "BEGIN" is
@@ -499,8 +510,15 @@ class ConnguardWrapperMixin:
         """At the start and end of each request (Django's ``close_old_connections``)
         and of each Celery task: give the connection back, whatever ``CONN_MAX_AGE``
         says, unless a transaction is open on it."""
-        if self._cg_lease is not None and not self.in_atomic_block:
-            self.close()  # type: ignore[attr-defined]
+        lease = self._cg_lease
+        if lease is not None and not self.in_atomic_block:
+            # Django's close() for this case (no atomic block, a lease held), without
+            # its checks that cannot fail here: this is the request's own thread.
+            self.run_on_commit = []
+            self._cg_lease = None
+            self._cg_forget(lease)
+            with self.wrap_database_errors:  # type: ignore[attr-defined]
+                lease.release()
 
     def close_if_health_check_failed(self) -> None:
         """The pool checks every connection at checkout; no extra round trip."""

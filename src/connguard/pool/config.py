@@ -56,13 +56,16 @@ class PoolConfig:
     """A connection idle longer than this gets a round-trip ping before it is
     handed out; a fresher one only gets the cheap liveness test (no round trip).
     0: always ping. None: never ping."""
-    liveness_after_idle: float | None = 0.0
-    """A connection idle at least this long gets the cheap liveness test (no round
-    trip) before it is handed out; one returned more recently is handed out as it
-    is. 0 (the default): every checkout is tested, so a backend terminated while
-    idle (``pg_terminate_backend``, ``idle_session_timeout``, a restart) is never
-    handed to a request. The test is one zero-timeout ``poll()`` that keeps the GIL
-    (about 0.7 µs). None: never test (HikariCP's 500 ms bypass window is 0.5)."""
+    liveness_after_idle: float | None = 0.001
+    """A connection not known alive for this long (since it was opened, or last
+    passed this test or a ping) gets the cheap liveness test (no round trip) before
+    it is handed out. The test is one zero-timeout ``poll()`` that keeps the GIL
+    (about 1 µs): it sees a backend terminated while idle (``pg_terminate_backend``,
+    ``idle_session_timeout``, a restart), so such a connection is never handed to a
+    request. The default, 1 ms, skips it only for a connection tested within the
+    last millisecond (back-to-back checkouts under load), no longer than a backend's
+    death takes to reach the socket anyway. 0: test every checkout. None: never test
+    (HikariCP's bypass window, counted from the last use, is 0.5)."""
     socket_timeout: float | None = None
     """A single call into the driver on a leased connection (a statement, a fetch, a
     COPY) still blocked after this long is aborted: the connection's socket is shut

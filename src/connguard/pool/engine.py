@@ -248,9 +248,12 @@ class Pool:
                 conn = None
         if conn is not None:
             lease.stack = conn.stack = stack
-            idle_for = start - conn.idle_since
-            if idle_for < self._ping_after and start < conn.expires_at and not conn.suspect:
-                if idle_for < self._live_after:
+            if (
+                start - conn.idle_since < self._ping_after
+                and start < conn.expires_at
+                and not conn.suspect
+            ):
+                if start - conn.tested_at < self._live_after:
                     return lease
                 # The cheap liveness test, inlined (the common case under load).
                 try:
@@ -261,6 +264,7 @@ class Pool:
                     self._end_lease(lease, "broken", health=True)
                     raise
                 if alive:
+                    conn.tested_at = start
                     return lease
                 self._end_lease(lease, "broken", health=True)
             elif self._checked(lease, conn, start, _monotonic() + self._limit(timeout)):
@@ -372,9 +376,13 @@ class Pool:
                     healthy = True
                 if healthy:
                     conn.suspect = False
+                    conn.tested_at = now
                 return healthy
-            elif live_after is not None and idle_for >= live_after:
-                return self.driver.is_alive(conn.raw)
+            elif live_after is not None and now - conn.tested_at >= live_after:
+                alive = self.driver.is_alive(conn.raw)
+                if alive:
+                    conn.tested_at = now
+                return alive
         except Exception:
             return False
         return True

@@ -58,6 +58,7 @@ class _Conn:
         "raw",
         "stack",
         "suspect",
+        "tested_at",
     )
 
     def __init__(self, raw: Any, now: float, expires_at: float, pid: int) -> None:
@@ -65,6 +66,9 @@ class _Conn:
         self.created_at = now
         self.expires_at = expires_at  # retire at or after this instant (inf: never)
         self.idle_since = now  # when it last became idle (or was opened)
+        # When it was last known alive: opened, or passed a liveness test or a ping
+        # (liveness_after_idle counts from here).
+        self.tested_at = now
         self.pid = pid  # the process that opened it; see fork safety
         # The last lease's owner and acquire site: what a report about a lease its
         # holder dropped can still say once the Lease object is gone.
