@@ -172,6 +172,14 @@ VARIANTS = (
 EXTRA_VARIANTS = (
     Variant("native-n8", f"Django native pool (N={N8})", "trust", _pooled("native", N8)),
     Variant("connguard-n8", f"connguard (N={N8})", "trust", _pooled("connguard", N8)),
+    # Without ConnguardMiddleware: the lease goes back at request_finished, as the
+    # native pool's connection does, not as soon as the response is ready.
+    Variant(
+        "connguard-signals",
+        f"connguard (N={POOL_SIZE}), no middleware",
+        "trust",
+        {**_pooled("connguard", POOL_SIZE), "DOCSITE_MIDDLEWARE": "none"},
+    ),
 )
 # --resets: what each reset policy (OPTIONS["pool"]["reset"]) costs per request. The
 # "+guc" variants ask for GUC_PATH instead of /one: one statement that changes session
@@ -224,6 +232,7 @@ RUN_ORDER = (
     "connguard-n8",
     "native",
     "connguard",
+    "connguard-signals",
     "connguard-rollback",
     "connguard-auto",
     "connguard-always",
@@ -245,6 +254,7 @@ RATIOS = (
     ("connguard / close-middleware (scram)", "connguard+scram", "close+scram", 5.0, ">= 5.00"),
     ("connguard / close-middleware (trust)", "connguard", "close", None, "(information)"),
     ("connguard N=8 / native pool N=8", "connguard-n8", "native-n8", None, "(information)"),
+    ("no middleware / native pool", "connguard-signals", "native", None, "(information)"),
     ("connguard N=8 / CONN_MAX_AGE=None", "connguard-n8", "persistent", None, "(information)"),
     ("reset=rollback / native pool", "connguard-rollback", "native", None, "(information)"),
     ("reset=auto / native pool", "connguard-auto", "native", None, "(information)"),

@@ -98,3 +98,27 @@ def test_manage_doctor_cannot_connect() -> None:
     assert result.stderr.splitlines() == [
         f"CommandError: cannot connect to PostgreSQL at 127.0.0.1:{port}: Connection refused"
     ], result.stderr
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_manage_doctor_leaves_its_own_connections_out(
+    tooling_db: tuple[EmbeddedPostgres, dict[str, Any]], driver: str
+) -> None:
+    """Issue 12: ``manage.py connguard doctor`` counted its own connections among the
+    client backends and in the budget: with ``min_size`` 3 its pool opened three, and
+    only the one it queried on was left out. Nothing else is connected here, so the
+    server's view holds no client backend at all."""
+    _, db = tooling_db
+    env = site_env(
+        db,
+        DOCSITE_POOL=json.dumps({"min_size": 3, "max_size": 4}),
+        DOCSITE_APP_NAME="doctor-self",
+        DOCSITE_DRIVER=driver,
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "django", "connguard", "doctor", "--json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode in (0, 1), result.stdout + result.stderr
+    data = json.loads(result.stdout)
+    assert data["backends"] == [], data["backends"]

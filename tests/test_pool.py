@@ -509,6 +509,28 @@ def test_stats_snapshot_and_histograms(pool: Pool) -> None:
     assert stats.size == stats.idle + stats.in_use + stats.opening + stats.closing
 
 
+def test_a_waited_acquire_records_its_wait_once(driver: FakeDriver, clock: ManualClock) -> None:
+    """A caller that queued is recorded with the real time it waited (by the thread
+    that handed it the connection); the others count as zero waits."""
+    pool = make_pool(driver, clock, max_size=1)
+    pool.acquire().release()  # waits for the opener: one recorded wait
+    opening = pool.stats().acquire_wait.total
+    held = pool.acquire()  # no wait
+    got: list[Lease] = []
+    began = time.monotonic()
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(timeout=10)))
+    waiter.start()
+    wait_until(lambda: pool.stats().waiting == 1)
+    held.release()
+    waiter.join()
+    waited = time.monotonic() - began
+    got[0].release()
+    wait = pool.stats().acquire_wait
+    assert wait.count == 3, "one value per acquire"
+    assert 0 < wait.total - opening <= waited, "the queued one: its real wait, once"
+    pool.close()
+
+
 def test_connection_context_manager(pool: Pool) -> None:
     with pool.connection() as conn:
         conn.status = TxStatus.INTRANS

@@ -84,11 +84,12 @@ class _Waiter:
     field first, then releases the lock, always while holding the pool lock.
     """
 
-    __slots__ = ("error", "event", "lease", "owner", "thread_id")
+    __slots__ = ("error", "event", "lease", "owner", "since", "thread_id")
 
     def __init__(self, owner: object) -> None:
         self.event = threading.Lock()
         self.event.acquire()
+        self.since = _monotonic()  # waits are real time, whatever the pool's clock
         self.owner = owner
         self.thread_id = threading.get_ident()
         self.lease: Lease | None = None
@@ -449,9 +450,7 @@ class Pool:
             raise waiter.error
         lease = waiter.lease
         assert lease is not None
-        with self._lock:
-            self._h_wait.record(_monotonic() + limit - deadline)
-        return lease
+        return lease  # its wait was recorded by whoever handed it over
 
     def _timeout_locked(self, waited: float) -> PoolError:
         """The error for a caller that waited in vain: ``ConnectFailed`` when the
@@ -669,6 +668,9 @@ class Pool:
         if self._waiters:
             waiter = self._waiters.popleft()
             waiter.lease = self._new_lease_locked(conn, now, waiter.owner, waiter.thread_id)
+            # Recorded here, under the lock this thread already holds: the woken
+            # waiter would otherwise take the pool's lock once more, just for this.
+            self._h_wait.record(_monotonic() - waiter.since)
             waiter.event.release()
         else:
             conn.idle_since = now

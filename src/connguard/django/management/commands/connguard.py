@@ -11,11 +11,8 @@ it cannot reach: worded as ``connguard doctor`` words it).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -25,8 +22,9 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from connguard.diagnostics import doctor, status
 from connguard.django import pools
 from connguard.django.checks import connguard_databases
+from connguard.drivers.libpq import forget_attempt
 from connguard.pool import PoolConfigError
-from connguard.pool.errors import ConnectFailed
+from connguard.pool.errors import ConnectFailed, detach
 
 # A command that cannot run exits 2 (one line on stderr, no traceback), like the
 # ``connguard`` CLI; 1 stays doctor's "found a problem".
@@ -69,55 +67,54 @@ class Command(BaseCommand):
             raise CommandError(f"bad OPTIONS['pool']: {exc}", returncode=_CANNOT_RUN) from None
         connection = connections[alias]
         try:
-            with _held_pool_logs():
-                connection.ensure_connection()
+            raw = _own_connection(connection)
         except DatabaseError as exc:
             raise CommandError(_cannot_connect(connection, exc), returncode=_CANNOT_RUN) from None
         except ImproperlyConfigured as exc:
             raise CommandError(str(exc), returncode=_CANNOT_RUN) from None
         try:
             text, code = doctor.run(
-                connection.connection,
+                raw,
                 as_json_output=options["json"],
                 idle_threshold=options["idle_threshold"],
                 max_size=max_size,
             )
         finally:
-            connection.close()
+            raw.close()
         self.stdout.write(text, ending="")
         if code:
             sys.exit(code)
 
 
-@contextlib.contextmanager
-def _held_pool_logs() -> Iterator[None]:
-    """Hold back the pool's log records while the command connects: if it cannot,
-    they only repeat the one line the command prints ("cannot connect ...; retrying
-    with backoff" for every attempt); if it can, they are logged after all."""
-    logger = logging.getLogger("connguard.pool")
-    held: list[logging.LogRecord] = []
-
-    def hold(record: logging.LogRecord) -> bool:
-        held.append(record)
-        return False
-
-    logger.addFilter(hold)
-    try:
-        yield
-    finally:
-        logger.removeFilter(hold)
-    for record in held:  # reached only when connecting worked
-        logger.handle(record)
+def _own_connection(connection: Any) -> Any:
+    """One driver connection of the command's own, made with the alias's parameters
+    but outside any pool. Through the alias's pool (connguard's or Django's native
+    one) the command would open ``min_size`` connections and then count all but the
+    one it queries on among the server's client backends and in the budget: doctor
+    reports what the server sees, so it must not add to it. Errors come as Django's
+    (``DatabaseError``); libpq's ``connect_timeout`` defaults to 10 s here, so a
+    server that does not answer cannot hold the command."""
+    params = connection.get_connection_params()
+    params.setdefault("connect_timeout", 10)
+    with connection.wrap_database_errors:
+        try:
+            return connection.Database.connect(**params)
+        except Exception as exc:
+            # The driver's frames hold the conninfo, password included: the error
+            # leaves without them (see connguard.pool.errors.detach).
+            detach(exc)
+            forget_attempt(exc)
+            raise
 
 
 def _cannot_connect(connection: Any, exc: BaseException) -> str:
     """``cannot connect to PostgreSQL at HOST:PORT: <reason>``, as ``connguard doctor``
     says it (:func:`connguard.diagnostics.doctor.cannot_connect`).
 
-    Through a connguard pool the driver's error arrives as Django's
-    ``OperationalError`` wrapping the pool's :class:`ConnectFailed` (no connection
-    within the pool's ``timeout`` because the server is unreachable), which chains the
-    driver's error as its cause: the reason is that last one. Only HOST and PORT are
+    The driver's error arrives as Django's ``OperationalError``; one that wraps a
+    pool's :class:`ConnectFailed` (no connection within the pool's ``timeout``
+    because the server is unreachable) chains the driver's error as its cause: the
+    reason is then that last one. Only HOST and PORT are
     taken from the settings, so no password can reach the message.
     """
     reason: BaseException = exc
