@@ -30,6 +30,7 @@ from connguard.demo.servers import (
     stop,
     wait_ready,
 )
+from connguard.testing.postgres import EmbeddedPostgres
 
 __all__ = [
     "ROOT",
@@ -40,6 +41,7 @@ __all__ = [
     "Server",
     "burst",
     "command",
+    "docsite_database",
     "free_port",
     "get",
     "image_paths",
@@ -60,6 +62,23 @@ def site_env(db: Mapping[str, Any], **env: str) -> dict[str, str]:
 
 def manage(db: Mapping[str, Any], *args: str, **env: str) -> str:
     return _LAUNCHER.manage(db, args, env)
+
+
+@contextmanager
+def docsite_database(
+    max_connections: int, migrate_as: str
+) -> Iterator[tuple[EmbeddedPostgres, dict[str, Any]]]:
+    """A private PostgreSQL with the docsite's database, migrated (the migration's
+    connections tagged ``migrate_as``); removed on exit. For module fixtures."""
+    pg = EmbeddedPostgres(max_connections=max_connections)
+    pg.start()
+    try:
+        pg.psql("CREATE DATABASE docsite")
+        db = {"HOST": pg.host, "PORT": pg.port, "NAME": "docsite", "USER": "postgres"}
+        manage(db, "migrate", "-v", "0", DOCSITE_APP_NAME=migrate_as)
+        yield pg, db
+    finally:
+        pg.cleanup()
 
 
 @contextmanager

@@ -47,8 +47,11 @@ def text(messages: list[Any]) -> str:
 def test_every_key_is_described_once_with_its_default() -> None:
     fields = {f.name: f.default for f in dataclasses.fields(conf.AppSettings)}
     assert fields == {name: spec.default for name, spec in conf.SETTINGS.items()}
-    assert set(fields) == {"retry_after", "outage_retry_after", "application_name"}
-    assert conf.AppSettings(1, 5, None) == conf.DEFAULTS
+    assert set(fields) == {
+        "retry_after", "outage_retry_after", "application_name", "status_dir", "status_token",
+        "opentelemetry",
+    }  # fmt: skip
+    assert conf.AppSettings(1, 5, None, None, None, False) == conf.DEFAULTS
     for spec in conf.SETTINGS.values():
         assert spec.valid(spec.default), spec.name
         assert spec.allowed and spec.meaning and spec.type
@@ -67,6 +70,8 @@ def test_every_key_is_described_once_with_its_default() -> None:
         {"application_name": ""},
         {"application_name": "x" * 63},
         {"application_name": "é" * 31},  # 62 bytes
+        {"status_dir": "/run/shop/connguard", "status_token": "0123456789abcdef"},
+        {"status_dir": None, "status_token": None},
     ],
 )
 def test_good_connguard_settings_pass(good: dict[str, Any]) -> None:
@@ -88,7 +93,10 @@ def test_unknown_connguard_key_is_e007_with_did_you_mean() -> None:
     assert ids(messages) == ["connguard.E007"], text(messages)
     (message,) = messages
     assert "'retry_afer'" in message.msg
-    assert "allowed keys: application_name, outage_retry_after, retry_after" in message.msg
+    assert (
+        "allowed keys: application_name, opentelemetry, outage_retry_after, retry_after, "
+        "status_dir, status_token" in message.msg
+    )
     assert message.hint == "Did you mean 'retry_after'?"
     assert connguard_setting_messages({"outage_retry": 1})[0].hint == (
         "Did you mean 'outage_retry_after'?"
@@ -120,6 +128,10 @@ def test_unknown_connguard_key_without_a_close_match() -> None:
         ("application_name", "a\x00b", "no NUL character"),
         ("application_name", "x" * 64, "at most 63 bytes"),
         ("application_name", "é" * 32, "at most 63 bytes"),  # 32 characters, 64 bytes
+        ("status_dir", "", "a directory path (a non-empty string), or None"),
+        ("status_dir", 5, "a directory path"),
+        ("opentelemetry", 1, "True or False"),
+        ("opentelemetry", "yes", "True or False"),
     ],
 )
 def test_bad_connguard_value_is_e008(key: str, value: object, allowed: str) -> None:
@@ -129,6 +141,15 @@ def test_bad_connguard_value_is_e008(key: str, value: object, allowed: str) -> N
     assert message.msg.startswith(f"settings.CONNGUARD[{key!r}] must be "), message.msg
     assert allowed in message.msg and f"(got {value!r})" in message.msg
     assert f"Default: {conf.SETTINGS[key].default!r}" in message.hint
+
+
+@pytest.mark.parametrize("value", ["short-secret", "x" * 15, b"0123456789abcdef0", 12345])
+def test_a_bad_status_token_is_e008_and_never_quoted(value: object) -> None:
+    (message,) = connguard_setting_messages({"status_token": value})
+    assert message.id == "connguard.E008"
+    assert "at least 16 printable characters" in message.msg
+    assert repr(value) not in message.msg + message.hint and str(value) not in message.msg
+    assert f"(got a {type(value).__name__}" in message.msg
 
 
 def test_every_problem_is_reported_in_key_order() -> None:

@@ -23,7 +23,15 @@ import pytest
 from connguard.diagnostics.doctor import collect, diagnose
 from connguard.testing.postgres import EmbeddedPostgres
 
-from .servers import SERVERS, BackendSampler, burst, get, image_paths, manage, running
+from .servers import (
+    SERVERS,
+    BackendSampler,
+    burst,
+    docsite_database,
+    get,
+    image_paths,
+    running,
+)
 
 pytestmark = [pytest.mark.real, pytest.mark.private, pytest.mark.servers]
 
@@ -33,15 +41,8 @@ QUIET = POOL["max_idle"] + POOL["housekeeping_interval"] + 1.0  # + scheduling s
 
 @pytest.fixture(scope="module")
 def site_db() -> Iterator[tuple[EmbeddedPostgres, dict[str, Any]]]:
-    pg = EmbeddedPostgres(max_connections=30)
-    pg.start()
-    try:
-        pg.psql("CREATE DATABASE docsite")
-        db = {"HOST": pg.host, "PORT": pg.port, "NAME": "docsite", "USER": "postgres"}
-        manage(db, "migrate", "-v", "0", DOCSITE_APP_NAME="docsite-migrate")
-        yield pg, db
-    finally:
-        pg.cleanup()
+    with docsite_database(30, "docsite-migrate") as site:
+        yield site
 
 
 def assert_no_request_holds_a_lease(port: int) -> None:

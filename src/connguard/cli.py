@@ -501,11 +501,58 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return status
 
 
+# -- connguard status --------------------------------------------------------------------
+
+
+def add_status_command(commands: argparse._SubParsersAction[_Parser]) -> None:
+    """Register ``connguard status``."""
+    from connguard.diagnostics.status import TOKEN_ENV  # noqa: PLC0415
+
+    status = commands.add_parser(
+        "status",
+        help="a running server's pools and leases, every worker process",
+        description=(
+            "Read a running server's connguard status view (mount "
+            'path("connguard/", include("connguard.django.urls")) in its urls.py) and '
+            "print every worker process's pools: gauges, counters, and every lease with "
+            "its age, thread, request and acquire site."
+        ),
+    )
+    status.add_argument(
+        "--url", required=True, help="the status view, e.g. http://127.0.0.1:8000/connguard/status"
+    )
+    status.add_argument("--json", action="store_true", help="print the answer as JSON")
+    status.add_argument(
+        "--token",
+        help=f"the view's CONNGUARD['status_token'] (default: ${TOKEN_ENV})",
+    )
+    status.add_argument(
+        "--timeout", type=_seconds, default=10.0, help="seconds to wait for the answer (10)"
+    )
+    status.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Run ``connguard status``; see :func:`add_status_command`."""
+    from connguard.diagnostics import status  # noqa: PLC0415
+
+    try:
+        data = status.fetch(args.url, token=args.token, timeout=args.timeout)
+    except status.StatusUnavailable as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        sys.stdout.write(status.format_processes(data["processes"]))
+    return EXIT_OK
+
+
 # -- entry point -----------------------------------------------------------------------
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction[_Parser]], None], ...] = (
     add_demo_command,
     add_doctor_command,
+    add_status_command,
 )
 """Every subcommand's registration function, in the order ``--help`` lists them."""
 

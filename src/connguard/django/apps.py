@@ -1,4 +1,5 @@
-"""``INSTALLED_APPS = [..., "connguard.django"]``: system checks and request scopes."""
+"""``INSTALLED_APPS = [..., "connguard.django"]``: system checks and request scopes (and,
+with ``CONNGUARD["opentelemetry"]``, the pools' OpenTelemetry instruments)."""
 
 from __future__ import annotations
 
@@ -14,3 +15,11 @@ class ConnguardConfig(AppConfig):
         from . import checks, scopes  # noqa: F401, PLC0415 - registers the checks
 
         scopes.install()
+        from .conf import app_settings  # noqa: PLC0415
+
+        if app_settings().opentelemetry:
+            from connguard.diagnostics import otel  # noqa: PLC0415 - only when asked
+
+            from . import pools  # noqa: PLC0415
+
+            otel.instrument(pools.pools)

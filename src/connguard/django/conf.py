@@ -14,6 +14,12 @@ which the error messages quote):
 - ``application_name``: str (at most 63 bytes, no NUL) or None, default None. The
   prefix of every connection's ``application_name`` tag; None or "": the settings
   module's top package. An alias's own ``OPTIONS["application_name"]`` wins.
+- ``status_dir``: str or None, default None. Where each worker publishes its pools for
+  the status view (see :mod:`connguard.diagnostics.snapshots`).
+- ``status_token``: str (16+ printable characters) or None, default None. A bearer
+  token that opens the status view; without it, staff users only.
+- ``opentelemetry``: bool, default False. Register the pools' OpenTelemetry
+  instruments at start-up (:mod:`connguard.diagnostics.otel`).
 
 Two halves, which agree on what is valid:
 
@@ -48,6 +54,14 @@ def _seconds(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _directory(value: object) -> bool:
+    return value is None or (isinstance(value, str) and bool(value) and "\x00" not in value)
+
+
+def _token(value: object) -> bool:
+    return value is None or (isinstance(value, str) and len(value) >= 16 and value.isprintable())
+
+
 def _application_name(value: object) -> bool:
     if value is None:
         return True
@@ -70,6 +84,8 @@ class Setting:
     """The allowed values, in words; error messages quote it."""
     meaning: str
     valid: Callable[[object], bool]
+    secret: bool = False
+    """Its value is never quoted in a message (a token): only its type and length."""
 
 
 SETTINGS: Final[Mapping[str, Setting]] = {
@@ -105,6 +121,38 @@ SETTINGS: Final[Mapping[str, Setting]] = {
             "OPTIONS['application_name'] wins",
             valid=_application_name,
         ),
+        Setting(
+            name="status_dir",
+            type="str | None",
+            default=None,
+            allowed="a directory path (a non-empty string), or None",
+            meaning="where each worker process publishes its pools every second, so the "
+            "status view (connguard.django.urls) shows every worker of the server, not "
+            "only the one that answered; None: a directory per server under the "
+            "system's temporary directory, named after the workers' parent process",
+            valid=_directory,
+        ),
+        Setting(
+            name="status_token",
+            type="str | None",
+            default=None,
+            allowed="a string of at least 16 printable characters, or None",
+            meaning="a secret that opens the status view to a request carrying "
+            "'Authorization: Bearer <token>' (connguard status --url --token); without "
+            "it, only staff users logged in to the site may read it",
+            valid=_token,
+            secret=True,
+        ),
+        Setting(
+            name="opentelemetry",
+            type="bool",
+            default=False,
+            allowed="True or False",
+            meaning="register the pools' observable gauges and counters on "
+            "OpenTelemetry's global MeterProvider at start-up (needs opentelemetry-api: "
+            "pip install 'django-connguard[otel]')",
+            valid=lambda value: isinstance(value, bool),
+        ),
     )
 }
 """Every key ``CONNGUARD`` may hold."""
@@ -120,6 +168,12 @@ class AppSettings:
     """Seconds in the unreachable-database 503's ``Retry-After``."""
     application_name: str | None = None
     """The ``application_name`` tag prefix; None: not configured."""
+    status_dir: str | None = None
+    """Where workers publish their status; None: the default per-server directory."""
+    status_token: str | None = None
+    """The bearer token that opens the status view; None: staff only."""
+    opentelemetry: bool = False
+    """Register the pools' OpenTelemetry instruments at start-up."""
 
 
 DEFAULTS: Final = AppSettings()
@@ -184,11 +238,18 @@ def validate(raw: object) -> list[Problem]:
             continue
         value = raw[key]
         if not spec.valid(value):
+            shown = (
+                f"a {type(value).__name__} of length {len(value)}"
+                if spec.secret and isinstance(value, str | bytes)
+                else f"a {type(value).__name__}"
+                if spec.secret
+                else repr(value)
+            )
             problems.append(
                 Problem(
                     "bad_value",
                     key,
-                    f"settings.{SETTING}[{key!r}] must be {spec.allowed} (got {value!r}).",
+                    f"settings.{SETTING}[{key!r}] must be {spec.allowed} (got {shown}).",
                     f"{key}: {spec.meaning}. Default: {spec.default!r}.",
                 )
             )

@@ -13,6 +13,8 @@ the request uses), so the scope is recorded against it and found through it.
 
 from __future__ import annotations
 
+import logging
+import os
 import weakref
 from typing import Any
 
@@ -20,6 +22,8 @@ from asgiref.sync import SyncToAsync
 from django.core import signals
 
 from connguard.scope import Scope, current_scope, enter, leave, set_ambient_lookup
+
+logger = logging.getLogger("connguard.django")
 
 _installed = False
 _request_contexts: weakref.WeakKeyDictionary[Any, Scope] = weakref.WeakKeyDictionary()
@@ -34,7 +38,35 @@ def asgi_request_scope() -> Scope | None:
     return _request_contexts.get(context)
 
 
+_publishing = False  # this process publishes its status (reset in a forked child)
+
+
+def _forked() -> None:
+    global _publishing
+    _publishing = False
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _start_publishing() -> None:
+    """A process that serves requests, on a site that mounts the status view,
+    publishes its pools for whichever worker answers it (connguard.django.views);
+    decided once per process. A site without the view writes nothing anywhere."""
+    global _publishing
+    _publishing = True
+    from . import views  # noqa: PLC0415 - Django's URL and HTTP machinery, on first request
+
+    try:
+        if views.mounted():
+            views.publisher().ensure()
+    except Exception as exc:  # observability must never fail a request
+        logger.warning("connguard: cannot publish this process's status: %s", exc)
+
+
 def request_started(sender: Any, environ: Any = None, scope: Any = None, **kwargs: Any) -> None:
+    if not _publishing:
+        _start_publishing()
     stale = current_scope()
     if stale is not None and stale.kind == "request":
         # The previous request in this thread never finished (no response.close()).

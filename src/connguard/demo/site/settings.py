@@ -13,6 +13,8 @@ DOCSITE_DRIVER      psycopg2: hide psycopg 3 so Django (and connguard) use psyco
 DOCSITE_EXTRA_URLS  a module whose ``urlpatterns`` are mounted under ``/x/`` (the test
                     suite's probe views live in ``tests/``, not in the package)
 DOCSITE_ASSUME_ROLE OPTIONS["assume_role"]
+DOCSITE_STATUS_TOKEN / DOCSITE_STATUS_DIR  CONNGUARD["status_token"] / ["status_dir"];
+                    with a token, the status view is mounted at /connguard/status
 """
 
 import json
@@ -72,7 +74,11 @@ DATABASES = {
     }
 }
 
-CONNGUARD = {"retry_after": 2}
+CONNGUARD: dict[str, object] = {"retry_after": 2}
+if os.environ.get("DOCSITE_STATUS_TOKEN"):
+    CONNGUARD["status_token"] = os.environ["DOCSITE_STATUS_TOKEN"]
+if os.environ.get("DOCSITE_STATUS_DIR"):
+    CONNGUARD["status_dir"] = os.environ["DOCSITE_STATUS_DIR"]
 EXTRA_URLS = os.environ.get("DOCSITE_EXTRA_URLS", "")
 
 # Server errors (5xx) go to stderr, one line each with the exception: the server's

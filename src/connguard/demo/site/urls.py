@@ -13,6 +13,8 @@ urlpatterns = [
     path("connguard/stats", views.pool_stats),
     path("connguard/whoami", views.whoami),
 ]
+if getattr(settings, "CONNGUARD", {}).get("status_token"):  # DOCSITE_STATUS_TOKEN
+    urlpatterns.append(path("connguard/", include("connguard.django.urls")))
 
 if getattr(settings, "EXTRA_URLS", ""):
     urlpatterns.append(path("x/", include(settings.EXTRA_URLS)))

@@ -37,8 +37,16 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True)
-        st = sub.add_parser("status", help="this process's pools and leases")
+        st = sub.add_parser("status", help="a running server's pools (--url), or this process's")
         st.add_argument("--json", action="store_true", help="print JSON")
+        st.add_argument(
+            "--url",
+            help="a running server's status view (connguard.django.urls), e.g. "
+            "http://127.0.0.1:8000/connguard/status: every worker process",
+        )
+        st.add_argument(
+            "--token", help=f"the view's CONNGUARD['status_token'] (default: ${status.TOKEN_ENV})"
+        )
         dr = sub.add_parser("doctor", help="read pg_stat_activity and explain it")
         dr.add_argument("--json", action="store_true", help="print JSON")
         dr.add_argument("--database", default=DEFAULT_DB_ALIAS, help="alias to read through")
@@ -49,11 +57,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["action"] == "status":
-            entries = status.report(pools.pools())
-            if options["json"]:
-                self.stdout.write(json.dumps(entries, indent=2, default=str))
-            else:
-                self.stdout.write(status.format_report(entries), ending="")
+            self._status(options)
             return
         alias = options["database"]
         if alias not in connections:
@@ -84,6 +88,25 @@ class Command(BaseCommand):
         self.stdout.write(text, ending="")
         if code:
             sys.exit(code)
+
+    def _status(self, options: dict[str, Any]) -> None:
+        if options["url"]:
+            try:
+                data = status.fetch(options["url"], token=options["token"])
+            except status.StatusUnavailable as exc:
+                raise CommandError(str(exc), returncode=_CANNOT_RUN) from None
+            if options["json"]:
+                self.stdout.write(json.dumps(data, indent=2))
+            else:
+                self.stdout.write(status.format_processes(data["processes"]), ending="")
+            return
+        entries = status.report(pools.pools())
+        if options["json"]:
+            self.stdout.write(json.dumps(entries, indent=2, default=str))
+            return
+        self.stdout.write(status.format_report(entries), ending="")
+        # This command is a process of its own: a server's pools are not here.
+        self.stdout.write(status.HOW_TO_SEE_A_SERVER)
 
 
 def _own_connection(connection: Any) -> Any:
