@@ -581,3 +581,24 @@ def test_child_after_fork_starts_empty_and_drops_inherited(
     assert held.active and pool.stats().size == 2
     held.release()
     pool.close()
+
+
+def test_a_lease_says_when_and_how_it_was_given_back(
+    driver: FakeDriver, clock: ManualClock
+) -> None:
+    """``released_at`` (the pool's clock) and ``cleanup``: what the debug-toolbar panel
+    reports for each lease of a request."""
+    pool = make_pool(driver, clock, max_size=2, background_reset=False)
+    clean = pool.acquire()
+    assert clean.released_at is None and clean.cleanup is None
+    clock.advance(0.25)
+    clean.release()
+    assert clean.released_at == clock() and clean.cleanup is None
+    in_tx = pool.acquire()
+    in_tx.raw.status = TxStatus.INTRANS
+    in_tx.release()
+    assert in_tx.cleanup == "rollback" and in_tx.released_at == clock()
+    forced = pool.acquire()
+    forced.release(reset=True)
+    assert forced.cleanup == "reset"
+    pool.close()

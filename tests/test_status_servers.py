@@ -334,3 +334,84 @@ def test_live_page_in_chromium_shows_leases_and_the_leak(
         assert any(f"site_observe.py:{LEAK_LINE}" in row for row in leak_rows), leak_rows
         assert any("leaky-worker" in row for row in leak_rows), leak_rows
         assert TOKEN not in dom
+
+
+TOOLBAR_SCRIPT = r"""
+import json, os
+import django
+from django.conf import settings
+db = json.loads(os.environ["DB"])
+settings.configure(
+    DEBUG=True, ROOT_URLCONF="__main__", ALLOWED_HOSTS=["*"], SECRET_KEY="x" * 50,
+    INSTALLED_APPS=["django.contrib.staticfiles", "debug_toolbar", "connguard.django"],
+    STATIC_URL="/static/",
+    TEMPLATES=[{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True}],
+    DEBUG_TOOLBAR_PANELS=["connguard.django.debug_toolbar.ConnguardPanel"],
+    DATABASES={"default": {"ENGINE": "connguard.backends.postgresql", "NAME": db["NAME"],
+               "USER": db["USER"], "HOST": db["HOST"], "PORT": db["PORT"],
+               "OPTIONS": {"pool": {"min_size": 0, "max_size": 2}}}},
+)
+django.setup()
+from django.core.signals import request_finished, request_started
+from django.db import connection
+from django.http import HttpResponse
+from django.test import RequestFactory
+from debug_toolbar.toolbar import DebugToolbar
+from connguard.django.middleware import ConnguardMiddleware
+urlpatterns = []
+
+def view(request):
+    with connection.cursor() as cursor:  # ACQUIRE_LINE: the lease is taken here
+        cursor.execute("SELECT 1")
+    with connection.cursor() as cursor:
+        cursor.execute("SET application_name = 'changed'")  # the release resets it
+    return HttpResponse("ok")
+
+def quiet(request):
+    return HttpResponse("no database")
+
+out = {}
+for name, target in (("query", view), ("quiet", quiet)):
+    request = RequestFactory().get("/")
+    request_started.send(sender=None, environ=request.META)
+    toolbar = DebugToolbar(request, get_response=ConnguardMiddleware(target))
+    panel = toolbar.get_panel_by_id("ConnguardPanel")
+    panel.enable_instrumentation()
+    response = panel.process_request(request)
+    panel.generate_stats(request, response)
+    panel.disable_instrumentation()
+    request_finished.send(sender=None)
+    out[name] = {"stats": panel.get_stats(), "subtitle": panel.nav_subtitle,
+                 "content": str(panel.content)}
+print(json.dumps(out))
+"""
+
+
+def test_debug_toolbar_panel_shows_the_requests_leases(
+    status_db: tuple[EmbeddedPostgres, dict[str, Any]],
+) -> None:
+    """The django-debug-toolbar panel, through the toolbar's own machinery and
+    ConnguardMiddleware: one lease, its wait and hold, the reset its session change
+    cost, and the line that acquired it; a request that used no connection says so."""
+    _, db = status_db
+    env = {**site_env(db), "DB": json.dumps(db)}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    result = subprocess.run(
+        [sys.executable, "-c", TOOLBAR_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    (lease,) = out["query"]["stats"]["leases"]
+    assert lease["alias"] == "default" and not lease["still_held"], lease
+    assert lease["waited_ms"] >= 0 and lease["held_ms"] > 0, lease
+    assert lease["cleanup"] == "reset (session state changed)", lease
+    assert lease["server_side_cursor"] is False
+    query_line = TOOLBAR_SCRIPT.splitlines().index(
+        next(line for line in TOOLBAR_SCRIPT.splitlines() if "# ACQUIRE_LINE" in line)
+    )
+    assert lease["where"][0].startswith(f"<string>:{query_line + 1} in view"), lease["where"]
+    assert out["query"]["subtitle"].startswith("1 lease(s), held ")
+    assert "reset (session state changed)" in out["query"]["content"]
+    assert out["quiet"]["stats"]["leases"] == []
+    assert "leased no connection" in out["quiet"]["content"]

@@ -49,7 +49,9 @@ class Scope:
     context, and :meth:`end` may be called from any thread.
     """
 
-    __slots__ = ("_leases", "_lock", "ended", "id", "info", "kind", "name", "started_at")
+    __slots__ = (
+        "_leases", "_lock", "ended", "id", "info", "journal", "kind", "name", "started_at"
+    )  # fmt: skip
 
     def __init__(self, name: str, kind: str = "scope", info: dict[str, Any] | None = None) -> None:
         self.id = next(_ids)
@@ -64,6 +66,10 @@ class Scope:
         # plain weak references, not a WeakSet: a scope holds one or two leases, and
         # a WeakSet costs microseconds per request to make and to empty.
         self._leases: list[weakref.ref[Lease]] = []
+        # When a tool watches this scope (the debug-toolbar panel), a list it reads
+        # back: each lease taken in the scope, with the alias and how long the taker
+        # waited. None (the default) costs the acquire path one attribute read.
+        self.journal: list[dict[str, Any]] | None = None
 
     def add(self, lease: Lease) -> None:
         """Record ``lease`` as owned by this scope.

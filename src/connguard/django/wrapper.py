@@ -436,7 +436,15 @@ class ConnguardWrapperMixin:
                 LeaseEnded, f"the {owner.describe()} this code works for has ended"
             )
         depth = pool.config.stack_depth
-        lease = pool.acquire(owner=owner, stack=_user_stack(depth) if depth else ())
+        journal = owner.journal
+        if journal is None:
+            lease = pool.acquire(owner=owner, stack=_user_stack(depth) if depth else ())
+        else:
+            began = time.perf_counter()
+            lease = pool.acquire(owner=owner, stack=_user_stack(depth) if depth else ())
+            journal.append(
+                {"alias": self.alias, "lease": lease, "waited": time.perf_counter() - began}
+            )
         owner.add(lease)
         self._cg_lease = lease
         self._cg_scope = owner

@@ -554,6 +554,7 @@ class Pool:
             if now < conn.expires_at and not self._closed and conn.pid == self._pid:
                 # _retire_lease_locked and _give_back_locked, inlined: the hot path
                 lease._conn = None
+                lease.released_at = now
                 del self._leases[lease._ref]
                 lease._ref = None  # dies with no callback: the lease was returned
                 self._n_releases += 1
@@ -585,6 +586,12 @@ class Pool:
             if lease._conn is not conn:
                 return
             self._retire_lease_locked(lease, now)
+            lease.cleanup = (
+                "reset" if reset
+                else "cancel" if status is TxStatus.ACTIVE
+                else "broken" if status is TxStatus.UNKNOWN
+                else "rollback"
+            )  # fmt: skip
             # Still counted in _size, reachable only from this thread.
             defer = (
                 reset
@@ -648,6 +655,7 @@ class Pool:
 
     def _retire_lease_locked(self, lease: Lease, now: float) -> None:
         lease._conn = None
+        lease.released_at = now
         self._leases.pop(lease._ref, None)
         lease._ref = None  # dies with no callback: the lease was returned
         self._n_releases += 1
@@ -688,6 +696,8 @@ class Pool:
             if conn is None:
                 return
             lease._conn = None
+            lease.released_at = now
+            lease.cleanup = reason
             self._leases.pop(lease._ref, None)
             lease._ref = None
             if health:

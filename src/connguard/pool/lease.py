@@ -102,10 +102,12 @@ class Lease:
         "_seen_uses",
         "_uses",
         "acquired_at",
+        "cleanup",
         "dirty",
         "ended_by",
         "leak_reported",
         "owner",
+        "released_at",
         "reset_requested",
         "server_cursors",
         "stack",
@@ -143,6 +145,11 @@ class Lease:
         # Why the lease ended, when it was not its holder's plain release: "revoked",
         # "orphaned", "reclaimed" (see ENDINGS); LeaseEnded's message says it.
         self.ended_by: str | None = None
+        # When the pool took the connection back (its clock), and what that took:
+        # None (given back as it was), "rollback", "reset", or the reason it was
+        # closed instead. For reports of one request (the debug-toolbar panel).
+        self.released_at: float | None = None
+        self.cleanup: str | None = None
 
     # ---------------------------------------------------------------- the fence
 
