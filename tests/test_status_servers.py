@@ -126,6 +126,12 @@ def test_status_url_shows_every_worker_and_agrees_with_the_server(
             assert text.returncode == 0, text.stderr
             for pid in pids:
                 assert f"process {pid} on " in text.stdout, text.stdout
+            # Scraped under load: every worker, each within its bounds, and (one
+            # worker's snapshot being at most a second old) never more than the server
+            # could hold.
+            under_load = scrape_connections(srv.port)
+            assert set(under_load) == {str(pid) for pid in pids}, under_load
+            assert all(0 < n <= POOL["max_size"] for n in under_load.values()), under_load
         assert load.statuses and set(load.statuses) == {200}, set(load.statuses)
 
         # At rest, what the pools hold, summed over workers, is what the server sees
@@ -156,6 +162,10 @@ def test_status_url_shows_every_worker_and_agrees_with_the_server(
                 break
             time.sleep(0.05)  # polling the server and the endpoint, bounded above
         assert scraped is not None, (by_pid, site_backends(pg, app))
+        # ... and per worker, what the pools' own stats say (the status view).
+        answer = json.loads(cli_status(url, "--json").stdout)
+        per_pid = {str(p["pid"]): float(pooled([p])) for p in answer["processes"] if p["pools"]}
+        assert scrape_connections(srv.port) == per_pid
 
 
 def scrape_connections(port: int) -> dict[str, float]:
@@ -311,6 +321,10 @@ def test_live_page_in_chromium_shows_leases_and_the_leak(
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and TOKEN not in cookie
 
         assert get(srv.port, "/x/leak")[0] == 200
+        slow = threading.Thread(
+            target=get, args=(srv.port, "/slow?ms=4000"), kwargs={"timeout": 30}
+        )
+        slow.start()
         with Hammer(srv.port, threads=4):
             # Every worker has served requests (and so publishes) before the page loads.
             deadline = time.monotonic() + 20
@@ -320,9 +334,15 @@ def test_live_page_in_chromium_shows_leases_and_the_leak(
                     break
             shot = tmp_path / "live-page.png"
             url = f"{srv.url}/connguard/?token={TOKEN}"
+            # The slow request's lease is out now: it appears on the page...
             dom = _browse(url, tmp_path, "--virtual-time-budget=6000", "--dump-dom")
+            assert "GET /slow" in dom, dom[-3000:]
             _browse(url, tmp_path, "--virtual-time-budget=6000", "--window-size=1280,1600",
                     f"--screenshot={shot}")  # fmt: skip
+        slow.join(30)
+        # ... and is gone once the request is over (the leak stays).
+        later = _browse(url, tmp_path, "--virtual-time-budget=6000", "--dump-dom")
+        assert "GET /slow" not in later and "site_observe.py" in later, later[-3000:]
         assert shot.exists() and shot.stat().st_size > 10_000
         state = dom.split('id="state"', 1)[1].split("</span>", 1)[0]
         assert "Last update" in state, state
