@@ -252,3 +252,27 @@ def test_status_view_is_for_staff_or_the_token(tmp_path: Path) -> None:
         "page_reads_status": True, "page_token_redirects": [302, "/connguard/"],
         "cookie_is_not_the_token": True, "cookie_opens_status": 200, "wrong_cookie": 403,
     }  # fmt: skip
+
+
+def test_board_refuses_a_directory_others_may_write(tmp_path: Path) -> None:
+    """Under a shared temporary directory another user could plant snapshots: a
+    directory that is not this user's own, or that others may write in, is neither
+    read nor written."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    board = Board(shared, stale_after=60)
+    board.publish(snapshot(os.getpid(), board._clock()))
+    assert [s["pid"] for s in board.read()] == [os.getpid()]
+    shared.chmod(0o777)
+    assert board.read() == []
+    with pytest.raises(PermissionError, match="others may write"):
+        board.publish(snapshot(os.getpid(), board._clock()))
+    shared.chmod(0o700)
+
+
+def test_default_directories_tell_sites_apart() -> None:
+    from connguard.diagnostics.snapshots import default_directory
+
+    one, other = default_directory("shop.settings|/srv/shop"), default_directory("blog|/srv/b")
+    assert one != other and one.parent == other.parent
+    assert one.name.startswith(f"connguard-status-{os.getuid()}-{os.getppid()}-")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -52,12 +53,25 @@ def process_snapshot(
     }
 
 
-def default_directory() -> Path:
+def default_directory(site: str = "") -> Path:
     """Where the workers of one server meet when no directory is configured: a
-    directory under the system's temporary directory named after the workers' common
-    parent (gunicorn's master, uvicorn's supervisor), so two servers on one host do
-    not mix. A single-process server is its own group (its parent is a shell)."""
-    return Path(tempfile.gettempdir()) / f"connguard-status-{os.getuid()}-{os.getppid()}"
+    directory under the system's temporary directory named after the user, the
+    workers' common parent (gunicorn's master, uvicorn's supervisor) and ``site`` (a
+    digest of what tells sites apart: the Django layer passes the settings module and
+    the working directory), so two servers on one host do not mix, even when one
+    supervisor runs several sites."""
+    digest = hashlib.sha256(site.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"connguard-status-{os.getuid()}-{os.getppid()}-{digest}"
+
+
+def _ours(directory: Path) -> bool:
+    """The directory belongs to this user and nobody else may write in it: a shared
+    temporary directory must not let another user plant or read snapshots."""
+    try:
+        info = directory.stat()
+    except OSError:
+        return False
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def _alive(pid: int) -> bool:
@@ -92,6 +106,10 @@ class Board:
         text = json.dumps(snapshot, default=str)
         for attempt in (1, 2):  # a worker that withdrew may have just removed the directory
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not _ours(self.directory):
+                raise PermissionError(
+                    f"{self.directory} is not this user's own, or others may write in it"
+                )
             try:
                 aside.write_text(text)
                 os.replace(aside, target)
@@ -113,6 +131,8 @@ class Board:
         to leave out (the reader's own, which it takes fresh)."""
         out: list[dict[str, Any]] = []
         now = self._clock()
+        if not _ours(self.directory):
+            return out
         try:
             files = sorted(self.directory.glob("*.json"))
         except OSError:

@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.urls import NoReverseMatch, reverse
 from django.views.decorators.cache import never_cache
@@ -43,7 +44,10 @@ _publisher: Publisher | None = None
 def board() -> Board:
     """The directory this server's workers share, as configured now."""
     configured = app_settings().status_dir
-    return Board(Path(configured) if configured else default_directory(), stale_after=STALE_AFTER)
+    if configured:
+        return Board(Path(configured), stale_after=STALE_AFTER)
+    site = f"{settings.SETTINGS_MODULE or ''}|{os.getcwd()}"
+    return Board(default_directory(site), stale_after=STALE_AFTER)
 
 
 def publisher() -> Publisher:
