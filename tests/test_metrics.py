@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from connguard.diagnostics.metrics import POOL_NAME, families
 from connguard.diagnostics.snapshots import process_snapshot
 from connguard.django.metrics import ConnguardCollector
-from connguard.pool import Pool, PoolConfig
+from connguard.pool import Pool, PoolConfig, TxStatus
 
 from .fakes import FakeDriver
 
@@ -50,6 +50,11 @@ def test_families_follow_the_conventions(pool: Pool) -> None:
     assert all(s.attributes[POOL_NAME] == "m" for s in count.samples)
     assert by_name["db.client.connection.max"].samples[0].value == 3.0
     assert by_name["connguard.pool.acquires"].samples[0].value == 2.0
+    assert by_name["connguard.pool.pinned"].samples[0].value == 0.0
+    held.raw.status = TxStatus.INTRANS  # a transaction open on the held lease
+    again = {f.spec.name: f for f in families([process_snapshot([pool])])}
+    assert again["connguard.pool.pinned"].samples[0].value == 1.0
+    held.raw.status = TxStatus.IDLE
     held.release()
 
 

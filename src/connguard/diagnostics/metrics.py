@@ -102,6 +102,14 @@ METRICS: tuple[MetricSpec, ...] = (
 )  # fmt: skip
 """Every metric, in the order exporters list them."""
 
+PINNED = MetricSpec(
+    "connguard.pool.pinned", "gauge", "{lease}",
+    "Leases out now that are pinned: a transaction or a server-side cursor is open on "
+    "them, so an early release keeps them until the request ends.",
+    "pinned",
+)  # fmt: skip
+"""Counted from the snapshot's leases (the stats have no such figure)."""
+
 CLOSED = MetricSpec(
     "connguard.pool.closed", "counter", "{connection}",
     "Physical connections closed, by reason (lifetime, idle, broken, reset_failed...).",
@@ -147,7 +155,7 @@ def families(
     label each series with its process (``pid``, ``host``), as Prometheus needs to
     tell the workers of one server apart; OpenTelemetry says that with its resource."""
     out: dict[tuple[str, str], Family] = {}
-    order = [*METRICS, CLOSED]
+    order = [*METRICS, PINNED, CLOSED]
     for spec in order:
         out.setdefault((spec.name, spec.kind), Family(spec))
     for process in processes:
@@ -167,6 +175,8 @@ def families(
                 if spec.key in stats:
                     labels = {**attributes, **dict(spec.attributes)}
                     family.samples.append(Sample(labels, float(stats[spec.key])))
+            pinned = sum(1 for lease in entry.get("leases") or [] if lease.get("pinned"))
+            out[(PINNED.name, PINNED.kind)].samples.append(Sample(attributes, float(pinned)))
             closed = out[(CLOSED.name, CLOSED.kind)]
             for key, value in stats.items():
                 if key.startswith(CLOSED.key):
