@@ -136,8 +136,15 @@ def probes_until_worker(srv: Server, worker: int, attempts: int = 200) -> list[d
 
 
 def assert_driver(srv: Server, driver: str) -> None:
-    _, _, body = get(srv.port, "/connguard/stats")
-    assert {stats["driver"] for stats in json.loads(body)} == {driver}
+    """Every pool of the worker that answers uses ``driver``; asked until a worker
+    with a pool answers (under gunicorn a request goes to either process)."""
+    for _ in range(50):
+        _, _, body = get(srv.port, "/connguard/stats")
+        drivers = {stats["driver"] for stats in json.loads(body)}
+        if drivers:
+            assert drivers == {driver}
+            return
+    raise AssertionError("no worker with a pool answered /connguard/stats")
 
 
 def foreign_lines(srv: Server, limit: int = 5) -> list[str]:

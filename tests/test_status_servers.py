@@ -231,8 +231,10 @@ def test_health_ok_saturated_and_unreachable(
                 time.sleep(0.02)  # polling, bounded above
             assert code == 200 and body["status"] == "warn", body
             (detail,) = body["pools"]
-            assert detail["detail"].startswith("saturated: all 1 connections in use"), detail
-            assert detail["waiting"] >= 1
+            # Seen from the figures (the connection out and a request queued), or by the
+            # test checkout timing out behind them: both are the pool saturated.
+            assert detail["detail"].startswith("saturated: "), detail
+            assert detail["in_use"] == 1 and detail["max_size"] == 1, detail
         finally:
             for holder in holders:
                 holder.join(30)
