@@ -206,6 +206,9 @@ out = {
 }
 with override_settings(CONNGUARD={}):
     out["token_unset"] = call({"Authorization": "Bearer "})[0]
+out["mounted"] = views.mounted()
+with override_settings(ROOT_URLCONF="connguard"):  # a module with no urlpatterns
+    out["mounted_without_urls"] = views.mounted()
 def page(user=None, query=""):
     request = rf.get("/connguard/" + query)
     if user is not None:
@@ -251,6 +254,7 @@ def test_status_view_is_for_staff_or_the_token(tmp_path: Path) -> None:
         "page_anonymous": 403, "page_plain_user": 403, "page_staff": 200,
         "page_reads_status": True, "page_token_redirects": [302, "/connguard/"],
         "cookie_is_not_the_token": True, "cookie_opens_status": 200, "wrong_cookie": 403,
+        "mounted": True, "mounted_without_urls": False,
     }  # fmt: skip
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.urls import NoReverseMatch, reverse
 from django.views.decorators.cache import never_cache
@@ -65,8 +66,8 @@ def mounted() -> bool:
     """True when the site's URLconf includes this view (``connguard:status``)."""
     try:
         reverse("connguard:status")
-    except NoReverseMatch:
-        return False
+    except (NoReverseMatch, ImproperlyConfigured, AttributeError, ImportError):
+        return False  # not mounted, or no URLconf at all (a script, a worker process)
     return True
 
 
