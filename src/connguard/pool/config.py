@@ -63,8 +63,8 @@ class PoolConfig:
     (about 1 µs): it sees a backend terminated while idle (``pg_terminate_backend``,
     ``idle_session_timeout``, a restart), so such a connection is never handed to a
     request. The default, 1 ms, skips it only for a connection tested within the
-    last millisecond (back-to-back checkouts under load), no longer than a backend's
-    death takes to reach the socket anyway. 0: test every checkout. None: never test
+    last millisecond (back-to-back checkouts under load); a backend's death is not
+    instantaneous at the socket either. 0: test every checkout. None: never test
     (HikariCP's bypass window, counted from the last use, is 0.5)."""
     socket_timeout: float | None = None
     """A single call into the driver on a leased connection (a statement, a fetch, a
