@@ -24,7 +24,7 @@ import pytest
 
 from connguard.testing.postgres import EmbeddedPostgres
 
-from .servers import ROOT, docsite_database, free_port, get, running, site_env
+from .servers import ROOT, docsite_database, free_port, get, manage, running, site_env
 
 pytestmark = [pytest.mark.real, pytest.mark.private, pytest.mark.servers]
 
@@ -126,6 +126,11 @@ def test_status_url_shows_every_worker_and_agrees_with_the_server(
             assert text.returncode == 0, text.stderr
             for pid in pids:
                 assert f"process {pid} on " in text.stdout, text.stdout
+            # The same through manage.py, which without --url says how to look.
+            managed = manage(db, "connguard", "status", "--url", url, "--token", TOKEN)
+            for pid in pids:
+                assert f"process {pid} on " in managed, managed
+            assert "connguard status --url" in manage(db, "connguard", "status")
             # Scraped under load: every worker, each within its bounds, and (one
             # worker's snapshot being at most a second old) never more than the server
             # could hold.

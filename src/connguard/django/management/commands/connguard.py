@@ -11,6 +11,7 @@ it cannot reach: worded as ``connguard doctor`` words it).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any
@@ -37,7 +38,21 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True)
-        st = sub.add_parser("status", help="a running server's pools (--url), or this process's")
+        # Django's own options (--settings, -v...) belong to the command's parser; a
+        # user who writes them after the action ("connguard status --settings=x")
+        # reaches the action's parser instead, which must take them too. Django has
+        # already applied --settings and --pythonpath before the command runs.
+        common = argparse.ArgumentParser(add_help=False)
+        for flag in ("--settings", "--pythonpath"):
+            common.add_argument(flag, default=argparse.SUPPRESS)
+        for flag in ("--traceback", "--no-color", "--force-color"):
+            common.add_argument(flag, action="store_true", default=argparse.SUPPRESS)
+        common.add_argument(
+            "-v", "--verbosity", type=int, choices=[0, 1, 2, 3], default=argparse.SUPPRESS
+        )
+        st = sub.add_parser(
+            "status", help="a running server's pools (--url), or this process's", parents=[common]
+        )
         st.add_argument("--json", action="store_true", help="print JSON")
         st.add_argument(
             "--url",
@@ -47,7 +62,7 @@ class Command(BaseCommand):
         st.add_argument(
             "--token", help=f"the view's CONNGUARD['status_token'] (default: ${status.TOKEN_ENV})"
         )
-        dr = sub.add_parser("doctor", help="read pg_stat_activity and explain it")
+        dr = sub.add_parser("doctor", help="read pg_stat_activity and explain it", parents=[common])
         dr.add_argument("--json", action="store_true", help="print JSON")
         dr.add_argument("--database", default=DEFAULT_DB_ALIAS, help="alias to read through")
         dr.add_argument(
