@@ -45,15 +45,10 @@ def child(alias: str, requests: int, sync: bool) -> float:
     from connguard.testing.postgres import EmbeddedPostgres
 
     sys.path.insert(0, str(HERE))
+    from bench_reacquire import databases
+
     with EmbeddedPostgres() as pg:
-        base = {"NAME": "postgres", "USER": pg.user, "HOST": pg.host, "PORT": pg.port}
-        pool = {"pool": {"min_size": 4, "max_size": 4}}
-        stock = "django.db.backends.postgresql"
-        database = {
-            "persistent": {**base, "ENGINE": stock, "CONN_MAX_AGE": None},
-            "native": {**base, "ENGINE": stock, "OPTIONS": pool},
-            "connguard": {**base, "ENGINE": "connguard.backends.postgresql", "OPTIONS": pool},
-        }[alias]
+        database = databases(pg)[alias]
         apps = ["connguard.demo.site"]  # the app label of the view's unmanaged model
         middleware = []
         if alias == "connguard":

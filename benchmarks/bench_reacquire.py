@@ -46,6 +46,38 @@ ALIASES = ("persistent", "native", "connguard")
 BATCH = 300
 
 
+def databases(pg: Any, size: int = 4, **pool: Any) -> dict[str, dict[str, Any]]:
+    """The three configurations of one database (``pg``: an ``EmbeddedPostgres``):
+    ``persistent``, ``native`` and ``connguard``, pools of ``size`` (and ``pool``'s
+    other settings, connguard's only). ``bench_asgi.py`` and ``bench_threads.py``
+    use them too."""
+    base = {"NAME": "postgres", "USER": pg.user, "HOST": pg.host, "PORT": pg.port}
+    sized = {"min_size": size, "max_size": size}
+    stock = "django.db.backends.postgresql"
+    return {
+        "persistent": {**base, "ENGINE": stock, "CONN_MAX_AGE": None},
+        "native": {**base, "ENGINE": stock, "OPTIONS": {"pool": sized}},
+        "connguard": {
+            **base,
+            "ENGINE": "connguard.backends.postgresql",
+            "OPTIONS": {"pool": {**sized, **pool}},
+        },
+    }
+
+
+def request_cycle(connection: Any, query: bool) -> None:
+    """What Django's handler does for the database around a view."""
+    from django.core.signals import request_finished, request_started
+
+    request_started.send(sender=None)
+    connection.ensure_connection()
+    if query:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+    request_finished.send(sender=None)
+
+
 def run_alone(alias: str, cycles: int, query: bool) -> float:
     """One configuration as the only database of its site; the median cycle (µs)."""
     import django
@@ -54,35 +86,20 @@ def run_alone(alias: str, cycles: int, query: bool) -> float:
     from connguard.testing.postgres import EmbeddedPostgres
 
     with EmbeddedPostgres() as pg:
-        base = {"NAME": "postgres", "USER": pg.user, "HOST": pg.host, "PORT": pg.port}
-        pool = {"pool": {"min_size": 4, "max_size": 4}}
-        stock = "django.db.backends.postgresql"
-        database = {
-            "persistent": {**base, "ENGINE": stock, "CONN_MAX_AGE": None},
-            "native": {**base, "ENGINE": stock, "OPTIONS": pool},
-            "connguard": {**base, "ENGINE": "connguard.backends.postgresql", "OPTIONS": pool},
-        }[alias]
         settings.configure(
-            DATABASES={"default": database},
+            DATABASES={"default": databases(pg)[alias]},
             INSTALLED_APPS=["connguard.django"] if alias == "connguard" else [],
             USE_TZ=True,
             TIME_ZONE="UTC",
         )
         django.setup()
-        from django.core.signals import request_finished, request_started
         from django.db import connection
 
         clock = time.perf_counter_ns
         timings: list[int] = []
         for n in range(cycles + 1000):  # the first 1,000: warm-up
             started = clock()
-            request_started.send(sender=None)
-            connection.ensure_connection()
-            if query:
-                with connection.cursor() as cursor:
-                    cursor.execute("SELECT 1")
-                    cursor.fetchone()
-            request_finished.send(sender=None)
+            request_cycle(connection, query)
             if n >= 1000:
                 timings.append(clock() - started)
         return statistics.median(timings) / 1e3
@@ -109,33 +126,18 @@ def run(rounds: int, query: bool) -> dict[str, float]:
     from connguard.testing.postgres import EmbeddedPostgres
 
     with EmbeddedPostgres() as pg:
-        base = {"NAME": "postgres", "USER": pg.user, "HOST": pg.host, "PORT": pg.port}
-        pool = {"pool": {"min_size": 4, "max_size": 4}}
-        stock = "django.db.backends.postgresql"
+        configs = databases(pg)
         settings.configure(
-            DATABASES={
-                "default": {**base, "ENGINE": stock, "CONN_MAX_AGE": None},
-                "persistent": {**base, "ENGINE": stock, "CONN_MAX_AGE": None},
-                "native": {**base, "ENGINE": stock, "OPTIONS": pool},
-                "connguard": {**base, "ENGINE": "connguard.backends.postgresql", "OPTIONS": pool},
-            },
+            DATABASES={"default": configs["persistent"], **configs},
             INSTALLED_APPS=["connguard.django"],
             USE_TZ=True,
             TIME_ZONE="UTC",
         )
         django.setup()
-        from django.core.signals import request_finished, request_started
         from django.db import connections
 
         def cycle(alias: str) -> None:
-            request_started.send(sender=None)
-            conn = connections[alias]
-            conn.ensure_connection()
-            if query:
-                with conn.cursor() as cursor:
-                    cursor.execute("SELECT 1")
-                    cursor.fetchone()
-            request_finished.send(sender=None)
+            request_cycle(connections[alias], query)
 
         timings: dict[str, list[int]] = {alias: [] for alias in ALIASES}
         for alias in ALIASES:

@@ -56,15 +56,14 @@ def child(config: dict[str, Any], threads: int, size: int, cycles: int) -> dict[
     import django
     from django.conf import settings
 
+    from bench_reacquire import databases
     from connguard.testing.postgres import EmbeddedPostgres
 
     with EmbeddedPostgres() as pg:
-        base = {"NAME": "postgres", "USER": pg.user, "HOST": pg.host, "PORT": pg.port}
-        pool = {"pool": {"min_size": size, "max_size": size, **config.get("pool", {})}}
         connguard = config["engine"] == "connguard"
-        engine = "connguard.backends.postgresql" if connguard else "django.db.backends.postgresql"
+        database = databases(pg, size, **config.get("pool", {}))[config["engine"]]
         settings.configure(
-            DATABASES={"default": {**base, "ENGINE": engine, "OPTIONS": pool}},
+            DATABASES={"default": database},
             INSTALLED_APPS=["connguard.django"] if connguard else [],
             USE_TZ=True,
             TIME_ZONE="UTC",

@@ -12,6 +12,10 @@ every wait has a deadline.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +45,7 @@ __all__ = [
     "Server",
     "burst",
     "command",
+    "django_script",
     "docsite_database",
     "free_port",
     "get",
@@ -62,6 +67,20 @@ def site_env(db: Mapping[str, Any], **env: str) -> dict[str, str]:
 
 def manage(db: Mapping[str, Any], *args: str, **env: str) -> str:
     return _LAUNCHER.manage(db, args, env)
+
+
+def django_script(script: str, **env: str) -> Any:
+    """Run ``script``, which configures Django itself, in a fresh interpreter with
+    ``env`` added (and no ``DJANGO_SETTINGS_MODULE``); return the JSON that its last
+    line prints."""
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")]), **env}
+    full.pop("DJANGO_SETTINGS_MODULE", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=full, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @contextmanager

@@ -371,3 +371,15 @@ def test_django_parallel_runner_reports_pool_errors(pg: Any, tmp_path: Path, dri
     assert "connguard.pool.errors.ConnectFailed: connguard pool 'unreachable'" in output
     assert "The above exception was the direct cause of the following exception" in output
     assert "connguard.pool.errors.PoolTimeout: connguard pool 'tiny'" in output
+
+
+def test_chain_walks_causes_then_contexts_and_stops_at_a_cycle() -> None:
+    from connguard.pool.errors import chain
+
+    inner, middle, outer = ValueError("inner"), KeyError("middle"), RuntimeError("outer")
+    outer.__cause__ = middle
+    middle.__context__ = inner
+    inner.__context__ = outer  # a cycle
+    assert list(chain(outer)) == [outer, middle, inner]
+    assert list(chain(outer, limit=2)) == [outer, middle]
+    assert list(chain(None)) == []

@@ -18,7 +18,7 @@ from connguard.diagnostics import status
 from connguard.diagnostics.snapshots import Board, Publisher, process_snapshot
 
 from .fakes import FakeDriver, wait_until
-from .servers import free_port
+from .servers import django_script, free_port
 
 
 class Clock:
@@ -238,15 +238,7 @@ print(json.dumps(out))
 
 
 def test_status_view_is_for_staff_or_the_token(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root / "src"), "STATUS_DIR": str(tmp_path)}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    result = subprocess.run(
-        [sys.executable, "-c", VIEW_SCRIPT], env=env, capture_output=True, text=True,
-        timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = django_script(VIEW_SCRIPT, STATUS_DIR=str(tmp_path))
     assert out == {
         "anonymous": 403, "plain_user": 403, "inactive_staff": 403, "staff": 200,
         "token": 200, "wrong_token": 403, "basic_scheme": 403, "token_unset": 403,

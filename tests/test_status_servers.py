@@ -24,7 +24,16 @@ import pytest
 
 from connguard.testing.postgres import EmbeddedPostgres
 
-from .servers import ROOT, docsite_database, free_port, get, manage, running, site_env
+from .servers import (
+    ROOT,
+    django_script,
+    docsite_database,
+    free_port,
+    get,
+    manage,
+    running,
+    site_env,
+)
 
 pytestmark = [pytest.mark.real, pytest.mark.private, pytest.mark.servers]
 
@@ -288,14 +297,7 @@ def test_django_health_check_plugin(status_db: tuple[EmbeddedPostgres, dict[str,
     """``connguard.django.health_check.ConnguardPool`` (django-health-check 4): no error
     for a pool that can connect, ``ServiceUnavailable`` naming the cause otherwise."""
     _, db = status_db
-    env = {**site_env(db), "DB": json.dumps({**db, "DOWN": free_port()})}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    result = subprocess.run(
-        [sys.executable, "-c", HEALTH_CHECK_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = django_script(HEALTH_CHECK_SCRIPT, DB=json.dumps({**db, "DOWN": free_port()}))
     assert out["default"] == "ok"
     assert out["down"].startswith("Unavailable: cannot connect: "), out
 
@@ -421,14 +423,7 @@ def test_debug_toolbar_panel_shows_the_requests_leases(
     ConnguardMiddleware: one lease, its wait and hold, the reset its session change
     cost, and the line that acquired it; a request that used no connection says so."""
     _, db = status_db
-    env = {**site_env(db), "DB": json.dumps(db)}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    result = subprocess.run(
-        [sys.executable, "-c", TOOLBAR_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = django_script(TOOLBAR_SCRIPT, DB=json.dumps(db))
     (lease,) = out["query"]["stats"]["leases"]
     assert lease["alias"] == "default" and not lease["still_held"], lease
     assert lease["waited_ms"] >= 0 and lease["held_ms"] > 0, lease

@@ -31,6 +31,7 @@ from django.db import DatabaseError, connections
 from django.utils.connection import ConnectionDoesNotExist
 
 from connguard.pool import ConnectFailed, Pool, PoolError, PoolRefused, PoolTimeout
+from connguard.pool.errors import chain
 
 from . import pools
 from .checks import connguard_databases
@@ -66,13 +67,7 @@ def _pool_of(alias: str) -> Pool | None:
 def _reason(exc: BaseException) -> str:
     """One line from the driver's error at the bottom of the chain (no password: libpq
     names host and port only)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    last = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        last = current
-        current = current.__cause__ or current.__context__
+    *_, last = chain(exc)
     lines = [line.strip() for line in str(last).splitlines() if line.strip()]
     return lines[0] if lines else type(last).__name__
 

@@ -20,6 +20,7 @@ from django.core.signals import got_request_exception
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 
 from connguard.pool import ConnectFailed, PoolError, PoolRefused, PoolTimeout
+from connguard.pool.errors import chain
 from connguard.scope import Scope, current_scope
 
 from .conf import app_settings
@@ -34,12 +35,9 @@ def unavailable_error(exc: BaseException | None) -> PoolError | None:
 
     Django wraps the pool's error in its own ``OperationalError``, so walk the chain.
     """
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, PoolTimeout | PoolRefused):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
+    for cause in chain(exc, limit=10):
+        if isinstance(cause, PoolTimeout | PoolRefused):
+            return cause
     return None
 
 

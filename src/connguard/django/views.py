@@ -101,9 +101,10 @@ def allowed(request: HttpRequest) -> bool:
 
 def processes() -> list[dict[str, Any]]:
     """Every worker's snapshot: this process's taken now, first; then the others'."""
-    publisher().ensure()
+    publishing = publisher()
+    publishing.ensure()
     own = process_snapshot(pools.pools())
-    return [own, *board().read(exclude=os.getpid())]
+    return [own, *publishing.board.read(exclude=os.getpid())]
 
 
 def _forbidden(what: str) -> HttpResponse:

@@ -436,15 +436,13 @@ class ConnguardWrapperMixin:
                 LeaseEnded, f"the {owner.describe()} this code works for has ended"
             )
         depth = pool.config.stack_depth
-        journal = owner.journal
-        if journal is None:
-            lease = pool.acquire(owner=owner, stack=_user_stack(depth) if depth else ())
-        else:
-            began = time.perf_counter()
-            lease = pool.acquire(owner=owner, stack=_user_stack(depth) if depth else ())
-            journal.append(
-                {"alias": self.alias, "lease": lease, "waited": time.perf_counter() - began}
-            )
+        stack = _user_stack(depth) if depth else ()
+        journal = owner.journal  # set while a tool watches the scope (debug-toolbar panel)
+        began = time.perf_counter() if journal is not None else 0.0
+        lease = pool.acquire(owner=owner, stack=stack)
+        if journal is not None:
+            waited = time.perf_counter() - began
+            journal.append({"alias": self.alias, "lease": lease, "waited": waited})
         owner.add(lease)
         self._cg_lease = lease
         self._cg_scope = owner

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copyreg
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -190,6 +191,16 @@ def detach(exc: _E) -> _E:
         if isinstance(current, BaseExceptionGroup):
             todo.extend(current.exceptions)
     return exc
+
+
+def chain(exc: BaseException | None, limit: int = 100) -> Iterator[BaseException]:
+    """``exc`` and the exceptions behind it (each one's ``__cause__``, else its
+    ``__context__``), outermost first; stops at a cycle or after ``limit``."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen and len(seen) < limit:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def one_line(exc: BaseException) -> str:

@@ -25,7 +25,7 @@ from connguard.django import pools
 from connguard.django.checks import connguard_databases
 from connguard.drivers.libpq import forget_attempt
 from connguard.pool import PoolConfigError
-from connguard.pool.errors import ConnectFailed, detach
+from connguard.pool.errors import ConnectFailed, chain, detach
 
 # A command that cannot run exits 2 (one line on stderr, no traceback), like the
 # ``connguard`` CLI; 1 stays doctor's "found a problem".
@@ -155,15 +155,9 @@ def _cannot_connect(connection: Any, exc: BaseException) -> str:
     reason is then that last one. Only HOST and PORT are
     taken from the settings, so no password can reach the message.
     """
-    reason: BaseException = exc
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, ConnectFailed) and current.__cause__ is not None:
-            reason = current.__cause__
-            break
-        current = current.__cause__ or current.__context__
+    reason = next(
+        (c.__cause__ for c in chain(exc) if isinstance(c, ConnectFailed) and c.__cause__), exc
+    )
     settings = connection.settings_dict
     conninfo = " ".join(
         f"{key}={_quote(str(value))}"
