@@ -5,6 +5,8 @@ Mounted by the demo site under ``/x/`` when the server runs with
 
 ``/x/leak``  starts a thread that takes a connection and never gives it back (until
              the server stops): a deliberate leak, acquired at :data:`LEAK_LINE`
+``/x/hold``  waits for PostgreSQL advisory lock :data:`GATE`, which the test holds:
+             the request's lease stays out until the test lets it go (no timing)
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def _hold() -> None:
     _forever.wait()
 
 
-LEAK_LINE = 22  # the line of ensure_connection() above (checked by the test)
+# The line of ensure_connection() above, the acquire site the live page must show.
+LEAK_LINE = _hold.__code__.co_firstlineno + 1
 
 
 def leak(request: HttpRequest) -> HttpResponse:
@@ -32,4 +35,13 @@ def leak(request: HttpRequest) -> HttpResponse:
     return HttpResponse("leaking\n", content_type="text/plain")
 
 
-urlpatterns = [path("leak", leak)]
+GATE = 71_042  # the advisory lock /x/hold waits for
+
+
+def hold(request: HttpRequest) -> HttpResponse:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_lock(%s), pg_advisory_unlock(%s)", [GATE, GATE])
+    return HttpResponse("held\n", content_type="text/plain")
+
+
+urlpatterns = [path("leak", leak), path("hold", hold)]

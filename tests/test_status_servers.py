@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from connguard.testing.postgres import EmbeddedPostgres
@@ -309,7 +310,7 @@ def test_live_page_in_chromium_shows_leases_and_the_leak(
     both workers appear, leases come and go, and a deliberately leaked lease is
     highlighted with its ``file:line``. Anonymous: 403. The token opens it once and
     leaves only a cookie digest; the page's screenshot is kept with the test's files."""
-    from .site_observe import LEAK_LINE
+    from .site_observe import GATE, LEAK_LINE
     from .test_demo import _browse
 
     _, db = status_db
@@ -330,28 +331,40 @@ def test_live_page_in_chromium_shows_leases_and_the_leak(
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and TOKEN not in cookie
 
         assert get(srv.port, "/x/leak")[0] == 200
-        slow = threading.Thread(
-            target=get, args=(srv.port, "/slow?ms=4000"), kwargs={"timeout": 30}
-        )
-        slow.start()
-        with Hammer(srv.port, threads=4):
-            # Every worker has served requests (and so publishes) before the page loads.
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                answer = json.loads(cli_status(f"{srv.url}/connguard/status", "--json").stdout)
-                if len([p for p in answer["processes"] if p["pools"]]) == srv.processes:
-                    break
-            shot = tmp_path / "live-page.png"
-            url = f"{srv.url}/connguard/?token={TOKEN}"
-            # The slow request's lease is out now: it appears on the page...
-            dom = _browse(url, tmp_path, "--virtual-time-budget=6000", "--dump-dom")
-            assert "GET /slow" in dom, dom[-3000:]
-            _browse(url, tmp_path, "--virtual-time-budget=6000", "--window-size=1280,1600",
-                    f"--screenshot={shot}")  # fmt: skip
-        slow.join(30)
+        conninfo = f"host={db['HOST']} port={db['PORT']} dbname={db['NAME']} user={db['USER']}"
+        with psycopg.connect(conninfo, autocommit=True) as gate:
+            # /x/hold waits for the advisory lock the test holds: its lease is out until
+            # the test lets go, however slow the machine (no timing in this test).
+            gate.execute("SELECT pg_advisory_lock(%s)", [GATE])
+            held = threading.Thread(target=get, args=(srv.port, "/x/hold"), kwargs={"timeout": 60})
+            held.start()
+            try:
+                waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                waiting += f"AND objid = {GATE} AND NOT granted"
+                deadline = time.monotonic() + 30
+                while gate.execute(waiting).fetchone() != (1,) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                with Hammer(srv.port, threads=4):
+                    # Every worker has served requests (and so publishes) before the page loads.
+                    deadline = time.monotonic() + 20
+                    while time.monotonic() < deadline:
+                        out = cli_status(f"{srv.url}/connguard/status", "--json").stdout
+                        answer = json.loads(out)
+                        if len([p for p in answer["processes"] if p["pools"]]) == srv.processes:
+                            break
+                    shot = tmp_path / "live-page.png"
+                    url = f"{srv.url}/connguard/?token={TOKEN}"
+                    # The held request's lease is out now: it appears on the page...
+                    dom = _browse(url, tmp_path, "--virtual-time-budget=6000", "--dump-dom")
+                    assert "GET /x/hold" in dom, dom[-3000:]
+                    _browse(url, tmp_path, "--virtual-time-budget=6000", "--window-size=1280,1600",
+                            f"--screenshot={shot}")  # fmt: skip
+            finally:
+                gate.execute("SELECT pg_advisory_unlock(%s)", [GATE])
+                held.join(60)
         # ... and is gone once the request is over (the leak stays).
         later = _browse(url, tmp_path, "--virtual-time-budget=6000", "--dump-dom")
-        assert "GET /slow" not in later and "site_observe.py" in later, later[-3000:]
+        assert "GET /x/hold" not in later and "site_observe.py" in later, later[-3000:]
         assert shot.exists() and shot.stat().st_size > 10_000
         state = dom.split('id="state"', 1)[1].split("</span>", 1)[0]
         assert "Last update" in state, state
