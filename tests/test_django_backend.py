@@ -305,7 +305,7 @@ def test_set_up_runs_once_per_physical_connection(
     connection: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from connguard.django import pools
-    from connguard.django.wrapper import ConnectionSetup
+    from connguard.django.setup import ConnectionSetup
 
     pools.close_pools(alias="default")
     calls = []

@@ -287,6 +287,31 @@ def _run_in_child(body: Callable[[], dict[str, Any]], within: float = 10.0) -> d
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
+def test_scopes_made_in_a_forked_child_never_wait_on_a_lock_held_at_the_fork(
+    driver: FakeDriver,
+) -> None:
+    """Scopes share a few striped locks. One held by a parent thread when the process
+    forks (here this thread holds a scope's) stays held for ever in the child, so the
+    child's scopes must not use the parent's: 128 new scopes cover every stripe."""
+    pool = Pool(driver, PoolConfig(min_size=0, max_size=1), name="fork-scopes")
+    held = Scope("parent")
+
+    def child() -> dict[str, Any]:
+        for n in range(128):
+            job = Scope(f"child-{n}")
+            job.add(pool.acquire(owner=job, timeout=2))
+            job.end()
+        return {"scopes": 128}
+
+    try:
+        with held._lock:
+            result = _run_in_child(child)
+    finally:
+        pool.close()
+    assert result == {"scopes": 128}, result
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
 def test_forked_child_gets_housekeeping_and_clean_counters(
     driver: FakeDriver, clock: ManualClock
 ) -> None:

@@ -24,6 +24,7 @@ import functools
 import inspect
 import itertools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -40,6 +41,22 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _ids = itertools.count(1)
+
+# Scopes share a small set of locks, picked by id: a request makes a scope, and
+# allocating a lock for each costs more than the rare contention of sharing one (each
+# critical section is a few list operations; no code holds two of these locks).
+_LOCKS = tuple(threading.Lock() for _ in range(64))
+
+
+def _new_locks_in_child() -> None:
+    """A lock some parent thread held at the fork stays held for ever in the child:
+    scopes made there take fresh ones (those inherited keep theirs; nothing in the
+    child works for them)."""
+    global _LOCKS
+    _LOCKS = tuple(threading.Lock() for _ in range(64))
+
+
+os.register_at_fork(after_in_child=_new_locks_in_child)
 
 
 class Scope:
@@ -60,7 +77,7 @@ class Scope:
         self.info: dict[str, Any] = info if info is not None else {}  # method, path, view...
         self.started_at = time.monotonic()
         self.ended = False
-        self._lock = threading.Lock()
+        self._lock = _LOCKS[self.id & 63]
         # Weak: a scope never keeps alive a lease its holder dropped (the pool's
         # backstop takes those back and says where they were acquired). A list of
         # plain weak references, not a WeakSet: a scope holds one or two leases, and
@@ -86,7 +103,11 @@ class Scope:
     def discard(self, lease: Lease) -> None:
         """Forget ``lease`` (its holder released it)."""
         with self._lock:
-            self._leases = [ref for ref in self._leases if ref() is not lease]
+            leases = self._leases
+            if leases and leases[-1]() is lease:  # the common case: the latest one
+                leases.pop()
+            else:
+                self._leases = [ref for ref in leases if ref() is not lease]
 
     def leases(self) -> list[Lease]:
         with self._lock:
@@ -210,6 +231,30 @@ def owner_scope() -> Scope:
         holder = _ThreadScopeHolder(Scope(thread.name, kind="thread"))
         _thread_scopes.scope = holder
     return holder.scope
+
+
+def begin(opened: Scope) -> None:
+    """Make ``opened`` current in this context, first ending a scope of the same kind
+    still current here (a unit of work that never finished: a request whose response
+    was never closed). One call per request: the Django layer opens a scope per
+    request, so what this costs every request pays."""
+    stale = _current.get()
+    if stale is not None and stale.kind == opened.kind:
+        stale.end()
+    _current.set(opened)
+
+
+def finish(kind: str) -> Scope | None:
+    """End the current scope if it is of ``kind`` (found as :func:`current_scope`
+    finds it) and clear this context's; returns it, or None when there was none."""
+    found = _current.get()
+    if found is None and _ambient is not None:
+        found = _ambient()
+    if found is None or found.kind != kind:
+        return None
+    found.end()
+    _current.set(None)
+    return found
 
 
 def enter(scope: Scope) -> object:

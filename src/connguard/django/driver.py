@@ -74,7 +74,7 @@ class DjangoDriver:
 
         The parameters carry :data:`~connguard.drivers.libpq.TCP_KEEPALIVES` unless
         the alias's ``OPTIONS`` set any of them, and the password as Django's
-        wrapper made it (a :class:`~connguard.django.wrapper.MaskedPassword`, so this
+        wrapper made it (a :class:`~connguard.django.setup.MaskedPassword`, so this
         frame's locals do not show it). A connect error leaves without the failed
         attempt's ``pgconn`` (:func:`~connguard.drivers.libpq.forget_attempt`).
         """

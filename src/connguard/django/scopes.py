@@ -21,7 +21,7 @@ from typing import Any
 from asgiref.sync import SyncToAsync
 from django.core import signals
 
-from connguard.scope import Scope, current_scope, enter, leave, set_ambient_lookup
+from connguard.scope import Scope, begin, finish, set_ambient_lookup
 
 logger = logging.getLogger("connguard.django")
 
@@ -67,10 +67,6 @@ def _start_publishing() -> None:
 def request_started(sender: Any, environ: Any = None, scope: Any = None, **kwargs: Any) -> None:
     if not _publishing:
         _start_publishing()
-    stale = current_scope()
-    if stale is not None and stale.kind == "request":
-        # The previous request in this thread never finished (no response.close()).
-        stale.end()
     if environ is not None:  # WSGI
         method, path = environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")
     elif scope is not None:  # ASGI
@@ -78,11 +74,9 @@ def request_started(sender: Any, environ: Any = None, scope: Any = None, **kwarg
     else:
         method = path = ""
     opened = Scope(
-        f"{method} {path}".strip() or "request",
-        kind="request",
-        info={"method": method, "path": path},
+        f"{method} {path}".strip() or "request", "request", {"method": method, "path": path}
     )
-    enter(opened)
+    begin(opened)  # ends the previous request's, if it never finished (no response.close())
     context = _thread_sensitive_context.get(None)
     if context is not None:
         _request_contexts[context] = opened
@@ -99,13 +93,10 @@ def _mark_ended(scope: Scope) -> None:
 
 
 def request_finished(sender: Any, **kwargs: Any) -> None:
-    current = current_scope()
-    if current is not None and current.kind == "request":
-        current.end()
-        leave()
-        # The ended scope stays registered against the request's context (until the
-        # context is collected): code still running for the request in an executor
-        # thread must find it ended, not fall back to its thread's scope.
+    finish("request")
+    # The ended scope stays registered against the request's context (until the
+    # context is collected): code still running for the request in an executor
+    # thread must find it ended, not fall back to its thread's scope.
 
 
 def install() -> None:
@@ -116,6 +107,12 @@ def install() -> None:
     # Ours first on request_started is not needed: Django's close_old_connections
     # only returns this thread's lease, which is what ending the scope does anyway.
     set_ambient_lookup(asgi_request_scope)
-    signals.request_started.connect(request_started, dispatch_uid="connguard.request_started")
-    signals.request_finished.connect(request_finished, dispatch_uid="connguard.request_finished")
+    # Strong references (weak=False): module functions live for ever anyway, and a weak
+    # one costs each request a dereference per signal.
+    signals.request_started.connect(
+        request_started, dispatch_uid="connguard.request_started", weak=False
+    )
+    signals.request_finished.connect(
+        request_finished, dispatch_uid="connguard.request_finished", weak=False
+    )
     _installed = True

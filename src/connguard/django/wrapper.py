@@ -17,181 +17,35 @@ wanted time zone differs.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import logging
 import os
-import sys
-import sysconfig
 import time
+from asyncio import get_running_loop
 from typing import Any
 
-import asgiref
-import django
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, SynchronousOnlyOperation
+from django.db import ProgrammingError
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
-from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
+from django.db.backends.postgresql.psycopg_any import IsolationLevel
 from django.db.backends.signals import connection_created
 from django.db.backends.utils import debug_transaction
 from django.utils.asyncio import async_unsafe
 from django.views.decorators.debug import sensitive_variables
 
-import connguard
 from connguard.drivers.libpq import forget_attempt
-from connguard.drivers.session import literal
 from connguard.pool import Lease, LeaseEnded, Pool
 from connguard.pool.errors import detach
 from connguard.scope import Scope, owner_scope
 
 from . import pools
 from .cursors import FencedCursorDebugWrapper, FencedCursorWrapper
+from .setup import ConnectionSetup, MaskedPassword, session_time_zone
+from .sites import user_stack
 
 logger = logging.getLogger("connguard.django")
 
-
-def _package_dir(module: Any) -> str:
-    return str(os.path.dirname(module.__file__)) + os.sep
-
-
-def _installed_dirs(*names: str) -> list[str]:
-    """Directories of the installed packages among ``names`` (without importing them)."""
-    dirs = []
-    for name in names:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            continue
-        if spec is not None and spec.origin:
-            dirs.append(os.path.dirname(spec.origin) + os.sep)
-    return dirs
-
-
-# Frames from these files are machinery, not the code that wanted the connection.
-_MACHINERY = (
-    _package_dir(django),
-    _package_dir(asgiref),
-    sysconfig.get_paths()["stdlib"] + os.sep,
-    *_installed_dirs(
-        "gunicorn",
-        "uvicorn",
-        "daphne",
-        "twisted",
-        "granian",
-        "celery",
-        "kombu",
-        "billiard",
-        "h11",
-        "anyio",
-        "starlette",
-    ),
-    *(
-        os.path.join(_package_dir(connguard), part)
-        for part in ("django" + os.sep, "backends" + os.sep, "pool" + os.sep, "scope.py")
-    ),
-)
-
-
-# Each source file's verdict, decided once: a dict lookup on the file name (whose
-# hash the string keeps) instead of a dozen startswith() per frame per acquire.
-_MACHINERY_FILES: dict[str, bool] = {}
-
-
-def _user_stack(depth: int) -> tuple[Any, ...]:
-    """(code, line) pairs of the first ``depth`` frames outside Django, asgiref, the
-    standard library and connguard's machinery: the view or task that queried.
-
-    Runs once per acquire (per request, not per query); a few microseconds."""
-    frame: Any = sys._getframe(2)
-    out: list[Any] = []
-    walked = 0
-    known = _MACHINERY_FILES
-    while frame is not None and depth and walked < 80:
-        code = frame.f_code
-        filename = code.co_filename
-        machinery = known.get(filename)
-        if machinery is None:
-            machinery = known[filename] = filename.startswith(_MACHINERY)
-        if not machinery:
-            out.append(code)
-            out.append(frame.f_lasti)  # made a line number only when reported
-            depth -= 1
-        frame = frame.f_back
-        walked += 1
-    return tuple(out)
-
-
-def _sql_module() -> Any:
-    """``psycopg.sql`` or ``psycopg2.sql``, whichever Django's backend uses."""
-    if is_psycopg3:
-        from psycopg import sql  # noqa: PLC0415
-
-        return sql
-    from psycopg2 import sql as sql2  # noqa: PLC0415
-
-    return sql2
-
-
-class MaskedPassword(str):
-    """The password, as the driver needs it, that ``repr()`` shows as stars.
-
-    With ``DEBUG=True`` Django's technical 500 page shows the locals of every frame of
-    the traceback (its ``sensitive_variables`` cleansing only runs when ``DEBUG`` is
-    off), and a connection error's traceback runs through Django's ``connect()``,
-    whose ``conn_params`` we cannot take out of its frame. So the value in those
-    parameters is one whose ``repr`` (what the page, ``pprint`` and ``%r`` show) is
-    masked, while ``str()``, formatting and comparisons give the password itself, as
-    libpq's connect needs.
-    """
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "'********************'"  # what Django's own cleansing shows
-
-
-@dataclasses.dataclass(frozen=True)
-class ConnectionSetup:
-    """What Django does once per connection (time zone, ``assume_role``, psycopg2's
-    JSON adapters), as one pool applies it to each of its connections: when opened
-    (:meth:`configure`, on an opener thread) and after each reset
-    (:meth:`baseline_sql`, in the reset's round trip)."""
-
-    timezone_name: str | None
-    role: str | None
-    set_time_zone_sql: str
-
-    def baseline_sql(self) -> str:
-        """The set-up as SQL, re-applied in the same round trip as a reset."""
-        statements = []
-        if self.timezone_name:
-            statements.append(f"SET TIME ZONE {literal(self.timezone_name)}")
-        if self.role:
-            statements.append(f"SET ROLE {literal(self.role)}")
-        return "; ".join(statements)
-
-    def configure(self, connection: Any) -> bool:
-        """Set up a new physical connection; True when it ran statements.
-
-        Runs on the pool's opener thread, so it touches only ``connection``: Django's
-        own ``_configure_role`` builds its SQL through the wrapper's connection,
-        which would acquire from the pool being filled.
-        """
-        ran = False
-        timezone_name = self.timezone_name
-        if timezone_name and connection.info.parameter_status("TimeZone") != timezone_name:
-            with connection.cursor() as cursor:
-                cursor.execute(self.set_time_zone_sql, [timezone_name])
-            ran = True
-        if self.role:
-            with connection.cursor() as cursor:
-                sql = _sql_module()
-                cursor.execute(sql.SQL("SET ROLE {}").format(sql.Literal(self.role)))
-            ran = True
-        if not is_psycopg3:
-            import psycopg2.extras  # noqa: PLC0415 - only installed when it is the driver
-
-            psycopg2.extras.register_default_jsonb(conn_or_curs=connection, loads=lambda x: x)
-        return ran
+# Django's own words for a database call from an event loop's thread.
+_ASYNC_UNSAFE = "You cannot call this from an async context - use a thread or sync_to_async."
 
 
 class ConnguardWrapperMixin:
@@ -295,6 +149,37 @@ class ConnguardWrapperMixin:
 
     # ---------------------------------------------------------------- Django's hooks
 
+    def ensure_connection(self) -> None:
+        """Django's ``ensure_connection()``, with its checks (refused in an event
+        loop's thread unless ``DJANGO_ALLOW_ASYNC_UNSAFE``; refused in an atomic block
+        whose connection was lost), that takes the common case, a re-acquire
+        (:meth:`_cg_reconnect`), without passing through ``connect()``'s two wrappers
+        and its second event-loop check: it runs at every request's first query.
+
+        Skipping ``connect()``'s ``sensitive_variables`` marker there hides nothing:
+        no frame of that path holds the settings or the connection parameters (the
+        pool opens connections on its own threads)."""
+        try:
+            get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            if not os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE"):
+                raise SynchronousOnlyOperation(_ASYNC_UNSAFE)
+        # ``self.connection is None``, without the property's call when no lease is held
+        if (self._cg_direct if self._cg_lease is None else self.connection) is None:
+            if self.in_atomic_block and self.closed_in_transaction:
+                raise ProgrammingError("Cannot open a new connection in an atomic block.")
+            try:
+                if not self._cg_reconnect():
+                    self.connect()
+            except Exception:
+                # Django's error translation, entered only when there is an error
+                # to translate: the same exception, without a context manager's two
+                # calls on every request.
+                with self.wrap_database_errors:  # type: ignore[attr-defined]
+                    raise
+
     @async_unsafe
     @sensitive_variables()
     def connect(self) -> None:
@@ -341,10 +226,12 @@ class ConnguardWrapperMixin:
         # Django's error page shows every frame's locals uncleansed.
         if self.settings_dict["OPTIONS"].get("isolation_level") is not None:
             return False
-        pool = self._cg_known_pool()
-        if pool is None:
+        cached = self._cg_pool_cache  # _cg_known_pool(), inlined
+        if cached is None or cached[0] != self._cg_probe() or cached[1].closed:
             return False
-        self.check_settings()  # type: ignore[attr-defined]
+        pool = cached[1]
+        if self.settings_dict["TIME_ZONE"] is not None:  # all check_settings() checks
+            self.check_settings()  # type: ignore[attr-defined]
         self.in_atomic_block = False
         self.savepoint_ids: list[Any] = []
         self.atomic_blocks: list[Any] = []
@@ -366,9 +253,10 @@ class ConnguardWrapperMixin:
         else:
             self.autocommit = autocommit
         timezone_name = self.timezone_name  # type: ignore[attr-defined]
-        if timezone_name and timezone_name != raw.info.parameter_status("TimeZone"):
+        if timezone_name and timezone_name != session_time_zone(raw):
             self.init_connection_state()  # as Django's _configure_timezone: no zone, no SET
-        connection_created.send(sender=self.__class__, connection=self)
+        if connection_created.receivers:  # Signal.send() costs a call even with none
+            connection_created.send(sender=self.__class__, connection=self)
         self.run_on_commit: list[Any] = []
         return True
 
@@ -436,7 +324,7 @@ class ConnguardWrapperMixin:
                 LeaseEnded, f"the {owner.describe()} this code works for has ended"
             )
         depth = pool.config.stack_depth
-        stack = _user_stack(depth) if depth else ()
+        stack = user_stack(depth) if depth else ()
         journal = owner.journal  # set while a tool watches the scope (debug-toolbar panel)
         began = time.perf_counter() if journal is not None else 0.0
         lease = pool.acquire(owner=owner, stack=stack)
@@ -522,9 +410,14 @@ class ConnguardWrapperMixin:
             # its checks that cannot fail here: this is the request's own thread.
             self.run_on_commit = []
             self._cg_lease = None
-            self._cg_forget(lease)
-            with self.wrap_database_errors:  # type: ignore[attr-defined]
+            scope, self._cg_scope = self._cg_scope, None  # _cg_forget(), inlined
+            if scope is not None:
+                scope.discard(lease)
+            try:
                 lease.release()
+            except Exception:  # translated as in ensure_connection()
+                with self.wrap_database_errors:  # type: ignore[attr-defined]
+                    raise
 
     def close_if_health_check_failed(self) -> None:
         """The pool checks every connection at checkout; no extra round trip."""

@@ -244,7 +244,12 @@ class Pool:
             idle = self._idle
             if idle and not self._closed:
                 conn = idle.pop()
-                lease = self._new_lease_locked(conn, start, owner, _get_ident())
+                # _new_lease_locked, inlined: the hot path
+                lease = Lease(self, conn, start, owner, _get_ident())
+                ref = lease._ref = weakref.ref(lease, self._on_drop)
+                self._leases[ref] = conn
+                conn.owner = owner
+                self._n_acquires += 1
             else:
                 conn = None
         if conn is not None:

@@ -1,0 +1,167 @@
+"""Instructions per cycle, counted by valgrind (callgrind): the request path's cost
+in a unit that does not move with the machine's load.
+
+    python benchmarks/bench_instructions.py [--before SRC] [--only django|engine]
+
+On a shared 2-core machine the same timed cycle varies by ±50 % from one minute to
+the next, more than the differences this repository tries to measure. The number of
+instructions the interpreter executes for a cycle does not: it is the same to within
+0.5 % from run to run, so two trees, or connguard and its anchors, compare exactly.
+It is not time (a cache miss or a lock hand-off costs no instruction more), so the
+timed benches (``bench_reacquire.py``, ``bench_pool.py``) stay the measure of speed;
+this one says where the interpreter's work went and whether a change removed some.
+
+Each figure is the difference between two runs of the same child under
+``valgrind --tool=callgrind``, one with 200 cycles more than the other warm-up, one
+with 2,200 (the engine: 1,000 and 11,000), divided by the cycles between them: the
+start-up, Django's set-up and the server's start cancel out. PostgreSQL runs in its
+own process, not under valgrind; a round trip it serves counts nothing here.
+
+* ``django``: Django's per-request cycle with no query (``bench_reacquire.py``'s
+  ``--alone`` cycle: ``request_started``, ``ensure_connection()``,
+  ``request_finished``), each configuration a site of its own: ``persistent``
+  (``CONN_MAX_AGE=None``), ``native`` (Django's pool), ``connguard``.
+* ``engine``: one ``acquire()`` + ``release()`` of connguard's ``Pool`` against
+  psycopg_pool's ``getconn()`` + ``putconn()``, pools of 2, no query.
+
+Needs ``valgrind`` (Debian: ``apt-get install valgrind``). Takes about 4 minutes
+(8 with ``--before``), two children at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+DJANGO = ("persistent", "native", "connguard")
+ENGINE = ("psycopg_pool", "connguard")
+RUNS = {"django": (200, 2_200), "engine": (1_000, 11_000)}
+
+
+def django_child(alias: str, cycles: int) -> None:
+    import django
+    from django.conf import settings
+
+    from connguard.testing.postgres import EmbeddedPostgres
+
+    sys.path.insert(0, str(HERE))
+    from bench_reacquire import databases, request_cycle
+
+    with EmbeddedPostgres() as pg:
+        settings.configure(
+            DATABASES={"default": databases(pg)[alias]},
+            INSTALLED_APPS=["connguard.django"] if alias == "connguard" else [],
+            USE_TZ=True,
+            TIME_ZONE="UTC",
+        )
+        django.setup()
+        from django.db import connection
+
+        for _ in range(300 + cycles):  # 300: warm-up, the same in both runs
+            request_cycle(connection, False)
+        if alias == "connguard":
+            from connguard.django import pools
+
+            pools.close_pools()
+        else:
+            connection.close()
+            if alias == "native":
+                connection.close_pool()
+
+
+def engine_child(subject: str, cycles: int) -> None:
+    from connguard.testing.postgres import EmbeddedPostgres
+
+    with EmbeddedPostgres() as pg:
+        if subject == "psycopg_pool":
+            from psycopg_pool import ConnectionPool
+
+            pp: Any = ConnectionPool(
+                pg.dsn, min_size=2, max_size=2, kwargs={"autocommit": True}, open=True
+            )
+            pp.wait()
+            for _ in range(300 + cycles):
+                pp.putconn(pp.getconn())
+            pp.close()
+            return
+        from connguard.drivers import load_driver
+        from connguard.pool import Pool, PoolConfig
+
+        pool = Pool(load_driver("psycopg", conninfo=pg.dsn), PoolConfig(min_size=2, max_size=2))
+        for _ in range(300 + cycles):
+            pool.acquire().release()
+        pool.close()
+
+
+def count(kind: str, subject: str, cycles: int, src: Path) -> int:
+    """Instructions of one child run under callgrind."""
+    cmd = [
+        "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+        sys.executable, __file__, "--child", kind, subject, str(cycles),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    found = re.search(r"Collected : ([\d,]+)", out.stderr)
+    if out.returncode != 0 or found is None:
+        raise SystemExit(f"bench_instructions: {kind} {subject} failed:\n{out.stderr[-2000:]}")
+    return int(found.group(1).replace(",", ""))
+
+
+def per_cycle(kind: str, subject: str, src: Path) -> float:
+    low, high = RUNS[kind]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda n: count(kind, subject, n, src), (low, high))
+    return (b - a) / (high - low)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--before", type=Path, metavar="SRC", help="an older tree's src/ too")
+    parser.add_argument("--only", choices=("django", "engine"))
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, subject, cycles = args.child
+        (django_child if kind == "django" else engine_child)(subject, int(cycles))
+        return
+    if shutil.which("valgrind") is None:
+        raise SystemExit("bench_instructions: valgrind is not installed (apt-get install valgrind)")
+    here = HERE.parent / "src"
+    trees = [("this tree", here)] + ([("before", args.before.resolve())] if args.before else [])
+    figures: dict[str, dict[str, float]] = {}
+    for label, src in trees:
+        if args.only in (None, "django"):
+            ir = {alias: per_cycle("django", alias, src) for alias in DJANGO}
+            figures[f"{label}: django"] = ir
+            p, n, c = (ir[a] for a in DJANGO)
+            print(
+                f"{label:10} Django cycle, no query (instructions): persistent {p:,.0f}  "
+                f"native {n:,.0f}  connguard {c:,.0f}   connguard/persistent {c / p:.2f}  "
+                f"connguard/native {c / n:.2f}",
+                flush=True,
+            )
+        if args.only in (None, "engine"):
+            ir = {subject: per_cycle("engine", subject, src) for subject in ENGINE}
+            figures[f"{label}: engine"] = ir
+            pp, cg = (ir[s] for s in ENGINE)
+            print(
+                f"{label:10} engine cycle, no query (instructions): psycopg_pool {pp:,.0f}  "
+                f"connguard {cg:,.0f}   connguard/psycopg_pool {cg / pp:.2f}",
+                flush=True,
+            )
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

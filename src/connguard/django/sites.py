@@ -1,0 +1,92 @@
+"""Where a lease was acquired: the first frames of the code that wanted the
+connection (the view, the task), not Django's, asgiref's or connguard's machinery
+that the query passed through.
+
+Captured at every acquire as (code, offset) pairs, which cost no formatting; they
+become ``file:line in function`` only when something reports them (a leak, the
+status page, the toolbar panel).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import sysconfig
+from typing import Any
+
+import asgiref
+import django
+
+import connguard
+
+
+def _package_dir(module: Any) -> str:
+    return str(os.path.dirname(module.__file__)) + os.sep
+
+
+def _installed_dirs(*names: str) -> list[str]:
+    """Directories of the installed packages among ``names`` (without importing them)."""
+    dirs = []
+    for name in names:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None and spec.origin:
+            dirs.append(os.path.dirname(spec.origin) + os.sep)
+    return dirs
+
+
+# Frames from these files are machinery, not the code that wanted the connection.
+_MACHINERY = (
+    _package_dir(django),
+    _package_dir(asgiref),
+    sysconfig.get_paths()["stdlib"] + os.sep,
+    *_installed_dirs(
+        "gunicorn",
+        "uvicorn",
+        "daphne",
+        "twisted",
+        "granian",
+        "celery",
+        "kombu",
+        "billiard",
+        "h11",
+        "anyio",
+        "starlette",
+    ),
+    *(
+        os.path.join(_package_dir(connguard), part)
+        for part in ("django" + os.sep, "backends" + os.sep, "pool" + os.sep, "scope.py")
+    ),
+)
+
+
+# Each source file's verdict, decided once: a dict lookup on the file name (whose
+# hash the string keeps) instead of a dozen startswith() per frame per acquire.
+_MACHINERY_FILES: dict[str, bool] = {}
+
+
+def user_stack(depth: int) -> tuple[Any, ...]:
+    """(code, line) pairs of the first ``depth`` frames outside Django, asgiref, the
+    standard library and connguard's machinery: the view or task that queried.
+
+    Runs once per acquire (per request, not per query); a few microseconds."""
+    frame: Any = sys._getframe(2)
+    out: list[Any] = []
+    walked = 0
+    known = _MACHINERY_FILES
+    while frame is not None and depth and walked < 80:
+        code = frame.f_code
+        filename = code.co_filename
+        machinery = known.get(filename)
+        if machinery is None:
+            machinery = known[filename] = filename.startswith(_MACHINERY)
+        if not machinery:
+            out.append(code)
+            out.append(frame.f_lasti)  # made a line number only when reported
+            depth -= 1
+        frame = frame.f_back
+        walked += 1
+    return tuple(out)
