@@ -22,11 +22,12 @@ from connguard.pool.lease import fenced_rows
 
 class FencedCursorMixin:
     """Every call a Django cursor makes on its driver cursor (execute, fetch,
-    iteration, scroll, COPY, close...) is one fenced use of the lease the cursor was
-    made under: it raises Django's ``OperationalError`` once that lease has ended, and
-    the lease cannot end (be handed to someone else) while the call runs. Statements
-    are shown to the lease (reset policy ``"auto"``), and a server-side cursor pins
-    its lease until it is closed: an early release would break the stream."""
+    iteration, scroll, COPY, a server-side cursor's close...) is one fenced use of the
+    lease the cursor was made under: it raises Django's ``OperationalError`` once that
+    lease has ended, and the lease cannot end (be handed to someone else) while the
+    call runs. Statements are shown to the lease (reset policy ``"auto"``), and a
+    server-side cursor pins its lease until it is closed: an early release would break
+    the stream."""
 
     db: Any
     cursor: Any
@@ -43,8 +44,13 @@ class FencedCursorMixin:
     def _cg_enter(self) -> Lease | None:
         lease = self._cg_lease
         if lease is not None:
-            with self.db.wrap_database_errors:
+            try:
                 lease.enter()
+            except Exception:
+                # Django's error translation (LeaseEnded becomes its OperationalError),
+                # entered only when there is an error: every query passes here.
+                with self.db.wrap_database_errors:
+                    raise
         return lease
 
     def execute(self, sql: Any, params: Any = None) -> Any:
@@ -52,10 +58,44 @@ class FencedCursorMixin:
         if lease is None:
             return super().execute(sql, params)  # type: ignore[misc]
         try:
-            lease.note_statement(sql)
+            if not lease.dirty:
+                lease.note_statement(sql)
             return super().execute(sql, params)  # type: ignore[misc]
         finally:
             lease.exit()
+
+    # The calls every query makes, as methods (``__getattr__`` below would build a
+    # closure for each): Django's own CursorWrapper translates errors for these.
+
+    def fetchone(self) -> Any:
+        return self._cg_fetch(self.cursor.fetchone)
+
+    def fetchmany(self, size: int | None = None) -> Any:
+        if size is None:
+            return self._cg_fetch(self.cursor.fetchmany)
+        return self._cg_fetch(functools.partial(self.cursor.fetchmany, size))
+
+    def fetchall(self) -> Any:
+        return self._cg_fetch(self.cursor.fetchall)
+
+    def _cg_fetch(self, fetch: Callable[[], Any]) -> Any:
+        lease = self._cg_enter()
+        try:
+            return fetch()
+        except Exception:
+            with self.db.wrap_database_errors:
+                raise
+        finally:
+            if lease is not None:
+                lease.exit()
+
+    def close(self) -> None:
+        if self._cg_lease is None or not getattr(self.cursor, "name", None):
+            # A client-side cursor's close touches no connection (psycopg 3 and
+            # psycopg2 only mark it closed and drop its results): no fence needed.
+            self.cursor.close()
+        else:
+            self._cg_close(self.cursor.close)
 
     def executemany(self, sql: Any, param_list: Any) -> Any:
         lease = self._cg_enter()

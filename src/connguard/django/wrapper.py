@@ -431,8 +431,11 @@ class ConnguardWrapperMixin:
         lease = self._cg_lease
         if lease is None:
             return super().create_cursor(name)  # type: ignore[misc]
-        with self.wrap_database_errors:  # type: ignore[attr-defined]
+        try:
             lease.enter()
+        except Exception:  # translated as in ensure_connection()
+            with self.wrap_database_errors:  # type: ignore[attr-defined]
+                raise
         try:
             cursor = super().create_cursor(name)  # type: ignore[misc]
         finally:
