@@ -1,7 +1,7 @@
 """Instructions per cycle, counted by valgrind (callgrind): the request path's cost
 in a unit that does not move with the machine's load.
 
-    python benchmarks/bench_instructions.py [--before SRC] [--only django|engine]
+    python benchmarks/bench_instructions.py [--before SRC] [--only django|engine] [--query]
 
 On a shared 2-core machine the same timed cycle varies by ±50 % from one minute to
 the next, more than the differences this repository tries to measure. The number of
@@ -20,7 +20,10 @@ own process, not under valgrind; a round trip it serves counts nothing here.
 * ``django``: Django's per-request cycle with no query (``bench_reacquire.py``'s
   ``--alone`` cycle: ``request_started``, ``ensure_connection()``,
   ``request_finished``), each configuration a site of its own: ``persistent``
-  (``CONN_MAX_AGE=None``), ``native`` (Django's pool), ``connguard``.
+  (``CONN_MAX_AGE=None``), ``native`` (Django's pool), ``connguard``. With
+  ``--query``, one ``SELECT 1`` through a cursor per cycle too (the round trip
+  itself, in the server and the kernel, counts nothing: this is the Python work
+  around it).
 * ``engine``: one ``acquire()`` + ``release()`` of connguard's ``Pool`` against
   psycopg_pool's ``getconn()`` + ``putconn()``, pools of 2, no query.
 
@@ -44,10 +47,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 DJANGO = ("persistent", "native", "connguard")
 ENGINE = ("psycopg_pool", "connguard")
-RUNS = {"django": (200, 2_200), "engine": (1_000, 11_000)}
+RUNS = {"django": (200, 2_200), "django-query": (200, 2_200), "engine": (1_000, 11_000)}
 
 
-def django_child(alias: str, cycles: int) -> None:
+def django_child(alias: str, cycles: int, query: bool = False) -> None:
     import django
     from django.conf import settings
 
@@ -67,7 +70,7 @@ def django_child(alias: str, cycles: int) -> None:
         from django.db import connection
 
         for _ in range(300 + cycles):  # 300: warm-up, the same in both runs
-            request_cycle(connection, False)
+            request_cycle(connection, query)
         if alias == "connguard":
             from connguard.django import pools
 
@@ -127,12 +130,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", type=Path, metavar="SRC", help="an older tree's src/ too")
     parser.add_argument("--only", choices=("django", "engine"))
+    parser.add_argument("--query", action="store_true", help="Django cycle: one SELECT 1 too")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, subject, cycles = args.child
-        (django_child if kind == "django" else engine_child)(subject, int(cycles))
+        if kind == "engine":
+            engine_child(subject, int(cycles))
+        else:
+            django_child(subject, int(cycles), query=kind == "django-query")
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("bench_instructions: valgrind is not installed (apt-get install valgrind)")
@@ -141,11 +148,13 @@ def main() -> None:
     figures: dict[str, dict[str, float]] = {}
     for label, src in trees:
         if args.only in (None, "django"):
-            ir = {alias: per_cycle("django", alias, src) for alias in DJANGO}
-            figures[f"{label}: django"] = ir
+            kind = "django-query" if args.query else "django"
+            ir = {alias: per_cycle(kind, alias, src) for alias in DJANGO}
+            figures[f"{label}: {kind}"] = ir
             p, n, c = (ir[a] for a in DJANGO)
+            what = "one SELECT 1" if args.query else "no query"
             print(
-                f"{label:10} Django cycle, no query (instructions): persistent {p:,.0f}  "
+                f"{label:10} Django cycle, {what} (instructions): persistent {p:,.0f}  "
                 f"native {n:,.0f}  connguard {c:,.0f}   connguard/persistent {c / p:.2f}  "
                 f"connguard/native {c / n:.2f}",
                 flush=True,

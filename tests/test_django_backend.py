@@ -459,6 +459,37 @@ def test_status_shows_a_held_lease_with_its_request_and_site(connection: Any) ->
         signals.request_finished.send(sender=None)
 
 
+def test_the_acquire_site_is_the_callers_line_on_every_path(connection: Any) -> None:
+    """The acquire site's first entry is the line that wanted the connection, whichever
+    entry point took it: ``ensure_connection()`` (whose short path skips connguard's
+    own frames by count, not by looking at them), ``cursor()``, and ``connect()``."""
+    import sys
+
+    from django.db import connections
+
+    conn = connections["default"]
+    conn.ensure_connection()  # the pool is known from here on: the short path
+    conn.close()
+    here = sys._getframe()
+    seen: dict[str, tuple[str, int]] = {}
+
+    def site(how: str, line: int) -> None:
+        lease = conn.connguard_lease
+        assert lease is not None
+        seen[how] = (lease.where()[0], line)
+        conn.close()
+
+    conn.ensure_connection()
+    site("ensure_connection", here.f_lineno - 1)
+    conn.cursor().close()
+    site("cursor", here.f_lineno - 1)
+    conn.connect()
+    site("connect", here.f_lineno - 1)
+    for how, (first, line) in seen.items():
+        expected = f"{__file__}:{line} in test_the_acquire_site_is_the_callers_line_on_every_path"
+        assert first == expected, (how, first, expected)
+
+
 def test_manage_py_doctor_reads_the_server(connection: Any) -> None:
     import io
     import json

@@ -243,7 +243,9 @@ class ConnguardWrapperMixin:
         self.errors_occurred = False
         self.health_check_done = True
         self.isolation_level = IsolationLevel.READ_COMMITTED
-        raw = self._cg_lease_from(pool)
+        # Above _cg_lease_from: this method and ensure_connection() (or connect()),
+        # connguard's own frames that the acquire site's walk can skip.
+        raw = self._cg_lease_from(pool, skip=4)
         autocommit = self.settings_dict["AUTOCOMMIT"]
         hooks = self.run_commit_hooks_on_set_autocommit_on
         if raw.autocommit != autocommit or not autocommit or hooks:
@@ -312,9 +314,10 @@ class ConnguardWrapperMixin:
             connection.isolation_level = self.isolation_level
         return connection
 
-    def _cg_lease_from(self, pool: Pool) -> Any:
+    def _cg_lease_from(self, pool: Pool, skip: int = 2) -> Any:
         """Lease a connection from ``pool`` for the current owner; its driver's
-        connection."""
+        connection. ``skip``: where the acquire site's walk starts (see
+        :func:`~connguard.django.sites.user_stack`)."""
         owner = owner_scope()
         if owner.ended:
             # The request (or task) this code works for is over: the client hung up,
@@ -324,7 +327,7 @@ class ConnguardWrapperMixin:
                 LeaseEnded, f"the {owner.describe()} this code works for has ended"
             )
         depth = pool.config.stack_depth
-        stack = user_stack(depth) if depth else ()
+        stack = user_stack(depth, skip) if depth else ()
         journal = owner.journal  # set while a tool watches the scope (debug-toolbar panel)
         began = time.perf_counter() if journal is not None else 0.0
         lease = pool.acquire(owner=owner, stack=stack)
