@@ -27,8 +27,16 @@ own process, not under valgrind; a round trip it serves counts nothing here.
 * ``engine``: one ``acquire()`` + ``release()`` of connguard's ``Pool`` against
   psycopg_pool's ``getconn()`` + ``putconn()``, pools of 2, no query.
 
-Needs ``valgrind`` (Debian: ``apt-get install valgrind``). Takes about 4 minutes
-(8 with ``--before``), two children at a time.
+Under valgrind the interpreter runs some 50 times slower, and that changes one thing
+connguard does by the clock: the liveness test (``liveness_after_idle``, 1 ms by
+default) runs at every checkout under valgrind, where at full speed it runs about once
+in 25 request cycles (once in 150 engine cycles). So connguard is counted twice: with
+its defaults (an upper bound: a test at every checkout) and as ``connguard-untested``
+(``liveness_after_idle=None``: the lower bound, which full speed is close to).
+
+Each line gives connguard as "untested to default". Needs ``valgrind`` (Debian:
+``apt-get install valgrind``). Takes about 5 minutes (10 with ``--before``), two
+children at a time.
 """
 
 from __future__ import annotations
@@ -45,8 +53,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-DJANGO = ("persistent", "native", "connguard")
-ENGINE = ("psycopg_pool", "connguard")
+DJANGO = ("persistent", "native", "connguard", "connguard-untested")
+ENGINE = ("psycopg_pool", "connguard", "connguard-untested")
 RUNS = {"django": (200, 2_200), "django-query": (200, 2_200), "engine": (1_000, 11_000)}
 
 
@@ -59,9 +67,12 @@ def django_child(alias: str, cycles: int, query: bool = False) -> None:
     sys.path.insert(0, str(HERE))
     from bench_reacquire import databases, request_cycle
 
+    untested = alias == "connguard-untested"
+    alias = "connguard" if untested else alias
     with EmbeddedPostgres() as pg:
+        pool: dict[str, Any] = {"liveness_after_idle": None} if untested else {}
         settings.configure(
-            DATABASES={"default": databases(pg)[alias]},
+            DATABASES={"default": databases(pg, **pool)[alias]},
             INSTALLED_APPS=["connguard.django"] if alias == "connguard" else [],
             USE_TZ=True,
             TIME_ZONE="UTC",
@@ -99,7 +110,9 @@ def engine_child(subject: str, cycles: int) -> None:
         from connguard.drivers import load_driver
         from connguard.pool import Pool, PoolConfig
 
-        pool = Pool(load_driver("psycopg", conninfo=pg.dsn), PoolConfig(min_size=2, max_size=2))
+        live = None if subject == "connguard-untested" else PoolConfig().liveness_after_idle
+        config = PoolConfig(min_size=2, max_size=2, liveness_after_idle=live)
+        pool = Pool(load_driver("psycopg", conninfo=pg.dsn), config)
         for _ in range(300 + cycles):
             pool.acquire().release()
         pool.close()
@@ -151,21 +164,23 @@ def main() -> None:
             kind = "django-query" if args.query else "django"
             ir = {alias: per_cycle(kind, alias, src) for alias in DJANGO}
             figures[f"{label}: {kind}"] = ir
-            p, n, c = (ir[a] for a in DJANGO)
+            p, n, c, u = (ir[a] for a in DJANGO)
             what = "one SELECT 1" if args.query else "no query"
             print(
                 f"{label:10} Django cycle, {what} (instructions): persistent {p:,.0f}  "
-                f"native {n:,.0f}  connguard {c:,.0f}   connguard/persistent {c / p:.2f}  "
-                f"connguard/native {c / n:.2f}",
+                f"native {n:,.0f}  connguard {u:,.0f} to {c:,.0f}   "
+                f"connguard/persistent {u / p:.2f} to {c / p:.2f}  "
+                f"connguard/native {u / n:.2f} to {c / n:.2f}",
                 flush=True,
             )
         if args.only in (None, "engine"):
             ir = {subject: per_cycle("engine", subject, src) for subject in ENGINE}
             figures[f"{label}: engine"] = ir
-            pp, cg = (ir[s] for s in ENGINE)
+            pp, cg, cu = (ir[s] for s in ENGINE)
             print(
                 f"{label:10} engine cycle, no query (instructions): psycopg_pool {pp:,.0f}  "
-                f"connguard {cg:,.0f}   connguard/psycopg_pool {cg / pp:.2f}",
+                f"connguard {cu:,.0f} to {cg:,.0f}   "
+                f"connguard/psycopg_pool {cu / pp:.2f} to {cg / pp:.2f}",
                 flush=True,
             )
     if args.json is not None:
