@@ -219,6 +219,25 @@ def test_every_cursor_call_is_fenced_not_only_execute(connection: Any, how: str)
     cursor.close()  # closing a fenced cursor does nothing (its session was reset)
 
 
+def test_closing_a_cursor_kept_past_its_lease_leaves_the_next_holder_alone(
+    connection: Any,
+) -> None:
+    """A client-side cursor's ``close()`` is not fenced, because it touches no
+    connection: closed after its lease ended and its connection went to the next
+    holder, it raises nothing, and that holder's statement and rows are untouched."""
+    kept = connection.cursor()
+    kept.execute("SELECT 1")
+    raw = connection.connection
+    connection.connguard_lease.release()
+    cursor = connection.cursor()  # the connection returned last is taken first
+    assert connection.connection is raw
+    cursor.execute("SELECT g FROM generate_series(1, 3) g")
+    kept.close()
+    assert [row[0] for row in cursor.fetchall()] == [1, 2, 3]
+    assert scalar(connection, "SELECT 5") == 5
+    cursor.close()
+
+
 def test_a_server_side_cursor_pins_its_lease_against_early_release(connection: Any) -> None:
     """The middleware's early release keeps a lease with a server-side cursor open
     (a streamed iterator() export); the scope's end still takes it back."""
