@@ -45,18 +45,19 @@ _ids = itertools.count(1)
 # Scopes share a small set of locks, picked by id: a request makes a scope, and
 # allocating a lock for each costs more than the rare contention of sharing one (each
 # critical section is a few list operations; no code holds two of these locks).
-_LOCKS = tuple(threading.Lock() for _ in range(64))
+_LOCKS: tuple[threading.Lock, ...] = ()
 
 
-def _new_locks_in_child() -> None:
-    """A lock some parent thread held at the fork stays held for ever in the child:
-    scopes made there take fresh ones (those inherited keep theirs; nothing in the
-    child works for them)."""
+def _new_locks() -> None:
+    """Made at import, and again in a forked child: a lock some parent thread held at
+    the fork stays held for ever there, so scopes made in the child take fresh ones
+    (those inherited keep theirs; nothing in the child works for them)."""
     global _LOCKS
     _LOCKS = tuple(threading.Lock() for _ in range(64))
 
 
-os.register_at_fork(after_in_child=_new_locks_in_child)
+_new_locks()
+os.register_at_fork(after_in_child=_new_locks)
 
 
 class Scope:
@@ -244,17 +245,13 @@ def begin(opened: Scope) -> None:
     _current.set(opened)
 
 
-def finish(kind: str) -> Scope | None:
-    """End the current scope if it is of ``kind`` (found as :func:`current_scope`
-    finds it) and clear this context's; returns it, or None when there was none."""
-    found = _current.get()
-    if found is None and _ambient is not None:
-        found = _ambient()
-    if found is None or found.kind != kind:
-        return None
-    found.end()
-    _current.set(None)
-    return found
+def finish(kind: str) -> None:
+    """End the current scope (:func:`current_scope`) if it is of ``kind``, and clear
+    this context's."""
+    found = current_scope()
+    if found is not None and found.kind == kind:
+        found.end()
+        _current.set(None)
 
 
 def enter(scope: Scope) -> object:

@@ -70,18 +70,16 @@ class FencedCursorMixin:
     def fetchone(self) -> Any:
         return self._cg_fetch(self.cursor.fetchone)
 
-    def fetchmany(self, size: int | None = None) -> Any:
-        if size is None:
-            return self._cg_fetch(self.cursor.fetchmany)
-        return self._cg_fetch(functools.partial(self.cursor.fetchmany, size))
+    def fetchmany(self, *size: int) -> Any:
+        return self._cg_fetch(self.cursor.fetchmany, *size)
 
     def fetchall(self) -> Any:
         return self._cg_fetch(self.cursor.fetchall)
 
-    def _cg_fetch(self, fetch: Callable[[], Any]) -> Any:
+    def _cg_fetch(self, fetch: Callable[..., Any], *args: Any) -> Any:
         lease = self._cg_enter()
         try:
-            return fetch()
+            return fetch(*args)
         except Exception:
             with self.db.wrap_database_errors:
                 raise

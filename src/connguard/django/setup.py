@@ -97,4 +97,4 @@ def session_time_zone(connection: Any) -> str | None:
         zone: str | None = connection.info.parameter_status("TimeZone")
         return zone
     value = pgconn.parameter_status(b"TimeZone")
-    return None if value is None else bytes(value).decode()
+    return None if value is None else value.decode()

@@ -166,8 +166,7 @@ class ConnguardWrapperMixin:
         else:
             if not os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE"):
                 raise SynchronousOnlyOperation(_ASYNC_UNSAFE)
-        # ``self.connection is None``, without the property's call when no lease is held
-        if (self._cg_direct if self._cg_lease is None else self.connection) is None:
+        if self.connection is None:
             if self.in_atomic_block and self.closed_in_transaction:
                 raise ProgrammingError("Cannot open a new connection in an atomic block.")
             try:
@@ -226,10 +225,9 @@ class ConnguardWrapperMixin:
         # Django's error page shows every frame's locals uncleansed.
         if self.settings_dict["OPTIONS"].get("isolation_level") is not None:
             return False
-        cached = self._cg_pool_cache  # _cg_known_pool(), inlined
-        if cached is None or cached[0] != self._cg_probe() or cached[1].closed:
+        pool = self._cg_known_pool()
+        if pool is None:
             return False
-        pool = cached[1]
         if self.settings_dict["TIME_ZONE"] is not None:  # all check_settings() checks
             self.check_settings()  # type: ignore[attr-defined]
         self.in_atomic_block = False
@@ -413,9 +411,7 @@ class ConnguardWrapperMixin:
             # its checks that cannot fail here: this is the request's own thread.
             self.run_on_commit = []
             self._cg_lease = None
-            scope, self._cg_scope = self._cg_scope, None  # _cg_forget(), inlined
-            if scope is not None:
-                scope.discard(lease)
+            self._cg_forget(lease)
             try:
                 lease.release()
             except Exception:  # translated as in ensure_connection()
@@ -434,11 +430,7 @@ class ConnguardWrapperMixin:
         lease = self._cg_lease
         if lease is None:
             return super().create_cursor(name)  # type: ignore[misc]
-        try:
-            lease.enter()
-        except Exception:  # translated as in ensure_connection()
-            with self.wrap_database_errors:  # type: ignore[attr-defined]
-                raise
+        lease.enter()  # its LeaseEnded translated by Django's _cursor(), the only caller
         try:
             cursor = super().create_cursor(name)  # type: ignore[misc]
         finally:

@@ -244,12 +244,7 @@ class Pool:
             idle = self._idle
             if idle and not self._closed:
                 conn = idle.pop()
-                # _new_lease_locked, inlined: the hot path
-                lease = Lease(self, conn, start, owner, _get_ident())
-                ref = lease._ref = weakref.ref(lease, self._on_drop)
-                self._leases[ref] = conn
-                conn.owner = owner
-                self._n_acquires += 1
+                lease = self._new_lease_locked(conn, start, owner, _get_ident())
             else:
                 conn = None
         if conn is not None:
