@@ -25,7 +25,11 @@ own process, not under valgrind; a round trip it serves counts nothing here.
   itself, in the server and the kernel, counts nothing: this is the Python work
   around it).
 * ``engine``: one ``acquire()`` + ``release()`` of connguard's ``Pool`` against
-  psycopg_pool's ``getconn()`` + ``putconn()``, pools of 2, no query.
+  psycopg_pool's ``getconn()`` + ``putconn()``, pools of 2, no query; and the
+  ``floor``: the least a pool with a fence can do in Python (:func:`floor_cycle`: a
+  lock, a list of idle connections, a lease object with its own lock and a weak
+  reference; no clock, no transaction status, no statistics, no acquire site). What
+  is left between the floor and connguard is what its guarantees cost.
 
 Under valgrind the interpreter runs some 50 times slower, and that changes one thing
 connguard does by the clock: the liveness test (``liveness_after_idle``, 1 ms by
@@ -54,7 +58,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 DJANGO = ("persistent", "native", "connguard", "connguard-untested")
-ENGINE = ("psycopg_pool", "connguard", "connguard-untested")
+ENGINE = ("psycopg_pool", "connguard", "connguard-untested", "floor")
 RUNS = {"django": (200, 2_200), "django-query": (200, 2_200), "engine": (1_000, 11_000)}
 
 
@@ -92,7 +96,60 @@ def django_child(alias: str, cycles: int, query: bool = False) -> None:
                 connection.close_pool()
 
 
+def floor_cycle(cycles: int) -> None:
+    """The floor: a pool reduced to what a fenced checkout cannot do without. Each
+    checkout makes a lease with its own lock (the fence) and registers it weakly (so
+    a dropped lease can be noticed); each release sets the fence under that lock and
+    gives the connection back under the pool's. Connections are plain objects: the
+    driver is not called at all."""
+    import threading
+    import weakref
+
+    class Lease:
+        __slots__ = ("__weakref__", "_conn", "_ending", "_guard", "_pool", "_ref", "owner")
+
+        def __init__(self, pool: Any, conn: object, owner: object) -> None:
+            self._pool = pool
+            self._conn = conn
+            self._guard = threading.Lock()
+            self._ending = False
+            self.owner = owner
+            self._ref: Any = None
+
+        def release(self) -> None:
+            self._pool.release(self)
+
+    class Pool:
+        def __init__(self) -> None:
+            self._lock = threading.Lock()
+            self._idle = [object(), object()]
+            self._leases: dict[Any, object] = {}
+
+        def acquire(self, owner: object = None) -> Lease:
+            with self._lock:
+                conn = self._idle.pop()
+                lease = Lease(self, conn, owner)
+                ref = lease._ref = weakref.ref(lease)
+                self._leases[ref] = conn
+            return lease
+
+        def release(self, lease: Lease) -> None:
+            with lease._guard:
+                lease._ending = True
+            with self._lock:
+                conn, lease._conn = lease._conn, None
+                del self._leases[lease._ref]
+                self._idle.append(conn)
+
+    pool = Pool()
+    for _ in range(300 + cycles):
+        pool.acquire().release()
+
+
 def engine_child(subject: str, cycles: int) -> None:
+    if subject == "floor":
+        floor_cycle(cycles)
+        return
     from connguard.testing.postgres import EmbeddedPostgres
 
     with EmbeddedPostgres() as pg:
@@ -176,11 +233,12 @@ def main() -> None:
         if args.only in (None, "engine"):
             ir = {subject: per_cycle("engine", subject, src) for subject in ENGINE}
             figures[f"{label}: engine"] = ir
-            pp, cg, cu = (ir[s] for s in ENGINE)
+            pp, cg, cu, fl = (ir[s] for s in ENGINE)
             print(
                 f"{label:10} engine cycle, no query (instructions): psycopg_pool {pp:,.0f}  "
                 f"connguard {cu:,.0f} to {cg:,.0f}   "
-                f"connguard/psycopg_pool {cu / pp:.2f} to {cg / pp:.2f}",
+                f"connguard/psycopg_pool {cu / pp:.2f} to {cg / pp:.2f}   "
+                f"floor {fl:,.0f} ({fl / pp:.2f} x psycopg_pool)",
                 flush=True,
             )
     if args.json is not None:

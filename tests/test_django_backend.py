@@ -605,6 +605,19 @@ def test_pool_false_means_a_connection_per_lease(
         pools.close_pools(alias="default")
 
 
+def count_parameter_builds(connection: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one each time the wrapper builds Django's connection
+    parameters (the full path; the short re-acquire path builds none)."""
+    built: list[int] = []
+    real = type(connection).get_connection_params
+    monkeypatch.setattr(
+        type(connection),
+        "get_connection_params",
+        lambda self: built.append(1) or real(self),
+    )
+    return built
+
+
 def test_reconnect_takes_the_short_path_and_keeps_djangos_contract(
     connection: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -618,13 +631,7 @@ def test_reconnect_takes_the_short_path_and_keeps_djangos_contract(
     connection = connections["default"]  # the wrapper itself, not Django's proxy
     scalar(connection, "SELECT 1")
     connection.close()  # the wrapper now knows its pool
-    built: list[int] = []
-    real = type(connection).get_connection_params
-    monkeypatch.setattr(
-        type(connection),
-        "get_connection_params",
-        lambda self: built.append(1) or real(self),
-    )
+    built = count_parameter_builds(connection, monkeypatch)
     created: list[Any] = []
 
     def receiver(sender: Any, connection: Any, **kwargs: Any) -> None:
@@ -647,6 +654,41 @@ def test_reconnect_takes_the_short_path_and_keeps_djangos_contract(
         assert scalar(connection, "SELECT 1") == 1
     finally:
         connection_created.disconnect(receiver)
+        connection.close()
+
+
+def test_reconnect_notices_an_option_changed_in_place(
+    connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool a wrapper remembers is checked against its settings at every
+    acquire: an ``OPTIONS`` value changed in place (as a test or a tenant switch
+    would) sends the acquire back through Django's parameters to the pool for the
+    new settings; put back, the original pool serves again."""
+    from django.db import connections
+
+    connection = connections["default"]
+    scalar(connection, "SELECT 1")
+    before = connection.connguard_pool
+    assert before is not None
+    connection.close()
+    built = count_parameter_builds(connection, monkeypatch)
+    options = connection.settings_dict["OPTIONS"]
+    original = options["application_name"]
+    try:
+        options["application_name"] = "cg-inproc-other"
+        name = scalar(connection, "SELECT current_setting('application_name')")
+        assert built == [1] and name.startswith("cg-inproc-other")
+        assert connection.connguard_pool is not before
+        connection.close()
+        options["application_name"] = original
+        scalar(connection, "SELECT 1")
+        assert connection.connguard_pool is before
+        connection.close()
+        built.clear()
+        scalar(connection, "SELECT 1")
+        assert built == [], "unchanged settings: the short path again"
+    finally:
+        options["application_name"] = original
         connection.close()
 
 

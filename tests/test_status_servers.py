@@ -362,7 +362,12 @@ def test_live_page_in_chromium_shows_leases_and_the_leak(
             finally:
                 gate.execute("SELECT pg_advisory_unlock(%s)", [GATE])
                 held.join(60)
-        # ... and is gone once the request is over (the leak stays).
+        # ... and is gone once the request is over (the leak stays): once every worker
+        # has published since (each does once a second), which the status CLI shows.
+        deadline = time.monotonic() + 20
+        while "GET /x/hold" in cli_status(f"{srv.url}/connguard/status", "--json").stdout:
+            assert time.monotonic() < deadline, "the ended request's lease is still listed"
+            time.sleep(0.1)
         later = _browse(url, tmp_path, "--virtual-time-budget=6000", "--dump-dom")
         assert "GET /x/hold" not in later and "site_observe.py" in later, later[-3000:]
         assert shot.exists() and shot.stat().st_size > 10_000

@@ -94,21 +94,26 @@ class Scope:
 
         Adding to an ended scope releases the lease at once: work that outlives its
         scope must not keep a connection nobody will return.
+
+        Leases given back meanwhile are forgotten here, not at their release: a
+        scope that acquires again and again (a thread's, a long task's, a request
+        under transaction-level release) keeps a list as long as what it holds, and
+        a release costs no lock of the scope's.
         """
         with self._lock:
             if not self.ended:
-                self._leases.append(weakref.ref(lease))
+                leases = self._leases
+                if leases:
+                    last = leases[-1]()
+                    if last is None or not last.active:  # the common case: the latest
+                        leases.pop()
+                    if len(leases) >= 8:  # released out of order: sweep them all
+                        self._leases = leases = [
+                            ref for ref in leases if (held := ref()) is not None and held.active
+                        ]
+                leases.append(weakref.ref(lease))
                 return
         lease.release()
-
-    def discard(self, lease: Lease) -> None:
-        """Forget ``lease`` (its holder released it)."""
-        with self._lock:
-            leases = self._leases
-            if leases and leases[-1]() is lease:  # the common case: the latest one
-                leases.pop()
-            else:
-                self._leases = [ref for ref in leases if ref() is not lease]
 
     def leases(self) -> list[Lease]:
         with self._lock:
@@ -248,7 +253,9 @@ def begin(opened: Scope) -> None:
 def finish(kind: str) -> None:
     """End the current scope (:func:`current_scope`) if it is of ``kind``, and clear
     this context's."""
-    found = current_scope()
+    found = _current.get()  # current_scope(), inlined: once per request
+    if found is None and _ambient is not None:
+        found = _ambient()
     if found is not None and found.kind == kind:
         found.end()
         _current.set(None)

@@ -62,6 +62,9 @@ class ConnguardWrapperMixin:
 
     settings_dict: dict[str, Any]
     alias: str
+    savepoint_ids: list[Any]
+    atomic_blocks: list[Any]
+    run_on_commit: list[Any]
     in_atomic_block: bool
     closed_in_transaction: bool
     needs_rollback: bool
@@ -93,7 +96,7 @@ class ConnguardWrapperMixin:
             self._cg_direct = None
             lease, self._cg_lease = self._cg_lease, None
             if lease is not None:
-                self._cg_forget(lease)
+                self._cg_scope = None
                 lease.release()
         elif self.alias == NO_DB_ALIAS:
             self._cg_direct = value
@@ -105,9 +108,7 @@ class ConnguardWrapperMixin:
 
     def _cg_lease_lost(self) -> None:
         """The lease ended elsewhere (its scope ended, or it was taken back)."""
-        lease, self._cg_lease = self._cg_lease, None
-        if lease is not None:
-            self._cg_forget(lease)
+        self._cg_lease = self._cg_scope = None
         if self.in_atomic_block:
             # Continuing the transaction on a new connection would be silently
             # wrong: make Django raise "Cannot open a new connection in an atomic
@@ -117,13 +118,8 @@ class ConnguardWrapperMixin:
 
     def _cg_switch_owner(self, lease: Lease) -> None:
         self._cg_lease = None
-        self._cg_forget(lease)
+        self._cg_scope = None
         lease.release()
-
-    def _cg_forget(self, lease: Lease) -> None:
-        scope, self._cg_scope = self._cg_scope, None
-        if scope is not None:
-            scope.discard(lease)
 
     @property
     def pool(self) -> None:
@@ -231,8 +227,11 @@ class ConnguardWrapperMixin:
         if self.settings_dict["TIME_ZONE"] is not None:  # all check_settings() checks
             self.check_settings()  # type: ignore[attr-defined]
         self.in_atomic_block = False
-        self.savepoint_ids: list[Any] = []
-        self.atomic_blocks: list[Any] = []
+        # Django's connect() makes these lists anew; here an empty one is kept.
+        if self.savepoint_ids:
+            self.savepoint_ids = []
+        if self.atomic_blocks:
+            self.atomic_blocks = []
         self.needs_rollback = False
         self.health_check_enabled = self.settings_dict["CONN_HEALTH_CHECKS"]
         max_age = self.settings_dict["CONN_MAX_AGE"]
@@ -257,7 +256,8 @@ class ConnguardWrapperMixin:
             self.init_connection_state()  # as Django's _configure_timezone: no zone, no SET
         if connection_created.receivers:  # Signal.send() costs a call even with none
             connection_created.send(sender=self.__class__, connection=self)
-        self.run_on_commit: list[Any] = []
+        if self.run_on_commit:
+            self.run_on_commit = []
         return True
 
     def get_connection_params(self) -> dict[str, Any]:
@@ -350,24 +350,37 @@ class ConnguardWrapperMixin:
         if pool is not None:
             return pool
         pool = pools.pool_for(self, conn_params)
-        self._cg_pool_cache = (self._cg_probe(), pool)
+        self._cg_pool_cache = (self._cg_probe(snapshot=True), pool)
         return pool
 
     def _cg_known_pool(self) -> Pool | None:
         """The pool this wrapper last acquired from, if the settings are still the
         ones it was made for and it is open."""
         cached = self._cg_pool_cache
-        if cached is not None and cached[0] == self._cg_probe() and not cached[1].closed:
-            return cached[1]
+        if cached is None:
+            return None
+        probe, pool = cached
+        settings = self.settings_dict
+        # _cg_probe(), inlined: this runs at every acquire.
+        if probe == (
+            settings["NAME"], settings["USER"], settings["HOST"], settings["PORT"],
+            hash(settings["PASSWORD"]), self.timezone_name,  # type: ignore[attr-defined]
+            settings["OPTIONS"],
+        ) and not pool._closed:  # fmt: skip
+            return pool
         return None
 
-    def _cg_probe(self) -> tuple[Any, ...]:
+    def _cg_probe(self, *, snapshot: bool = False) -> tuple[Any, ...]:
+        """What the remembered pool depends on. ``OPTIONS`` is compared by value
+        against a copy taken when the pool was found (``snapshot``): a key added,
+        removed or given another value changes the probe. Dicts of one or two
+        entries compare faster than their values' ids can be listed."""
         settings = self.settings_dict
         options = settings["OPTIONS"]
         return (
             settings["NAME"], settings["USER"], settings["HOST"], settings["PORT"],
             hash(settings["PASSWORD"]), self.timezone_name,  # type: ignore[attr-defined]
-            len(options), *map(id, options.values()),
+            dict(options) if snapshot else options,
         )  # fmt: skip
 
     def init_connection_state(self) -> None:
@@ -397,7 +410,7 @@ class ConnguardWrapperMixin:
         if lease is None:
             super()._close()  # type: ignore[misc]
             return
-        self._cg_forget(lease)
+        self._cg_scope = None
         with self.wrap_database_errors:  # type: ignore[attr-defined]
             lease.release()
 
@@ -411,7 +424,7 @@ class ConnguardWrapperMixin:
             # its checks that cannot fail here: this is the request's own thread.
             self.run_on_commit = []
             self._cg_lease = None
-            self._cg_forget(lease)
+            self._cg_scope = None
             try:
                 lease.release()
             except Exception:  # translated as in ensure_connection()

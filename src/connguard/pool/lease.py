@@ -258,7 +258,10 @@ class Lease:
 
     def release(self, *, reset: bool = False) -> None:
         """Give the connection back; see :meth:`Pool.release`."""
-        self._pool.release(self, reset=reset)
+        if reset:
+            self._pool.release(self, reset=True)
+        else:
+            self._pool.release(self)
 
     # ---------------------------------------------------------------- reporting
 
