@@ -1,7 +1,9 @@
 """The fence and the clean hand-off at their edges, from an adversarial review.
 
 Each test reproduced one problem in the first version of the fence (all failed there):
-a revoke's cancel racing the holder's own release, leases dropped after the pool
+a revoke's cancel racing the holder's own release (also, found later, a use ending in
+the moment before the cancel is sent, and housekeeping finishing a lease under the
+cancel), leases dropped after the pool
 closed, statements the "auto" reset could not see through the pool's own proxy, a
 WITH HOLD cursor or client-side settings crossing to the next holder, a slot freed
 under a statement still running on the server. Fake-driver tests are deterministic (a
@@ -82,6 +84,76 @@ def test_a_revoke_cancel_never_reaches_the_next_holder() -> None:
     pool.release(got[0])
     pool.close()
     assert not driver.hit_other_holder, "the cancel reached the next holder's statement"
+
+
+class StatusHookDriver(SlowCancelDriver):
+    """transaction_status(), which a release reads first, pauses the holder's thread
+    until the revoking thread's cancel has started."""
+
+    def __init__(self, holder: int) -> None:
+        super().__init__()
+        self.holder = holder
+        self.finishing = threading.Event()  # the holder's thread started a release
+
+    def transaction_status(self, conn: FakeConnection) -> TxStatus:
+        if threading.get_ident() == self.holder:
+            self.finishing.set()
+            assert self.cancel_started.wait(5)
+        return super().transaction_status(conn)
+
+
+def test_a_use_ending_before_its_revoke_starts_leaves_the_release_to_the_revoker() -> None:
+    """The releasing thread has seen a use in progress (so it will cancel), but the
+    use ends before the cancel is on its way: the holder's thread must not give the
+    connection back then, or the cancel sent next reaches whoever takes it."""
+    driver = StatusHookDriver(threading.get_ident())
+    pool = fake_pool(driver)
+    first = pool.acquire()
+    driver.revoked = first
+    first.enter()  # the holder is running a statement
+    exited = threading.Event()
+    real_revoke = pool._revoke
+
+    def revoke_later(lease: Any) -> None:
+        # The holder ends its use now, before the cancel starts: wait until its thread
+        # is either giving the connection back or has left exit().
+        wait_until(lambda: driver.finishing.is_set() or exited.is_set())
+        real_revoke(lease)
+
+    pool._revoke = revoke_later  # type: ignore[method-assign]
+    releaser = threading.Thread(target=pool.release, args=(first,))
+    releaser.start()
+    wait_until(lambda: first._ending)
+    first.exit()  # its statement ended; the release was decided with it running
+    exited.set()
+    driver.cancel_go.set()  # the cancel arrives now
+    releaser.join(5)
+    assert not releaser.is_alive()
+    assert not driver.hit_other_holder, "the connection was given back under the cancel"
+    assert pool.stats().in_use == 0 and pool.stats().revoked == 1
+    pool.close()
+
+
+def test_housekeeping_leaves_a_lease_under_a_cancel_to_the_revoker() -> None:
+    """While a revoke's cancel is on its way and the holder has let go, the lease is
+    ending and not in use: housekeeping, which finishes such leases, must still
+    leave it to the revoking thread, or it hands the connection on under the cancel."""
+    driver = SlowCancelDriver()
+    pool = fake_pool(driver)
+    first = pool.acquire()
+    driver.revoked = first
+    first.enter()
+    releaser = threading.Thread(target=pool.release, args=(first,))
+    releaser.start()
+    assert driver.cancel_started.wait(5)
+    first.exit()
+    pool.housekeep()
+    assert first._conn is not None, "housekeeping gave the connection back under the cancel"
+    driver.cancel_go.set()
+    releaser.join(5)
+    assert not driver.hit_other_holder
+    assert pool.stats().in_use == 0
+    pool.close()
 
 
 # --------------------------------------------------------------------------- 2

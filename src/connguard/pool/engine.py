@@ -494,8 +494,12 @@ class Pool:
             if reset:
                 lease.reset_requested = True
             busy = lease._busy
-            if busy and lease.ended_by is None:
-                lease.ended_by = "revoked"
+            if busy:
+                # Decided here, under the same lock as the use count it reads: a use
+                # that ends from now on leaves the release to this thread's cancel.
+                lease._cancelling = True
+                if lease.ended_by is None:
+                    lease.ended_by = "revoked"
         if busy:
             self._revoke(lease)
             return
@@ -504,16 +508,15 @@ class Pool:
     def _revoke(self, lease: Lease) -> None:
         """A use is in progress in another thread: cancel it; the last of that
         thread's :meth:`Lease.exit` and this cancel finishes the release. The release
-        waits for the cancel, or the cancel could reach the connection's next holder."""
-        with lease._guard:
-            conn = lease._conn
-            if conn is None or lease._cancelling:
-                return
-            lease._cancelling = True
+        waits for the cancel, or the cancel could reach the connection's next holder
+        (``_cancelling``, set by :meth:`release`, keeps an ending use from finishing
+        it, also in the moment before the cancel is sent)."""
+        conn = lease._conn  # nobody else ends the lease while _cancelling is set
         with self._lock:
             self._n_revoked += 1
         try:
-            self.driver.cancel(conn.raw)
+            if conn is not None:
+                self.driver.cancel(conn.raw)
         finally:
             with lease._guard:
                 lease._cancelling = False

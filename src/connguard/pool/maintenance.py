@@ -200,7 +200,8 @@ def take_back(pool: Pool, held: list[Lease]) -> None:
     alive = {thread.ident for thread in threading.enumerate()} if reclaim else set()
     for lease in held:
         conn = lease._conn
-        if conn is None or lease._busy:
+        # In use, or a revoke's cancel is on its way (its thread finishes the release).
+        if conn is None or lease._busy or lease._cancelling:
             continue
         if lease._ending:
             if pool.driver.transaction_status(conn.raw) is not TxStatus.ACTIVE:
