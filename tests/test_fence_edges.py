@@ -156,6 +156,43 @@ def test_housekeeping_leaves_a_lease_under_a_cancel_to_the_revoker() -> None:
     pool.close()
 
 
+def test_a_cancel_of_a_statement_run_outside_the_fence_is_waited_for_too() -> None:
+    """Released from another thread while a statement runs outside the fence (a caller
+    that kept the raw connection): the release cancels it and leaves the lease to
+    housekeeping. If the statement ends while that cancel is still on its way,
+    housekeeping must wait for the cancel before handing the connection on."""
+    driver = SlowCancelDriver()
+    pool = fake_pool(driver)
+    taken: list[Any] = []
+    done = threading.Event()
+
+    def take() -> None:
+        taken.append(pool.acquire())
+        done.wait(10)  # alive till the end: a dead thread's ident may be reused
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    wait_until(lambda: bool(taken))
+    (first,) = taken
+    driver.revoked = first
+    raw = first.raw
+    raw.status = TxStatus.ACTIVE  # a statement started outside the fence
+    releaser = threading.Thread(target=pool.release, args=(first,))
+    releaser.start()
+    assert driver.cancel_started.wait(5)
+    raw.status = TxStatus.IDLE  # the statement ended on its own
+    pool.housekeep()
+    assert first._conn is not None, "housekeeping gave the connection back under the cancel"
+    driver.cancel_go.set()
+    releaser.join(5)
+    pool.housekeep()
+    done.set()
+    taker.join(5)
+    assert not driver.hit_other_holder
+    assert pool.stats().in_use == 0
+    pool.close()
+
+
 # --------------------------------------------------------------------------- 2
 # Leases dropped (or revoked) after the pool closed are never taken back: their
 # physical connections stay open forever.

@@ -536,10 +536,17 @@ class Pool:
         if status is _ACTIVE and lease.thread_id != _get_ident():
             # Someone outside the fence (a caller that kept the raw connection) is
             # running a statement: cancel it and leave the connection where it is,
-            # counted; housekeeping finishes once the statement has ended.
+            # counted; housekeeping finishes once the statement has ended and the
+            # cancel has been sent (_cancelling), or it could reach the next holder.
+            with lease._guard:
+                lease._cancelling = True
             with self._lock:
                 self._n_revoked += 1
-            self.driver.cancel(conn.raw)
+            try:
+                self.driver.cancel(conn.raw)
+            finally:
+                with lease._guard:
+                    lease._cancelling = False
             return
         reset = (
             self._reset_always
