@@ -14,6 +14,8 @@ tests use the session ``pg`` fixture.
 from __future__ import annotations
 
 import gc
+import linecache
+import sys
 import threading
 import uuid
 from typing import Any
@@ -23,7 +25,7 @@ import pytest
 
 from connguard.drivers import load_driver
 from connguard.drivers.session import changes_session
-from connguard.pool import Pool, PoolConfig, TxStatus
+from connguard.pool import Pool, PoolConfig, TxStatus, maintenance
 
 from .fakes import FakeConnection, FakeDriver, ManualClock, wait_until
 
@@ -190,6 +192,195 @@ def test_a_cancel_of_a_statement_run_outside_the_fence_is_waited_for_too() -> No
     taker.join(5)
     assert not driver.hit_other_holder
     assert pool.stats().in_use == 0
+    pool.close()
+
+
+# --------------------------------------------------------------------------- 1b
+# A second review of the fence's cancel (each test failed before the claim:
+# Pool._finish_unused decides who ends a release, under the lease's lock).
+
+
+def _keep_taker(pool: Any) -> tuple[Any, threading.Event, threading.Thread]:
+    taken: list[Any] = []
+    done = threading.Event()
+
+    def take() -> None:
+        taken.append(pool.acquire())
+        done.wait(10)  # alive till the end (thread ident not reused)
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    wait_until(lambda: bool(taken))
+    return taken[0], done, taker
+
+
+class StaleStatusDriver(SlowCancelDriver):
+    """transaction_status() on the releasing thread reads ACTIVE, then that thread is
+    preempted (before it marks the lease cancelling) until told to go on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.releaser: int | None = None
+        self.read = threading.Event()
+        self.go = threading.Event()
+
+    def transaction_status(self, conn: FakeConnection) -> TxStatus:
+        status = super().transaction_status(conn)
+        if threading.get_ident() == self.releaser:
+            self.releaser = None
+            self.read.set()
+            assert self.go.wait(5)
+        return status
+
+
+def test_outside_fence_statement_ends_between_status_read_and_cancel() -> None:
+    """The release reads ACTIVE (a statement run outside the fence) and is about to
+    cancel it when the statement ends and housekeeping runs: housekeeping must not
+    hand the connection on before the cancel has been sent, nor while it is on its
+    way; once it has been, housekeeping gives the connection back."""
+    driver = StaleStatusDriver()
+    pool = fake_pool(driver)
+    first, done, taker = _keep_taker(pool)
+    driver.revoked = first
+    raw = first.raw
+    raw.status = TxStatus.ACTIVE  # statement run outside the fence
+
+    def release() -> None:
+        driver.releaser = threading.get_ident()
+        pool.release(first)
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    assert driver.read.wait(5)  # the releasing thread has read ACTIVE, not yet cancelled
+    raw.status = TxStatus.IDLE  # the statement ends on its own
+    pool.housekeep()
+    assert first._conn is not None, "handed on before the release's cancel was sent"
+    driver.go.set()
+    assert driver.cancel_started.wait(5)
+    pool.housekeep()
+    assert first._conn is not None, "handed on while the release's cancel was on its way"
+    driver.cancel_go.set()
+    releaser.join(5)
+    pool.housekeep()  # the statement ended and the cancel was sent: now it goes back
+    second = pool.acquire(timeout=5)
+    assert second.raw is raw and not driver.hit_other_holder
+    done.set()
+    taker.join(5)
+    pool.release(second)
+    pool.close()
+
+
+def test_housekeeping_stale_busy_read_hands_on_under_a_fenced_use() -> None:
+    """(3) take_back reads _busy, _cancelling, _ending without the guard: preempted
+    after reading busy=0/cancelling=False, a use starts and a release revokes it;
+    housekeeping then sees _ending and finishes the release under the running use
+    and the revoke's cancel."""
+    driver = SlowCancelDriver()
+    pool = fake_pool(driver)
+    first = pool.acquire()
+    driver.revoked = first
+    code = maintenance.take_back.__code__
+    target = next(
+        ln
+        for ln in range(code.co_firstlineno, code.co_firstlineno + 40)
+        if "if lease._ending:" in linecache.getline(code.co_filename, ln)
+    )
+    at_line, go = threading.Event(), threading.Event()
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is code:
+
+            def local(f: Any, e: str, a: Any) -> Any:
+                if e == "line" and f.f_lineno == target and not at_line.is_set():
+                    at_line.set()
+                    assert go.wait(5)
+                return local
+
+            return local
+        return None
+
+    def hk() -> None:
+        sys.settrace(tracer)
+        try:
+            pool.housekeep()
+        finally:
+            sys.settrace(None)
+
+    h = threading.Thread(target=hk)
+    h.start()
+    assert at_line.wait(5)  # read conn, _busy=0, _cancelling=False
+    first.enter()  # the holder starts a use (status still IDLE: no statement sent yet)
+    releaser = threading.Thread(target=pool.release, args=(first,))
+    releaser.start()
+    assert driver.cancel_started.wait(5)  # revoke: _ending, _cancelling, cancel in flight
+    go.set()
+    h.join(5)
+    handed = first._conn is None
+    first.exit()
+    driver.cancel_go.set()
+    releaser.join(5)
+    pool.close()
+    assert not handed, "housekeeping gave back a connection inside a use, under a cancel"
+
+
+def test_interrupt_before_the_revoke_try_leaves_the_lease_counted_forever() -> None:
+    """(4) release() now sets _cancelling before calling _revoke(); an asynchronous
+    exception (KeyboardInterrupt from a signal handler) between that and _revoke's
+    try/finally leaves _cancelling True: exit() and take_back() both defer to a
+    revoker that is gone, and the connection stays counted in use for ever."""
+    driver = FakeDriver()
+    pool = fake_pool(driver)
+    first = pool.acquire()
+    first.enter()
+    code = Pool._revoke.__code__
+    target = next(
+        ln
+        for ln in range(code.co_firstlineno, code.co_firstlineno + 30)
+        if "with self._lock:" in linecache.getline(code.co_filename, ln)
+    )
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is code:
+
+            def local(f: Any, ev: str, a: Any) -> Any:
+                if ev == "line" and f.f_lineno == target:
+                    raise KeyboardInterrupt  # as a signal handler would, at this bytecode
+                return local
+
+            return local
+        return None
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.release(first)
+    finally:
+        sys.settrace(None)
+    first.exit()
+    pool.housekeep()
+    pool.close()
+    pool.housekeep()
+    assert pool.stats().in_use == 0, (first._cancelling, pool.stats().in_use)
+
+
+def test_housekeeping_waits_for_a_statement_run_outside_the_fence_without_cancelling() -> None:
+    """The release cancels a statement run outside the fence once; housekeeping then
+    only waits for it to end (no cancel of its own at each pass) and gives the
+    connection back once it has."""
+    driver = FakeDriver()
+    pool = fake_pool(driver)
+    first, done, taker = _keep_taker(pool)
+    raw = first.raw
+    raw.status = TxStatus.ACTIVE
+    pool.release(first)  # from another thread than the one that acquired
+    pool.housekeep()
+    pool.housekeep()
+    assert raw.cancels == 1 and first._conn is not None
+    raw.status = TxStatus.IDLE
+    pool.housekeep()
+    assert first._conn is None and pool.stats().revoked == 1
+    done.set()
+    taker.join(5)
     pool.close()
 
 

@@ -487,66 +487,102 @@ class Pool:
         """
         if lease._pool is not self:
             return
-        with lease._guard:
-            if lease._conn is None or lease._ending:
-                return
-            lease._ending = True
-            if reset:
-                lease.reset_requested = True
-            busy = lease._busy
-            if busy:
-                # Decided here, under the same lock as the use count it reads: a use
-                # that ends from now on leaves the release to this thread's cancel.
-                lease._cancelling = True
-                if lease.ended_by is None:
-                    lease.ended_by = "revoked"
-        if busy:
-            self._revoke(lease)
-            return
-        self._finish_release(lease)
+        # This thread's part is decided under the lease's lock, with the use count it
+        # reads: finish the release now (the lease is then *claimed*: ``_finishing``)
+        # or cancel the use in progress (``_cancelling``). Each flag is set right after
+        # its local, with no call between them, and cleared in ``finally``: whatever
+        # is raised (a signal's KeyboardInterrupt included), no flag outlives its work.
+        claimed = revoking = False
+        try:
+            with lease._guard:
+                if lease._conn is None or lease._ending:
+                    return
+                lease._ending = True
+                if reset:
+                    lease.reset_requested = True
+                if lease._busy:
+                    revoking = True
+                    lease._cancelling = True
+                    if lease.ended_by is None:
+                        lease.ended_by = "revoked"
+                else:
+                    claimed = True
+                    lease._finishing = True
+            if claimed:
+                self._finish_release(lease)
+            else:
+                self._revoke(lease)
+        finally:
+            if claimed:
+                if lease._conn is not None:  # not ended after all (see _finish_release)
+                    with lease._guard:
+                        lease._finishing = False
+            elif revoking:
+                self._finish_unused(lease, cancelled=True)
 
     def _revoke(self, lease: Lease) -> None:
-        """A use is in progress in another thread: cancel it; the last of that
-        thread's :meth:`Lease.exit` and this cancel finishes the release. The release
-        waits for the cancel, or the cancel could reach the connection's next holder
-        (``_cancelling``, set by :meth:`release`, keeps an ending use from finishing
-        it, also in the moment before the cancel is sent)."""
-        conn = lease._conn  # nobody else ends the lease while _cancelling is set
+        """A use is in progress in another thread: cancel it. The release waits for
+        the cancel (``_cancelling``, set by :meth:`release`, which clears it after this
+        returns or raises), or the cancel could reach the connection's next holder;
+        then the last of that thread's :meth:`Lease.exit` and this thread finishes it."""
+        conn = lease._conn  # nobody ends the lease while _cancelling is set
         with self._lock:
             self._n_revoked += 1
+        if conn is not None:
+            self.driver.cancel(conn.raw)
+
+    def _finish_unused(
+        self, lease: Lease, *, cancelled: bool = False, housekeeping: bool = False
+    ) -> None:
+        """Finish the release of an ending lease if nobody is using it, cancelling on
+        it or already finishing it: decided and claimed under the lease's lock, so
+        that of the threads that may finish a release (the releasing one after its
+        cancel, the last use out, housekeeping, the resetter) exactly one does, never
+        under a use or a cancel. ``cancelled``: the caller's cancel is done (clears
+        ``_cancelling`` in the same step). ``housekeeping``: leave a connection whose
+        statement still runs outside the fence where it is (taken back later)."""
+        claimed = False
         try:
-            if conn is not None:
-                self.driver.cancel(conn.raw)
-        finally:
             with lease._guard:
-                lease._cancelling = False
-                finish = lease._ending and not lease._busy and lease._conn is not None
-            if finish:
-                self._finish_release(lease)
+                if cancelled:
+                    lease._cancelling = False
+                if (
+                    lease._conn is not None
+                    and lease._ending
+                    and not lease._busy
+                    and not lease._cancelling
+                    and not lease._finishing
+                ):
+                    claimed = True
+                    lease._finishing = True
+            if claimed:
+                self._finish_release(lease, housekeeping=housekeeping)
+        finally:
+            if claimed and lease._conn is not None:
+                with lease._guard:
+                    lease._finishing = False
 
     def _in_transaction(self, raw: Any) -> bool:
         return self.driver.transaction_status(raw) is not _IDLE
 
-    def _finish_release(self, lease: Lease) -> None:
-        """Give back the connection of a fenced lease nobody is using."""
+    def _finish_release(self, lease: Lease, *, housekeeping: bool = False) -> None:
+        """Give back the connection of a fenced lease nobody is using. The caller has
+        claimed the lease (``_finishing``, see :meth:`_finish_unused`): nobody else
+        finishes it meanwhile, so a cancel sent here cannot reach a next holder."""
         conn = lease._conn
         if conn is None:
             return
         status = self.driver.transaction_status(conn.raw)
-        if status is _ACTIVE and lease.thread_id != _get_ident():
+        if status is _ACTIVE and (housekeeping or lease.thread_id != _get_ident()):
             # Someone outside the fence (a caller that kept the raw connection) is
-            # running a statement: cancel it and leave the connection where it is,
-            # counted; housekeeping finishes once the statement has ended and the
-            # cancel has been sent (_cancelling), or it could reach the next holder.
-            with lease._guard:
-                lease._cancelling = True
-            with self._lock:
-                self._n_revoked += 1
-            try:
+            # running a statement: cancel it (once: housekeeping only looks) and leave
+            # the connection where it is, counted, for housekeeping to finish once the
+            # statement has ended. The claim keeps housekeeping off until the cancel
+            # has been sent.
+            if not housekeeping:
+                with self._lock:
+                    self._n_revoked += 1
                 self.driver.cancel(conn.raw)
-            finally:
-                with lease._guard:
-                    lease._cancelling = False
             return
         reset = (
             self._reset_always

@@ -95,6 +95,7 @@ class Lease:
         "_cancelling",
         "_conn",
         "_ending",
+        "_finishing",
         "_guard",
         "_pool",
         "_ref",
@@ -125,6 +126,8 @@ class Lease:
         # A revoking thread is sending a cancel: the release must wait for it, or the
         # cancel could reach the connection's next holder.
         self._cancelling = False
+        # A thread has claimed the release's end (Pool._finish_unused): only it ends it.
+        self._finishing = False
         # Uses begun so far, and what housekeeping last saw of them (socket_timeout:
         # a use in progress whose count has not moved since _seen_at is blocked).
         self._uses = 0
@@ -175,7 +178,7 @@ class Lease:
             finish = (
                 self._ending and not self._busy and not self._cancelling and self._conn is not None
             )
-        if finish:
+        if finish:  # a hint: Pool._finish_unused decides again, under the guard
             pool = self._pool
             if pool._lock.locked():
                 # Possibly this very thread holds it: a use abandoned in a generator
@@ -183,7 +186,7 @@ class Lease:
                 # pool's lock. Finishing here could deadlock; the resetter finishes.
                 resetter().submit(pool, self, None)
             else:
-                pool._finish_release(self)
+                pool._finish_unused(self)
 
     @contextmanager
     def using(self) -> Iterator[Any]:

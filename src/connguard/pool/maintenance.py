@@ -200,12 +200,10 @@ def take_back(pool: Pool, held: list[Lease]) -> None:
     alive = {thread.ident for thread in threading.enumerate()} if reclaim else set()
     for lease in held:
         conn = lease._conn
-        # In use, or a revoke's cancel is on its way (its thread finishes the release).
-        if conn is None or lease._busy or lease._cancelling:
+        if conn is None or lease._busy:
             continue
-        if lease._ending:
-            if pool.driver.transaction_status(conn.raw) is not TxStatus.ACTIVE:
-                pool._finish_release(lease)
+        if lease._ending:  # decided again, and claimed, under the lease's lock
+            pool._finish_unused(lease, housekeeping=True)
             continue
         if pool.driver.transaction_status(conn.raw) is TxStatus.ACTIVE:
             continue  # executing outside the fence: never under a running statement

@@ -59,7 +59,7 @@ class Resetter:
             pool, item, status = get()
             try:
                 if status is None:
-                    pool._finish_release(item)
+                    pool._finish_unused(item)
                 else:
                     pool._restore(item, status, reset=True, deferred=True)
             except BaseException:  # _restore gave back or closed it; this thread lives on
