@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import gc
 import linecache
+import logging
+import signal
 import sys
 import threading
 import uuid
@@ -323,6 +325,27 @@ def test_housekeeping_stale_busy_read_hands_on_under_a_fenced_use() -> None:
     assert not handed, "housekeeping gave back a connection inside a use, under a cancel"
 
 
+def recover(pool: Pool) -> None:
+    """Everything that may end a lease left behind: housekeeping, close, housekeeping."""
+    pool.housekeep()
+    pool.close()
+    pool.housekeep()
+
+
+def release_interrupted(pool: Pool, lease: Any, tracer: Any) -> None:
+    """Release ``lease`` (which is in use) while ``tracer`` raises a signal's
+    KeyboardInterrupt somewhere inside; then end the use, and run everything that may
+    end a lease left behind."""
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.release(lease)
+    finally:
+        sys.settrace(None)
+    lease.exit()
+    recover(pool)
+
+
 def test_interrupt_before_the_revoke_try_leaves_the_lease_counted_forever() -> None:
     """(4) release() now sets _cancelling before calling _revoke(); an asynchronous
     exception (KeyboardInterrupt from a signal handler) between that and _revoke's
@@ -350,16 +373,7 @@ def test_interrupt_before_the_revoke_try_leaves_the_lease_counted_forever() -> N
             return local
         return None
 
-    sys.settrace(tracer)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            pool.release(first)
-    finally:
-        sys.settrace(None)
-    first.exit()
-    pool.housekeep()
-    pool.close()
-    pool.housekeep()
+    release_interrupted(pool, first, tracer)
     assert pool.stats().in_use == 0, (first._cancelling, pool.stats().in_use)
 
 
@@ -381,6 +395,146 @@ def test_housekeeping_waits_for_a_statement_run_outside_the_fence_without_cancel
     assert first._conn is None and pool.stats().revoked == 1
     done.set()
     taker.join(5)
+    pool.close()
+
+
+def test_a_signal_as_a_revoke_finishes_leaves_no_mark_behind() -> None:
+    """A signal's exception raised as the revoking release, its cancel sent, goes on
+    to finish (at the entry of the call that would): the lease must still end once
+    its use does, not wait for ever for a revoker that is gone."""
+    pool = fake_pool(FakeDriver())
+    first = pool.acquire()
+    first.enter()
+    code, release = Pool._finish_unused.__code__, Pool.release.__code__
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call" and frame.f_code is code and frame.f_back.f_code is release:
+            raise KeyboardInterrupt  # as a signal handler would, at the callee's entry
+        return None
+
+    release_interrupted(pool, first, tracer)
+    assert pool.stats().in_use == 0, (first._cancelling, pool.stats())
+
+
+class InterruptedGuard:
+    """A lease's lock whose ``n``-th acquire is interrupted by a signal's exception
+    before it takes the lock (as a blocked ``with lock:`` is when a handler raises)."""
+
+    def __init__(self, n: int) -> None:
+        self._lock = threading.Lock()
+        self.calls = 0
+        self.n = n
+
+    def __enter__(self) -> None:
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["outside-the-fence", "revoked"])
+def test_a_signal_while_a_release_clears_its_mark_leaves_no_mark_behind(busy: bool) -> None:
+    """The release's last step clears its mark under the lease's lock; a signal that
+    interrupts the wait for that lock must not leave the mark set (the lease would
+    stay counted in use for ever): the clear is retried, then the exception raised."""
+    driver = FakeDriver()
+    pool = fake_pool(driver)
+    first, done, taker = _keep_taker(pool)
+    raw = first.raw
+    if busy:
+        first.enter()
+    else:
+        raw.status = TxStatus.ACTIVE  # a statement run outside the fence
+    first._guard = InterruptedGuard(n=2)  # 1: release decides; 2: it clears its mark
+    with pytest.raises(KeyboardInterrupt):
+        pool.release(first)
+    assert first._guard.calls >= 3, "the interrupted clear was not retried"
+    if busy:
+        first.exit()
+    raw.status = TxStatus.IDLE
+    recover(pool)
+    done.set()
+    taker.join(5)
+    assert pool.stats().in_use == 0, (first._finishing, first._cancelling, pool.stats())
+
+
+class SignalOnLog(logging.Handler):
+    """Sends SIGINT to the main thread from inside a log call (made under the lock)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+
+def test_a_signal_under_the_pool_lock_of_a_release_loses_no_connection() -> None:
+    """A signal's exception raised while the release holds the pool's lock (here: as
+    it logs that a lease reported as a leak came back) must not leave the connection
+    neither idle nor leased, counted in the pool's size for ever."""
+    pool = fake_pool(FakeDriver())
+    first = pool.acquire()
+    first.leak_reported = True
+    handler = SignalOnLog()
+    log = logging.getLogger("connguard.pool")
+    log.addHandler(handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.release(first)
+    finally:
+        log.removeHandler(handler)
+    stats = pool.stats()
+    assert (stats.size, stats.idle, stats.in_use) == (1, 1, 0)
+    pool.acquire(timeout=1).release()
+    pool.close()
+
+
+def test_the_garbage_collector_finishing_a_use_inside_enter_does_not_deadlock() -> None:
+    """enter() on an ended lease makes its LeaseEnded outside the lease's lock: the
+    allocation may run the garbage collector, which may close an abandoned generator
+    inside ``with lease.using():`` of the same lease, whose exit() takes that lock."""
+    pool = fake_pool(FakeDriver())
+    lease = pool.acquire()
+    result: list[str] = []
+
+    def run() -> None:
+        def gen() -> Any:
+            with lease.using():
+                yield
+
+        g = gen()
+        next(g)  # a use in progress
+        releaser = threading.Thread(target=pool.release, args=(lease,))
+        releaser.start()
+        releaser.join(5)  # revoked: ending, waits for the use to end
+        cycle: list[Any] = [g]
+        cycle.append(cycle)
+        del g, cycle  # garbage, freed only by the collector
+        ended = type(lease)._ended.__code__
+
+        def tracer(frame: Any, event: str, arg: Any) -> Any:
+            if event == "call" and frame.f_code is ended:
+                sys.settrace(None)
+                gc.collect()  # as an allocation in _ended() may
+            return None
+
+        sys.settrace(tracer)
+        try:
+            lease.enter()
+        except Exception as exc:
+            result.append(type(exc).__name__)
+        finally:
+            sys.settrace(None)
+
+    gc.disable()
+    try:
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(10)
+    finally:
+        gc.enable()
+    assert not thread.is_alive(), "deadlocked: exit() from the collector inside enter()"
+    assert result == ["LeaseEnded"]
     pool.close()
 
 

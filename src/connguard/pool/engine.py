@@ -513,12 +513,26 @@ class Pool:
             else:
                 self._revoke(lease)
         finally:
-            if claimed:
-                if lease._conn is not None:  # not ended after all (see _finish_release)
-                    with lease._guard:
-                        lease._finishing = False
-            elif revoking:
-                self._finish_unused(lease, cancelled=True)
+            # Not ended after all (see _finish_release), or revoked: clear the mark.
+            if revoking or (claimed and lease._conn is not None):
+                # Inline, not a call (a signal's exception can land at a function's
+                # entry), and retried if a signal interrupts the wait for the lock: a
+                # mark left set would keep the lease counted in use for ever.
+                interrupted: BaseException | None = None
+                while True:
+                    try:
+                        with lease._guard:
+                            if revoking:
+                                lease._cancelling = False
+                            else:
+                                lease._finishing = False
+                        break
+                    except BaseException as exc:
+                        interrupted = exc
+                if revoking:  # the cancel is done: the last use out may have gone
+                    self._finish_unused(lease)
+                if interrupted is not None:
+                    raise interrupted
 
     def _revoke(self, lease: Lease) -> None:
         """A use is in progress in another thread: cancel it. The release waits for
@@ -531,21 +545,16 @@ class Pool:
         if conn is not None:
             self.driver.cancel(conn.raw)
 
-    def _finish_unused(
-        self, lease: Lease, *, cancelled: bool = False, housekeeping: bool = False
-    ) -> None:
+    def _finish_unused(self, lease: Lease, *, housekeeping: bool = False) -> None:
         """Finish the release of an ending lease if nobody is using it, cancelling on
         it or already finishing it: decided and claimed under the lease's lock, so
         that of the threads that may finish a release (the releasing one after its
         cancel, the last use out, housekeeping, the resetter) exactly one does, never
-        under a use or a cancel. ``cancelled``: the caller's cancel is done (clears
-        ``_cancelling`` in the same step). ``housekeeping``: leave a connection whose
-        statement still runs outside the fence where it is (taken back later)."""
+        under a use or a cancel. ``housekeeping``: leave a connection whose statement
+        still runs outside the fence where it is (taken back later)."""
         claimed = False
         try:
             with lease._guard:
-                if cancelled:
-                    lease._cancelling = False
                 if (
                     lease._conn is not None
                     and lease._ending
@@ -558,9 +567,17 @@ class Pool:
             if claimed:
                 self._finish_release(lease, housekeeping=housekeeping)
         finally:
-            if claimed and lease._conn is not None:
-                with lease._guard:
-                    lease._finishing = False
+            if claimed and lease._conn is not None:  # not ended: unclaim, as release() does
+                interrupted: BaseException | None = None
+                while True:
+                    try:
+                        with lease._guard:
+                            lease._finishing = False
+                        break
+                    except BaseException as exc:
+                        interrupted = exc
+                if interrupted is not None:
+                    raise interrupted
 
     def _in_transaction(self, raw: Any) -> bool:
         return self.driver.transaction_status(raw) is not _IDLE
@@ -598,12 +615,19 @@ class Pool:
             if lease._conn is not conn:
                 return  # ended by someone else meanwhile
             if now < conn.expires_at and not self._closed and conn.pid == self._pid:
-                # _retire_lease_locked and _give_back_locked, inlined: the hot path
+                # _retire_lease_locked and _give_back_locked, inlined: the hot path.
+                # Retired and given back with no call between them (a signal's
+                # exception can land after any call), the figures after.
                 lease._conn = None
                 lease.released_at = now
                 del self._leases[lease._ref]
                 lease._ref = None  # dies with no callback: the lease was returned
                 self._n_releases += 1
+                if self._waiters:
+                    self._give_back_locked(conn, now)
+                else:
+                    conn.idle_since = now
+                    self._idle.append(conn)
                 hold = now - lease.acquired_at
                 hist = self._h_hold
                 hist.counts[_bucket(BUCKET_BOUNDS, hold)] += 1
@@ -613,11 +637,6 @@ class Pool:
                     hist.max = hold
                 if lease.leak_reported:
                     self._log_leak_returned(lease, now)
-                if self._waiters:
-                    self._give_back_locked(conn, now)
-                else:
-                    conn.idle_since = now
-                    self._idle.append(conn)
                 return
         self._end_lease(lease, "pool_closed" if self._closed else self._expired)
 

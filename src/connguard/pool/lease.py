@@ -164,11 +164,13 @@ class Lease:
         """
         with self._guard:
             conn = self._conn
-            if conn is None or self._ending:
-                raise self._ended()
-            self._busy += 1
-            self._uses += 1
-        return conn.raw
+            if conn is not None and not self._ending:
+                self._busy += 1
+                self._uses += 1
+                return conn.raw
+        # Made outside the lock: the allocation may run the garbage collector, which
+        # may finish an abandoned use of this very lease (exit() takes the lock).
+        raise self._ended()
 
     def exit(self) -> None:
         """End a use begun by :meth:`enter`. If the lease was released meanwhile (from
