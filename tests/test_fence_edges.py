@@ -272,7 +272,7 @@ def test_outside_fence_statement_ends_between_status_read_and_cancel() -> None:
     pool.close()
 
 
-def test_housekeeping_stale_busy_read_hands_on_under_a_fenced_use() -> None:
+def test_housekeeping_acting_on_a_stale_use_count_hands_nothing_on() -> None:
     """(3) take_back reads _busy, _cancelling, _ending without the guard: preempted
     after reading busy=0/cancelling=False, a use starts and a release revokes it;
     housekeeping then sees _ending and finishes the release under the running use
@@ -346,7 +346,7 @@ def release_interrupted(pool: Pool, lease: Any, tracer: Any) -> None:
     recover(pool)
 
 
-def test_interrupt_before_the_revoke_try_leaves_the_lease_counted_forever() -> None:
+def test_an_interrupt_before_the_revoke_starts_leaves_no_lease_counted_for_ever() -> None:
     """(4) release() now sets _cancelling before calling _revoke(); an asynchronous
     exception (KeyboardInterrupt from a signal handler) between that and _revoke's
     try/finally leaves _cancelling True: exit() and take_back() both defer to a
@@ -535,6 +535,61 @@ def test_the_garbage_collector_finishing_a_use_inside_enter_does_not_deadlock() 
         gc.enable()
     assert not thread.is_alive(), "deadlocked: exit() from the collector inside enter()"
     assert result == ["LeaseEnded"]
+    pool.close()
+
+
+def test_the_garbage_collector_finishing_a_use_during_an_abort_does_not_deadlock() -> None:
+    """``socket_timeout``'s abort starts a thread for its cancel. A collection during
+    that start may close the abandoned generator whose use is the blocked one; its
+    exit() takes the lease's lock, so the thread must not be started under it (this
+    runs on the process's housekeeping thread: a deadlock there stops every pool's)."""
+    clock = ManualClock()
+    pool = Pool(
+        FakeDriver(),
+        PoolConfig(min_size=0, max_size=1, timeout=2.0, socket_timeout=1.0),
+        clock=clock,
+        housekeeping=False,
+    )
+    lease = pool.acquire()
+
+    def gen() -> Any:
+        with lease.using():
+            yield
+
+    stuck = gen()
+    next(stuck)  # a use in progress that never returns
+    pool.housekeep()  # first sight of the use
+    clock.advance(2.0)
+    cycle: list[Any] = [stuck]
+    cycle.append(cycle)
+    del stuck, cycle  # garbage, freed only by the collector
+    start = threading.Thread.start.__code__
+    collected: list[bool] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call" and frame.f_code is start and not collected:
+            collected.append(True)
+            gc.collect()  # as an allocation while the thread starts may
+        return None
+
+    def housekeep() -> None:
+        sys.settrace(tracer)
+        try:
+            pool.housekeep()  # aborts the blocked use
+        finally:
+            sys.settrace(None)
+
+    gc.disable()
+    try:
+        thread = threading.Thread(target=housekeep, daemon=True)
+        thread.start()
+        thread.join(10)
+    finally:
+        gc.enable()
+    assert not thread.is_alive(), "deadlocked: exit() from the collector inside the abort"
+    assert collected and pool.stats().aborted == 1
+    lease.release()
+    assert pool.stats().in_use == 0 and pool.stats().closed["broken"] == 1
     pool.close()
 
 

@@ -118,19 +118,22 @@ def abort_stuck(pool: Pool, lease: Lease) -> None:
         conn = lease._conn
         if conn is None or not lease._busy or lease._uses != lease._seen_uses:
             return  # the call returned meanwhile
-        # A cancel first, on a thread of its own, where the driver's cancel keeps a
-        # bound and lets other threads run (cancel_bounded): a server that still
-        # answers stops the statement, so its backend does not outlive the slot freed
-        # below. psycopg2's would wait for ever on a black hole, holding the process.
-        if getattr(pool.driver, "cancel_bounded", False):
-            threading.Thread(
-                target=pool.driver.cancel, args=(conn.raw,), name="connguard-cancel", daemon=True
-            ).start()
         abort(conn.raw)
         lease._seen_at = math.inf  # the same use is not aborted twice
         # Should the call have returned just before the abort, its connection still
         # reads as idle: the full reset on release then fails, and it is closed.
         lease.reset_requested = True
+    # And a cancel, on a thread of its own, where the driver's cancel keeps a bound and
+    # lets other threads run (cancel_bounded): a server that still answers stops the
+    # statement, so its backend does not outlive the slot freed when the lease ends.
+    # psycopg2's would wait for ever on a black hole, holding the process. Started
+    # outside the lease's lock: starting a thread allocates, and a collection then
+    # could finish an abandoned use of this lease, whose exit() takes that lock. The
+    # connection cannot go to another holder (the reset it now needs fails).
+    if getattr(pool.driver, "cancel_bounded", False):
+        threading.Thread(
+            target=pool.driver.cancel, args=(conn.raw,), name="connguard-cancel", daemon=True
+        ).start()
     with pool._lock:
         pool._n_aborted += 1
     logger.warning(
