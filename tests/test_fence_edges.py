@@ -27,7 +27,7 @@ import pytest
 
 from connguard.drivers import load_driver
 from connguard.drivers.session import changes_session
-from connguard.pool import Pool, PoolConfig, TxStatus, maintenance
+from connguard.pool import Pool, PoolConfig, PoolTimeout, TxStatus, maintenance
 
 from .fakes import FakeConnection, FakeDriver, ManualClock, wait_until
 
@@ -807,6 +807,57 @@ def test_release_under_running_statement_cancels_before_freeing_the_slot(pg: Any
         )
         del rows, cur
     finally:
+        pool.close()
+
+
+@pytest.mark.real
+def test_a_stream_half_read_outside_the_fence_keeps_its_slot_till_its_reader_lets_go(
+    pg: Any, app: str
+) -> None:
+    """docs/pool.md: released from another thread while a psycopg 3 stream run on
+    ``lease.raw`` (outside the fence) is half read, the connection stays active in
+    libpq after the cancel: its slot stays counted and it goes to nobody, whatever
+    housekeeping does, until the reader lets go of the stream; then housekeeping
+    gives it back, and the next holder's session works."""
+    pool = real_pool(pg, app)
+    read, let_go, gone = threading.Event(), threading.Event(), threading.Event()
+    box: dict[str, Any] = {}
+
+    def reader() -> None:
+        lease = box["lease"] = pool.acquire()
+        cur = lease.raw.cursor()
+        rows = cur.stream("SELECT generate_series(1, 1000000)")
+        for n, _ in enumerate(rows):
+            if n == 5:
+                break
+        read.set()
+        let_go.wait(30)
+        del rows, cur
+        gc.collect()
+        gone.set()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        assert read.wait(30)
+        lease = box["lease"]
+        raw = lease._conn.raw
+        assert pool.driver.transaction_status(raw) is TxStatus.ACTIVE
+        pool.release(lease)  # another thread: cancelled, left to housekeeping
+        for _ in range(3):
+            pool.housekeep()
+            assert lease._conn is not None and pool.stats().in_use == 1
+        with pytest.raises(PoolTimeout):
+            pool.acquire(timeout=0.2)  # nobody gets it meanwhile
+        let_go.set()
+        assert gone.wait(30)
+        pool.housekeep()
+        assert lease._conn is None and pool.stats().in_use == 0
+        with pool.connection() as conn:
+            assert conn.execute("SELECT 42").fetchone() == (42,)
+    finally:
+        let_go.set()
+        thread.join(30)
         pool.close()
 
 
