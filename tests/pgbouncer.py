@@ -24,19 +24,15 @@ import pytest
 from connguard.demo.servers import free_port
 from connguard.testing.postgres import _service_account, _user_kwargs
 
-from .conftest import REQUIRE_ALL
-
 START_TIMEOUT = 10.0
 
 
 def binary() -> str:
-    """The pgbouncer executable; skipped (failed under CI) when it is not installed."""
+    """The pgbouncer executable; the test is skipped when it is not installed (a
+    failure under CI: see conftest.py)."""
     found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
     if found is None:
-        message = "pgbouncer is not installed (apt-get install pgbouncer)"
-        if REQUIRE_ALL:
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer)")
     return found
 
 

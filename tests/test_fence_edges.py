@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -489,6 +490,46 @@ def test_a_signal_under_the_pool_lock_of_a_release_loses_no_connection() -> None
     pool.close()
 
 
+def abandon_a_use(lease: Any) -> None:
+    """Begin a use of ``lease`` in a generator left in a reference cycle: only the
+    garbage collector closes it, and so calls the use's exit()."""
+
+    def gen() -> Any:
+        with lease.using():
+            yield
+
+    stuck = gen()
+    next(stuck)
+    cycle: list[Any] = [stuck]
+    cycle.append(cycle)
+
+
+def collect_at_first_call(code: Any, collected: list[bool]) -> Any:
+    """A trace function that runs the garbage collector once, when ``code`` is first
+    called (as an allocation there may), and notes it in ``collected``."""
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call" and frame.f_code is code and not collected:
+            collected.append(True)
+            gc.collect()
+        return None
+
+    return tracer
+
+
+def ends_with_gc_off(target: Callable[[], None]) -> bool:
+    """Run ``target`` in a thread with automatic collection off (only the tracer
+    collects, where it means to); False if that thread is still blocked after 10 s."""
+    gc.disable()
+    try:
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        thread.join(10)
+    finally:
+        gc.enable()
+    return not thread.is_alive()
+
+
 def test_the_garbage_collector_finishing_a_use_inside_enter_does_not_deadlock() -> None:
     """enter() on an ended lease makes its LeaseEnded outside the lease's lock: the
     allocation may run the garbage collector, which may close an abandoned generator
@@ -496,29 +537,14 @@ def test_the_garbage_collector_finishing_a_use_inside_enter_does_not_deadlock() 
     pool = fake_pool(FakeDriver())
     lease = pool.acquire()
     result: list[str] = []
+    collected: list[bool] = []
 
     def run() -> None:
-        def gen() -> Any:
-            with lease.using():
-                yield
-
-        g = gen()
-        next(g)  # a use in progress
+        abandon_a_use(lease)
         releaser = threading.Thread(target=pool.release, args=(lease,))
         releaser.start()
         releaser.join(5)  # revoked: ending, waits for the use to end
-        cycle: list[Any] = [g]
-        cycle.append(cycle)
-        del g, cycle  # garbage, freed only by the collector
-        ended = type(lease)._ended.__code__
-
-        def tracer(frame: Any, event: str, arg: Any) -> Any:
-            if event == "call" and frame.f_code is ended:
-                sys.settrace(None)
-                gc.collect()  # as an allocation in _ended() may
-            return None
-
-        sys.settrace(tracer)
+        sys.settrace(collect_at_first_call(type(lease)._ended.__code__, collected))
         try:
             lease.enter()
         except Exception as exc:
@@ -526,15 +552,8 @@ def test_the_garbage_collector_finishing_a_use_inside_enter_does_not_deadlock() 
         finally:
             sys.settrace(None)
 
-    gc.disable()
-    try:
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        thread.join(10)
-    finally:
-        gc.enable()
-    assert not thread.is_alive(), "deadlocked: exit() from the collector inside enter()"
-    assert result == ["LeaseEnded"]
+    assert ends_with_gc_off(run), "deadlocked: exit() from the collector inside enter()"
+    assert result == ["LeaseEnded"] and collected
     pool.close()
 
 
@@ -551,42 +570,19 @@ def test_the_garbage_collector_finishing_a_use_during_an_abort_does_not_deadlock
         housekeeping=False,
     )
     lease = pool.acquire()
-
-    def gen() -> Any:
-        with lease.using():
-            yield
-
-    stuck = gen()
-    next(stuck)  # a use in progress that never returns
-    pool.housekeep()  # first sight of the use
-    clock.advance(2.0)
-    cycle: list[Any] = [stuck]
-    cycle.append(cycle)
-    del stuck, cycle  # garbage, freed only by the collector
-    start = threading.Thread.start.__code__
     collected: list[bool] = []
 
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        if event == "call" and frame.f_code is start and not collected:
-            collected.append(True)
-            gc.collect()  # as an allocation while the thread starts may
-        return None
-
     def housekeep() -> None:
-        sys.settrace(tracer)
+        abandon_a_use(lease)  # a use in progress that never returns
+        pool.housekeep()  # first sight of the use
+        clock.advance(2.0)
+        sys.settrace(collect_at_first_call(threading.Thread.start.__code__, collected))
         try:
             pool.housekeep()  # aborts the blocked use
         finally:
             sys.settrace(None)
 
-    gc.disable()
-    try:
-        thread = threading.Thread(target=housekeep, daemon=True)
-        thread.start()
-        thread.join(10)
-    finally:
-        gc.enable()
-    assert not thread.is_alive(), "deadlocked: exit() from the collector inside the abort"
+    assert ends_with_gc_off(housekeep), "deadlocked: exit() from the collector inside the abort"
     assert collected and pool.stats().aborted == 1
     lease.release()
     assert pool.stats().in_use == 0 and pool.stats().closed["broken"] == 1
