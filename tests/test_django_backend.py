@@ -741,3 +741,36 @@ def test_reconnect_with_autocommit_off_logs_begin_as_django_does(
         from connguard.django import pools
 
         pools.close_pools(alias="default")
+
+
+def test_a_query_from_an_event_loops_thread_is_refused_as_django_refuses_it(
+    connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """connguard's ensure_connection() keeps Django's event-loop check (asked without
+    the exception get_running_loop() raises in the common case): refused in a loop's
+    thread, allowed with DJANGO_ALLOW_ASYNC_UNSAFE, and allowed again once the loop
+    has stopped. The wrapper itself, not the ``connection`` proxy: in the loop's task
+    the proxy would give a wrapper of the task's own."""
+    import asyncio
+
+    from django.core.exceptions import SynchronousOnlyOperation
+    from django.db import connections
+
+    monkeypatch.delenv("DJANGO_ALLOW_ASYNC_UNSAFE", raising=False)
+    wrapper = connections["default"]
+    scalar(wrapper, "SELECT 1")  # the pool exists, and the wrapper knows it
+    wrapper.close()
+    in_use = the_pool().stats().in_use
+
+    async def from_the_loop() -> None:
+        with pytest.raises(SynchronousOnlyOperation, match="async context"):
+            wrapper.ensure_connection()
+        assert the_pool().stats().in_use == in_use, "refused before any acquire"
+        monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+        wrapper.ensure_connection()
+        assert wrapper.connguard_lease is not None
+        wrapper.close()
+
+    asyncio.run(from_the_loop())
+    monkeypatch.delenv("DJANGO_ALLOW_ASYNC_UNSAFE")
+    assert scalar(wrapper, "SELECT 1") == 1  # no loop in this thread any more

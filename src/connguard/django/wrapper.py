@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from asyncio import get_running_loop
+from asyncio import _get_running_loop
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured, SynchronousOnlyOperation
@@ -155,13 +155,11 @@ class ConnguardWrapperMixin:
         Skipping ``connect()``'s ``sensitive_variables`` marker there hides nothing:
         no frame of that path holds the settings or the connection parameters (the
         pool opens connections on its own threads)."""
-        try:
-            get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            if not os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE"):
-                raise SynchronousOnlyOperation(_ASYNC_UNSAFE)
+        # Django's check asks get_running_loop(), which raises in the common case (no
+        # loop in this thread): about 2,700 instructions for the exception alone.
+        # asyncio's own non-raising form answers the same question.
+        if _get_running_loop() is not None and not os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE"):
+            raise SynchronousOnlyOperation(_ASYNC_UNSAFE)
         if self.connection is None:
             if self.in_atomic_block and self.closed_in_transaction:
                 raise ProgrammingError("Cannot open a new connection in an atomic block.")
