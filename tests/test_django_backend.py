@@ -509,6 +509,62 @@ def test_the_acquire_site_is_the_callers_line_on_every_path(connection: Any) -> 
         assert first == expected, (how, first, expected)
 
 
+class SitesMiddleware:
+    """User code above the view: with ``query_first``, it queries before the view."""
+
+    query_first = False
+    seen: list[list[str]] = []
+
+    def __init__(self, get_response: Any) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: Any) -> Any:
+        from django.db import connections
+
+        if self.query_first:
+            scalar(connections["default"], "SELECT 1")
+            SitesMiddleware.seen.append(connections["default"].connguard_lease.where())
+        return self.get_response(request)
+
+
+def sites_view(request: Any) -> Any:
+    from django.db import connections
+    from django.http import HttpResponse
+
+    scalar(connections["default"], "SELECT 1")
+    SitesMiddleware.seen.append(connections["default"].connguard_lease.where())
+    return HttpResponse("ok")
+
+
+def test_a_views_acquire_site_stops_at_djangos_handler(
+    connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through Django's handler (the test client), a view's acquire site is the view:
+    the walk stops at the handler frame that called it, so a middleware above (user
+    code too) is not recorded, nor walked at every acquire. A query made in the
+    middleware itself is still found there."""
+    from django.test import Client, override_settings
+    from django.urls import clear_url_caches, path
+
+    monkeypatch.setattr(SitesMiddleware, "seen", [])
+    monkeypatch.setitem(globals(), "urlpatterns", [path("sites", sites_view)])
+    clear_url_caches()
+    middleware = [f"{__name__}.SitesMiddleware"]
+    try:
+        with override_settings(MIDDLEWARE=middleware):
+            assert Client().get("/sites").status_code == 200
+            monkeypatch.setattr(SitesMiddleware, "query_first", True)
+            assert Client().get("/sites").status_code == 200
+    finally:
+        clear_url_caches()
+    in_view, (in_middleware, after_middleware) = SitesMiddleware.seen[0], SitesMiddleware.seen[1:]
+    assert in_view[-1].endswith("in sites_view"), in_view  # under it: scalar()
+    assert not any("in __call__" in where for where in in_view), in_view
+    assert in_middleware[1].endswith("in __call__"), in_middleware  # under it: scalar()
+    # The view's query in the second request reused the middleware's lease.
+    assert after_middleware == in_middleware
+
+
 def test_manage_py_doctor_reads_the_server(connection: Any) -> None:
     import io
     import json

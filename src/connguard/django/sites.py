@@ -67,6 +67,23 @@ _MACHINERY = (
 # hash the string keeps) instead of a dozen startswith() per frame per acquire.
 _MACHINERY_FILES: dict[str, bool] = {}
 
+# Where the walk stops: the frame of Django's handler that calls the view. Above it
+# are only the middleware chain, Django's handler and the server, whose frames a walk
+# to the top of the stack (a view's acquire site has one frame of user code, so the
+# walk would go on looking for two more) turned into objects at about 1,500
+# instructions each: some 25 frames under a default middleware stack and a WSGI
+# server. Found once Django's handler module is loaded (before, no request can be on
+# the stack); None until then.
+_HANDLER_CODE: Any = None
+
+
+def _handler_code() -> Any:
+    global _HANDLER_CODE
+    base = sys.modules.get("django.core.handlers.base")
+    if base is not None:
+        _HANDLER_CODE = base.BaseHandler._get_response.__code__
+    return _HANDLER_CODE
+
 
 def user_stack(depth: int, skip: int = 2) -> tuple[Any, ...]:
     """(code, line) pairs of the first ``depth`` frames outside Django, asgiref, the
@@ -74,15 +91,23 @@ def user_stack(depth: int, skip: int = 2) -> tuple[Any, ...]:
 
     The walk starts ``skip`` frames up (2: the caller's caller). A caller that knows
     how many of connguard's own frames are above it says so: each frame walked is
-    made into a Python object, about 1,500 instructions, at every acquire.
+    made into a Python object, about 1,500 instructions, at every acquire. It stops
+    at the frame of Django's handler that called the view: a middleware above it is
+    not where a view's query comes from (a query made in a middleware itself is
+    still found: its frame is not under the view's).
 
     Runs once per acquire (per request, not per query); a few microseconds."""
+    stop = _HANDLER_CODE
+    if stop is None:
+        stop = _handler_code()
     frame: Any = sys._getframe(skip)
     out: list[Any] = []
     walked = 0
     known = _MACHINERY_FILES
     while frame is not None and depth and walked < 80:
         code = frame.f_code
+        if code is stop:
+            break
         filename = code.co_filename
         machinery = known.get(filename)
         if machinery is None:
