@@ -112,7 +112,10 @@ class Scope:
                             ref for ref in leases if (held := ref()) is not None and held.active
                         ]
                 leases.append(weakref.ref(lease))
-                return
+                if not self.ended:
+                    return
+                # end() ran meanwhile without the lock (its common case, see there)
+                # and may not have seen this lease: released here, maybe twice.
         lease.release()
 
     def leases(self) -> list[Lease]:
@@ -144,12 +147,22 @@ class Scope:
         return count
 
     def end(self) -> int:
-        """End the scope: release every lease and refuse new ones. Idempotent."""
-        with self._lock:
-            self.ended = True
-            refs, self._leases = self._leases, []
-        if not refs:  # the common case: the request gave its leases back already
+        """End the scope: release every lease and refuse new ones. Idempotent.
+
+        The common case (the request gave its leases back already) takes no lock: it
+        sets ``ended``, then finds no active lease in the list. An :meth:`add` in
+        progress in another thread appends, then reads ``ended`` again: a lease this
+        look missed was appended after ``ended`` was set, and that read sees it, so
+        one of the two threads releases it (releasing twice does nothing)."""
+        self.ended = True
+        for ref in self._leases:
+            held = ref()
+            if held is not None and held.active:
+                break
+        else:
             return 0
+        with self._lock:
+            refs, self._leases = self._leases, []
         released = 0
         for ref in refs:
             lease = ref()
