@@ -1,7 +1,8 @@
 """Instructions per cycle, counted by valgrind (callgrind): the request path's cost
 in a unit that does not move with the machine's load.
 
-    python benchmarks/bench_instructions.py [--before SRC] [--only django|engine] [--query]
+    python benchmarks/bench_instructions.py [--before SRC] [--only django|engine]
+                                            [--query | --site | --parts]
 
 On a shared 2-core machine the same timed cycle varies by ±50 % from one minute to
 the next, more than the differences this repository tries to measure. The number of
@@ -24,6 +25,14 @@ own process, not under valgrind; a round trip it serves counts nothing here.
   ``--query``, one ``SELECT 1`` through a cursor per cycle too (the round trip
   itself, in the server and the kernel, counts nothing: this is the Python work
   around it).
+  With ``--site``, a whole request instead: Django's ``WSGIHandler`` called as a
+  server calls it, on the site ``startproject`` makes (seven middleware), with a view
+  that runs ``SELECT 1`` through a cursor (``bench_site.py``): what the bare cycle
+  leaves out (URL resolution, middleware, the response, an acquire site walked from
+  a view) is paid here as a real request pays it.
+* ``--parts``: where connguard's no-query cycle goes (:func:`parts_child`): Django's
+  request signals, connguard's receivers, the acquire and release through the
+  wrapper and, under them, the engine's; each counted alone, in a loop.
 * ``engine``: one ``acquire()`` + ``release()`` of connguard's ``Pool`` against
   psycopg_pool's ``getconn()`` + ``putconn()``, pools of 2, no query; and the
   ``floor``: the least a pool with a fence can do in Python (:func:`floor_cycle`: a
@@ -59,10 +68,16 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 DJANGO = ("persistent", "native", "connguard", "connguard-untested")
 ENGINE = ("psycopg_pool", "connguard", "connguard-untested", "floor")
-RUNS = {"django": (200, 2_200), "django-query": (200, 2_200), "engine": (1_000, 11_000)}
+RUNS = {
+    "django": (200, 2_200),
+    "django-query": (200, 2_200),
+    "django-site": (200, 1_200),
+    "parts": (1_000, 11_000),
+    "engine": (1_000, 11_000),
+}
 
 
-def django_child(alias: str, cycles: int, query: bool = False) -> None:
+def django_child(alias: str, cycles: int, query: bool = False, site: bool = False) -> None:
     import django
     from django.conf import settings
 
@@ -70,22 +85,31 @@ def django_child(alias: str, cycles: int, query: bool = False) -> None:
 
     sys.path.insert(0, str(HERE))
     from bench_reacquire import databases, request_cycle
+    from bench_site import requester, settings_for
 
     untested = alias == "connguard-untested"
     alias = "connguard" if untested else alias
     with EmbeddedPostgres() as pg:
         pool: dict[str, Any] = {"liveness_after_idle": None} if untested else {}
-        settings.configure(
-            DATABASES={"default": databases(pg, **pool)[alias]},
-            INSTALLED_APPS=["connguard.django"] if alias == "connguard" else [],
-            USE_TZ=True,
-            TIME_ZONE="UTC",
-        )
+        database = databases(pg, **pool)[alias]
+        if site:
+            settings.configure(**settings_for(database, connguard=alias == "connguard"))
+        else:
+            settings.configure(
+                DATABASES={"default": database},
+                INSTALLED_APPS=["connguard.django"] if alias == "connguard" else [],
+                USE_TZ=True,
+                TIME_ZONE="UTC",
+            )
         django.setup()
         from django.db import connection
 
+        request = requester() if site else None
         for _ in range(300 + cycles):  # 300: warm-up, the same in both runs
-            request_cycle(connection, query)
+            if request is not None:
+                request()
+            else:
+                request_cycle(connection, query)
         if alias == "connguard":
             from connguard.django import pools
 
@@ -94,6 +118,82 @@ def django_child(alias: str, cycles: int, query: bool = False) -> None:
             connection.close()
             if alias == "native":
                 connection.close_pool()
+
+
+PARTS = ("cycle", "signals", "receivers", "wrapper", "engine", "loop")
+
+
+def parts_child(part: str, cycles: int) -> None:
+    """One part of connguard's Django cycle, repeated (``--parts``), on the cycle's site
+    (``connguard-untested``): ``signals``: ``request_started`` and
+    ``request_finished`` sent with no lease taken (Django's receivers and connguard's);
+    ``receivers``: connguard's two receivers alone (the request's scope made, made
+    current and ended); ``wrapper``: ``ensure_connection()`` and Django's
+    ``close_if_unusable_or_obsolete()`` on the wrapper, in an open scope (the acquire
+    and the release as Django makes them); ``engine``: the pool's ``acquire()`` and
+    ``release()`` under them; ``loop``: a call of an empty function (subtracted)."""
+    import django
+    from django.conf import settings
+
+    from connguard.testing.postgres import EmbeddedPostgres
+
+    sys.path.insert(0, str(HERE))
+    from bench_reacquire import databases, request_cycle
+
+    with EmbeddedPostgres() as pg:
+        settings.configure(
+            DATABASES={"default": databases(pg, liveness_after_idle=None)["connguard"]},
+            INSTALLED_APPS=["connguard.django"],
+            USE_TZ=True,
+            TIME_ZONE="UTC",
+        )
+        django.setup()
+        from django.core.signals import request_finished, request_started
+        from django.db import connection, connections
+
+        from connguard.django import pools, scopes
+        from connguard.scope import Scope, begin
+
+        wrapper = connections["default"]
+        for _ in range(300):
+            request_cycle(connection, False)
+        begin(Scope("parts", "request"))  # the scope the wrapper and engine parts run in
+        wrapper.ensure_connection()
+        lease = wrapper.connguard_lease
+        assert lease is not None
+        pool, owner = lease.pool, lease.owner
+        wrapper.close()
+
+        def cycle() -> None:
+            request_cycle(connection, False)
+
+        def signals() -> None:
+            request_started.send(sender=None)
+            request_finished.send(sender=None)
+
+        def receivers() -> None:
+            scopes.request_started(None)
+            scopes.request_finished(None)
+
+        def wrapped() -> None:
+            wrapper.ensure_connection()
+            wrapper.close_if_unusable_or_obsolete()
+
+        def engine() -> None:
+            pool.acquire(owner=owner, stack=()).release()
+
+        def loop() -> None:
+            pass
+
+        run = {
+            "cycle": cycle, "signals": signals, "receivers": receivers,
+            "wrapper": wrapped, "engine": engine, "loop": loop,
+        }[part]  # fmt: skip
+        if part in ("cycle", "signals", "receivers"):
+            scopes.request_finished(None)  # these make scopes of their own
+        for _ in range(300 + cycles):
+            run()
+        pools.close_pools()
 
 
 def floor_cycle(cycles: int) -> None:
@@ -201,6 +301,12 @@ def main() -> None:
     parser.add_argument("--before", type=Path, metavar="SRC", help="an older tree's src/ too")
     parser.add_argument("--only", choices=("django", "engine"))
     parser.add_argument("--query", action="store_true", help="Django cycle: one SELECT 1 too")
+    parser.add_argument(
+        "--site", action="store_true", help="Django: a whole request instead (bench_site.py)"
+    )
+    parser.add_argument(
+        "--parts", action="store_true", help="where connguard's Django cycle goes, part by part"
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -208,8 +314,12 @@ def main() -> None:
         kind, subject, cycles = args.child
         if kind == "engine":
             engine_child(subject, int(cycles))
+        elif kind == "parts":
+            parts_child(subject, int(cycles))
         else:
-            django_child(subject, int(cycles), query=kind == "django-query")
+            django_child(
+                subject, int(cycles), query=kind == "django-query", site=kind == "django-site"
+            )
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("bench_instructions: valgrind is not installed (apt-get install valgrind)")
@@ -217,14 +327,38 @@ def main() -> None:
     trees = [("this tree", here)] + ([("before", args.before.resolve())] if args.before else [])
     figures: dict[str, dict[str, float]] = {}
     for label, src in trees:
+        if args.parts:
+            ir = {part: per_cycle("parts", part, src) for part in PARTS}
+            figures[f"{label}: parts"] = ir
+            loop = ir["loop"]
+            net = {part: ir[part] - loop for part in PARTS[:-1]}
+            rest = net["wrapper"] - net["engine"]
+            django_own = net["signals"] - net["receivers"]
+            left = net["cycle"] - net["signals"] - net["wrapper"]
+            print(
+                f"{label:10} connguard's Django cycle, no query (instructions, each without "
+                f"the loop's {loop:,.0f}): cycle {net['cycle']:,.0f} = Django's request "
+                f"signals {django_own:,.0f} + connguard's receivers {net['receivers']:,.0f} "
+                f"+ acquire and release through the wrapper {net['wrapper']:,.0f} (the "
+                f"engine's {net['engine']:,.0f}, the Django layer's {rest:,.0f}) + "
+                f"the rest {left:,.0f}",
+                flush=True,
+            )
+            continue
         if args.only in (None, "django"):
-            kind = "django-query" if args.query else "django"
+            kind = "django-site" if args.site else "django-query" if args.query else "django"
             ir = {alias: per_cycle(kind, alias, src) for alias in DJANGO}
             figures[f"{label}: {kind}"] = ir
             p, n, c, u = (ir[a] for a in DJANGO)
-            what = "one SELECT 1" if args.query else "no query"
+            what = (
+                "cycle, a whole request (GET /one, SELECT 1)"
+                if args.site
+                else "cycle, one SELECT 1"
+                if args.query
+                else "cycle, no query"
+            )
             print(
-                f"{label:10} Django cycle, {what} (instructions): persistent {p:,.0f}  "
+                f"{label:10} Django {what} (instructions): persistent {p:,.0f}  "
                 f"native {n:,.0f}  connguard {u:,.0f} to {c:,.0f}   "
                 f"connguard/persistent {u / p:.2f} to {c / p:.2f}  "
                 f"connguard/native {u / n:.2f} to {c / n:.2f}",

@@ -1,0 +1,90 @@
+"""A whole request through Django's handler, in-process: what ``bench_instructions.py
+--site`` counts (and anyone can time). The site is the one ``django-admin
+startproject`` makes (its seven middleware, auth, sessions, messages), with one view
+that runs ``SELECT 1`` through a cursor; each request is a WSGI call of Django's
+``WSGIHandler``, as a server makes it, with the response read and closed.
+
+Unlike the bare cycle (``request_started``, ``ensure_connection()``,
+``request_finished``), this pays for what a real request does around the database:
+URL resolution, middleware, the response, and an acquire whose site is walked from
+the view's query up to Django's handler."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+]
+
+
+def settings_for(database: dict[str, Any], connguard: bool) -> dict[str, Any]:
+    """``settings.configure()`` keywords for the site on ``database``."""
+    return {
+        "DATABASES": {"default": database},
+        "INSTALLED_APPS": APPS + (["connguard.django"] if connguard else []),
+        "MIDDLEWARE": MIDDLEWARE,
+        "ROOT_URLCONF": __name__,
+        "ALLOWED_HOSTS": ["*"],
+        "SECRET_KEY": "bench-site-not-secret",
+        "USE_TZ": True,
+        "TIME_ZONE": "UTC",
+    }
+
+
+def one(request: Any) -> Any:
+    from django.db import connection
+    from django.http import HttpResponse
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+    return HttpResponse("ok")
+
+
+def _urls() -> list[Any]:
+    from django.urls import path
+
+    return [path("one", one)]
+
+
+def __getattr__(name: str) -> Any:  # urlpatterns, built once Django is set up
+    if name == "urlpatterns":
+        return _urls()
+    raise AttributeError(name)
+
+
+def requester() -> Any:
+    """A function that makes one request (``GET /one``) and checks its answer."""
+    from django.core.handlers.wsgi import WSGIHandler
+
+    handler = WSGIHandler()
+
+    def start_response(status: str, headers: Any) -> None:
+        if not status.startswith("200"):
+            raise RuntimeError(f"GET /one answered {status}")
+
+    def request() -> None:
+        environ = {
+            "REQUEST_METHOD": "GET", "PATH_INFO": "/one", "QUERY_STRING": "",
+            "SERVER_NAME": "bench", "SERVER_PORT": "80", "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(),
+        }  # fmt: skip
+        response = handler(environ, start_response)
+        b"".join(response)
+        response.close()
+
+    return request
