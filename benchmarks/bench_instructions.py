@@ -281,7 +281,9 @@ def count(kind: str, subject: str, cycles: int, src: Path) -> int:
         "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
         sys.executable, __file__, "--child", kind, subject, str(cycles),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(src)}
+    # A fixed hash seed: dicts and sets laid out the same in every run, which makes
+    # two runs of the same tree agree to a few hundred instructions, not thousands.
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONHASHSEED": "0"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     found = re.search(r"Collected : ([\d,]+)", out.stderr)
     if out.returncode != 0 or found is None:

@@ -287,31 +287,6 @@ def _run_in_child(body: Callable[[], dict[str, Any]], within: float = 10.0) -> d
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
-def test_scopes_made_in_a_forked_child_never_wait_on_a_lock_held_at_the_fork(
-    driver: FakeDriver,
-) -> None:
-    """Scopes share a few striped locks. One held by a parent thread when the process
-    forks (here this thread holds a scope's) stays held for ever in the child, so the
-    child's scopes must not use the parent's: 128 new scopes cover every stripe."""
-    pool = Pool(driver, PoolConfig(min_size=0, max_size=1), name="fork-scopes")
-    held = Scope("parent")
-
-    def child() -> dict[str, Any]:
-        for n in range(128):
-            job = Scope(f"child-{n}")
-            job.add(pool.acquire(owner=job, timeout=2))
-            job.end()
-        return {"scopes": 128}
-
-    try:
-        with held._lock:
-            result = _run_in_child(child)
-    finally:
-        pool.close()
-    assert result == {"scopes": 128}, result
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
 def test_forked_child_gets_housekeeping_and_clean_counters(
     driver: FakeDriver, clock: ManualClock
 ) -> None:
@@ -783,12 +758,11 @@ def _collect_after() -> Iterator[None]:
 def test_a_lease_added_while_its_scope_ends_elsewhere_is_released(
     scoped_pool: Pool, monkeypatch: pytest.MonkeyPatch, held_before: bool
 ) -> None:
-    """Scope.end() takes no lock when it finds no active lease. The interleaving that
-    could lose one: add() has seen the scope open and is about to append when end()
-    runs in another thread, finds nothing active and returns. add() must then see the
-    scope ended and release the lease itself. Forced here by pausing add() where it
-    makes the weak reference it appends (``held_before``: the scope already lists a
-    released lease, so add() takes its pruning path first)."""
+    """A scope takes no lock. The interleaving that could lose a lease: add() is
+    about to record it when end() runs in another thread, finds nothing active and
+    returns. add() must then see the scope ended and release the lease itself.
+    Forced here by pausing add() where it makes the weak reference it records
+    (``held_before``: the scope already lists a lease given back)."""
     import sys
 
     scope_module = sys.modules["connguard.scope"]  # the package's name is the class
@@ -818,6 +792,7 @@ def test_a_lease_added_while_its_scope_ends_elsewhere_is_released(
         ender.start()
         ender.join(5)
         assert not ender.is_alive(), "end() waited for the add() in progress"
+        assert not job.leases(), "end() saw a lease add() had not recorded yet"
     finally:
         go.set()
         adder.join(5)
@@ -873,3 +848,23 @@ def test_leases_added_from_many_threads_as_their_scope_ends_are_all_released(
     finally:
         sys.setswitchinterval(interval)
         pool.close()
+
+
+def test_release_all_keeps_a_pinned_lease_only_when_early(scoped_pool: Pool) -> None:
+    """``release_all(early=True)`` (the response is ready) keeps a lease with a
+    transaction open; without ``early`` every active lease goes, pinned or not, and
+    those given back already are not counted."""
+    job = Scope("job")
+    pinned, plain, returned = (scoped_pool.acquire(owner=job) for _ in range(3))
+    for lease in (pinned, plain, returned):
+        job.add(lease)
+    returned.release()
+    raw = pinned.raw
+    assert isinstance(raw, FakeConnection)
+    raw.status = TxStatus.INTRANS
+    assert job.release_all(early=True) == 1
+    assert pinned.active and not plain.active
+    assert job.leases() == [pinned]
+    assert job.release_all() == 1
+    assert not pinned.active and job.leases() == []
+    assert scoped_pool.stats().in_use == 0

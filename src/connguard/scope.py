@@ -24,7 +24,6 @@ import functools
 import inspect
 import itertools
 import logging
-import os
 import threading
 import time
 import weakref
@@ -42,34 +41,18 @@ R = TypeVar("R")
 
 _ids = itertools.count(1)
 
-# Scopes share a small set of locks, picked by id: a request makes a scope, and
-# allocating a lock for each costs more than the rare contention of sharing one (each
-# critical section is a few list operations; no code holds two of these locks).
-_LOCKS: tuple[threading.Lock, ...] = ()
-
-
-def _new_locks() -> None:
-    """Made at import, and again in a forked child: a lock some parent thread held at
-    the fork stays held for ever there, so scopes made in the child take fresh ones
-    (those inherited keep theirs; nothing in the child works for them)."""
-    global _LOCKS
-    _LOCKS = tuple(threading.Lock() for _ in range(64))
-
-
-_new_locks()
-os.register_at_fork(after_in_child=_new_locks)
-
 
 class Scope:
     """A unit of work that owns leases.
 
-    Thread-safe: leases may be added from any thread that runs in the scope's
-    context, and :meth:`end` may be called from any thread.
+    Thread-safe without a lock: leases may be added from any thread that runs in the
+    scope's context, and :meth:`end` may be called from any thread. The leases are a
+    set of weak references, and each of the set's operations used here (add,
+    discard, a copy) is one call into C that no other thread can interleave with;
+    what spans two steps is argued where it happens (:meth:`add`, :meth:`end`).
     """
 
-    __slots__ = (
-        "_leases", "_lock", "ended", "id", "info", "journal", "kind", "name", "started_at"
-    )  # fmt: skip
+    __slots__ = ("_held", "ended", "id", "info", "journal", "kind", "name", "started_at")
 
     def __init__(self, name: str, kind: str = "scope", info: dict[str, Any] | None = None) -> None:
         self.id = next(_ids)
@@ -78,12 +61,13 @@ class Scope:
         self.info: dict[str, Any] = info if info is not None else {}  # method, path, view...
         self.started_at = time.monotonic()
         self.ended = False
-        self._lock = _LOCKS[self.id & 63]
         # Weak: a scope never keeps alive a lease its holder dropped (the pool's
-        # backstop takes those back and says where they were acquired). A list of
-        # plain weak references, not a WeakSet: a scope holds one or two leases, and
-        # a WeakSet costs microseconds per request to make and to empty.
-        self._leases: list[weakref.ref[Lease]] = []
+        # backstop takes those back and says where they were acquired). A plain set of
+        # weak references, not a WeakSet: a scope holds one or two leases, and a
+        # WeakSet costs microseconds per request to make and to empty. A reference
+        # hashes as its lease did when it was added, and a dead one equals only
+        # itself, so discarding one never removes another lease's.
+        self._held: set[weakref.ref[Lease]] = set()
         # When a tool watches this scope (the debug-toolbar panel), a list it reads
         # back: each lease taken in the scope, with the alias and how long the taker
         # waited. None (the default) costs the acquire path one attribute read.
@@ -93,34 +77,29 @@ class Scope:
         """Record ``lease`` as owned by this scope.
 
         Adding to an ended scope releases the lease at once: work that outlives its
-        scope must not keep a connection nobody will return.
+        scope must not keep a connection nobody will return. The lease is recorded
+        first and ``ended`` read after: :meth:`end` sets ``ended`` first and reads
+        the set after, so of the two threads at least one sees the lease and
+        releases it (releasing twice does nothing).
 
-        Leases given back meanwhile are forgotten here, not at their release: a
-        scope that acquires again and again (a thread's, a long task's, a request
-        under transaction-level release) keeps a list as long as what it holds, and
-        a release costs no lock of the scope's.
+        Leases given back are forgotten here, not at their release (which costs the
+        scope nothing): once the set holds eight, those no longer active go. A scope
+        that acquires again and again (a thread's, a long task's, a request under
+        transaction-level release) keeps a set about as large as what it holds.
         """
-        with self._lock:
-            if not self.ended:
-                leases = self._leases
-                if leases:
-                    last = leases[-1]()
-                    if last is None or not last.active:  # the common case: the latest
-                        leases.pop()
-                    if len(leases) >= 8:  # released out of order: sweep them all
-                        self._leases = leases = [
-                            ref for ref in leases if (held := ref()) is not None and held.active
-                        ]
-                leases.append(weakref.ref(lease))
-                if not self.ended:
-                    return
-                # end() ran meanwhile without the lock (its common case, see there)
-                # and may not have seen this lease: released here, maybe twice.
-        lease.release()
+        held = self._held
+        held.add(weakref.ref(lease))
+        if self.ended:
+            lease.release()
+            return
+        if len(held) >= 8:
+            for ref in list(held):
+                kept = ref()
+                if kept is None or not kept.active:  # never active again
+                    held.discard(ref)
 
     def leases(self) -> list[Lease]:
-        with self._lock:
-            return [lease for ref in self._leases if (lease := ref()) is not None and lease.active]
+        return [lease for ref in list(self._held) if (lease := ref()) is not None and lease.active]
 
     def release_all(self, *, early: bool = False) -> int:
         """Give back every lease taken in the scope; the scope stays open.
@@ -131,17 +110,14 @@ class Scope:
         pinned, with a transaction or a server-side cursor open; taking those away
         would break a streaming export half way. They go back when the scope ends.
         """
-        with self._lock:
-            leases = [lease for ref in self._leases if (lease := ref()) is not None]
-            if early:
-                kept = [lease for lease in leases if lease.active and lease.pinned]
-                leases = [lease for lease in leases if lease not in kept]
-            else:
-                kept = []
-            self._leases = [weakref.ref(lease) for lease in kept]
         count = 0
-        for lease in leases:
-            if lease.active:
+        held = self._held
+        for ref in list(held):
+            lease = ref()
+            if lease is None or not lease.active:
+                held.discard(ref)
+            elif not (early and lease.pinned):
+                held.discard(ref)
                 count += 1
                 lease.release()
         return count
@@ -149,22 +125,11 @@ class Scope:
     def end(self) -> int:
         """End the scope: release every lease and refuse new ones. Idempotent.
 
-        The common case (the request gave its leases back already) takes no lock: it
-        sets ``ended``, then finds no active lease in the list. An :meth:`add` in
-        progress in another thread appends, then reads ``ended`` again: a lease this
-        look missed was appended after ``ended`` was set, and that read sees it, so
-        one of the two threads releases it (releasing twice does nothing)."""
+        ``ended`` is set before the set is read: a lease :meth:`add` records after
+        that read is one whose adder then sees ``ended`` and releases it itself."""
         self.ended = True
-        for ref in self._leases:
-            held = ref()
-            if held is not None and held.active:
-                break
-        else:
-            return 0
-        with self._lock:
-            refs, self._leases = self._leases, []
         released = 0
-        for ref in refs:
+        for ref in list(self._held):
             lease = ref()
             if lease is not None and lease.active:
                 released += 1
