@@ -830,3 +830,37 @@ def test_a_query_from_an_event_loops_thread_is_refused_as_django_refuses_it(
     asyncio.run(from_the_loop())
     monkeypatch.delenv("DJANGO_ALLOW_ASYNC_UNSAFE")
     assert scalar(wrapper, "SELECT 1") == 1  # no loop in this thread any more
+
+
+def test_an_asgi_requests_scope_ends_when_its_context_is_collected(
+    django_db: dict[str, Any],
+) -> None:
+    """Under ASGI the request's scope is found through asgiref's per-request
+    ThreadSensitiveContext, and ends when that context is collected: a request whose
+    client hung up mid-stream never finishes, and its leases must not stay owned by
+    an open scope."""
+    from asgiref.sync import SyncToAsync, ThreadSensitiveContext
+
+    from connguard.django import scopes
+
+    seen: dict[str, Any] = {}
+
+    def request() -> None:
+        context = ThreadSensitiveContext()
+        token = SyncToAsync.thread_sensitive_context.set(context)
+        try:
+            scopes.request_started(None, scope={"method": "GET", "path": "/asgi-gone"})
+            found = scopes.asgi_request_scope()
+            seen["scope"] = found
+            seen["open while the context lives"] = found is not None and not found.ended
+        finally:
+            SyncToAsync.thread_sensitive_context.reset(token)
+        # Never finished: no request_finished. The context goes with this frame.
+
+    contextvars.copy_context().run(request)
+    gc.collect()
+    scope = seen["scope"]
+    assert scope is not None and scope.info["path"] == "/asgi-gone"
+    assert seen["open while the context lives"]
+    assert scope.ended, "the request's context was collected, its scope is still open"
+    assert all(found is not scope for found in scopes._request_contexts.values())

@@ -26,8 +26,23 @@ from connguard.scope import Scope, begin, finish, set_ambient_lookup
 logger = logging.getLogger("connguard.django")
 
 _installed = False
-_request_contexts: weakref.WeakKeyDictionary[Any, Scope] = weakref.WeakKeyDictionary()
 _thread_sensitive_context = SyncToAsync.thread_sensitive_context
+
+# Each ASGI request's context, weakly, to its scope. One weak reference per request
+# whose callback (the context collected: the request is over, finished or not) both
+# forgets the entry and ends the scope: a WeakKeyDictionary entry and a
+# weakref.finalize cost some 11,000 instructions more per request. A reference hashes
+# and compares as its context, so a new reference to it finds the entry.
+_request_contexts: dict[weakref.ref[Any], Scope] = {}
+
+
+def _context_collected(ref: weakref.ref[Any]) -> None:
+    # Runs in whichever thread collects the context, at any moment: a dict operation
+    # and a flag only, no lock (the pool's housekeeping takes back the scope's leases
+    # that are not in use, "orphaned").
+    scope = _request_contexts.pop(ref, None)
+    if scope is not None:
+        scope.ended = True
 
 
 def asgi_request_scope() -> Scope | None:
@@ -35,7 +50,7 @@ def asgi_request_scope() -> Scope | None:
     context = _thread_sensitive_context.get(None)
     if context is None:
         return None
-    return _request_contexts.get(context)
+    return _request_contexts.get(weakref.ref(context))
 
 
 _publishing = False  # this process publishes its status (reset in a forked child)
@@ -79,17 +94,10 @@ def request_started(sender: Any, environ: Any = None, scope: Any = None, **kwarg
     begin(opened)  # ends the previous request's, if it never finished (no response.close())
     context = _thread_sensitive_context.get(None)
     if context is not None:
-        _request_contexts[context] = opened
         # If the request never finishes (a client that hung up mid-stream: Django's
         # ASGI handler then never closes the response), the scope still ends when the
-        # request's context is collected. Only a flag is set here, since a finalizer
-        # may run in any thread at any moment; the pool's housekeeping takes back the
-        # scope's leases that are not in use ("orphaned").
-        weakref.finalize(context, _mark_ended, opened)
-
-
-def _mark_ended(scope: Scope) -> None:
-    scope.ended = True
+        # request's context is collected (_context_collected).
+        _request_contexts[weakref.ref(context, _context_collected)] = opened
 
 
 def request_finished(sender: Any, **kwargs: Any) -> None:
