@@ -42,13 +42,21 @@ R = TypeVar("R")
 _ids = itertools.count(1)
 
 
+def _forget(held: list[weakref.ref[Lease]], ref: weakref.ref[Lease]) -> None:
+    """Remove ``ref`` from a scope's list; another thread may have removed it first."""
+    try:
+        held.remove(ref)
+    except ValueError:
+        pass
+
+
 class Scope:
     """A unit of work that owns leases.
 
     Thread-safe without a lock: leases may be added from any thread that runs in the
     scope's context, and :meth:`end` may be called from any thread. The leases are a
-    set of weak references, and each of the set's operations used here (add,
-    discard, a copy) is one call into C that no other thread can interleave with;
+    list of weak references, and each of the list's operations used here (append,
+    remove, a copy) is one call into C that no other thread can interleave with;
     what spans two steps is argued where it happens (:meth:`add`, :meth:`end`).
     """
 
@@ -62,12 +70,14 @@ class Scope:
         self.started_at = time.monotonic()
         self.ended = False
         # Weak: a scope never keeps alive a lease its holder dropped (the pool's
-        # backstop takes those back and says where they were acquired). A plain set of
-        # weak references, not a WeakSet: a scope holds one or two leases, and a
-        # WeakSet costs microseconds per request to make and to empty. A reference
-        # hashes as its lease did when it was added, and a dead one equals only
-        # itself, so discarding one never removes another lease's.
-        self._held: set[weakref.ref[Lease]] = set()
+        # backstop takes those back and says where they were acquired). A plain list
+        # of weak references, not a WeakSet: a scope holds one or two leases, and a
+        # WeakSet costs microseconds per request to make and to empty (a set, about
+        # 1,000 instructions more than a list). A live reference equals another to
+        # the same lease, a dead one only itself, so removing one never removes
+        # another lease's; it is read through a copy, never iterated in place (an
+        # item removed meanwhile would make the walk skip the next).
+        self._held: list[weakref.ref[Lease]] = []
         # When a tool watches this scope (the debug-toolbar panel), a list it reads
         # back: each lease taken in the scope, with the alias and how long the taker
         # waited. None (the default) costs the acquire path one attribute read.
@@ -88,7 +98,7 @@ class Scope:
         transaction-level release) keeps a set about as large as what it holds.
         """
         held = self._held
-        held.add(weakref.ref(lease))
+        held.append(weakref.ref(lease))
         if self.ended:
             lease.release()
             return
@@ -96,7 +106,7 @@ class Scope:
             for ref in list(held):
                 kept = ref()
                 if kept is None or not kept.active:  # never active again
-                    held.discard(ref)
+                    _forget(held, ref)
 
     def leases(self) -> list[Lease]:
         return [lease for ref in list(self._held) if (lease := ref()) is not None and lease.active]
@@ -115,9 +125,9 @@ class Scope:
         for ref in list(held):
             lease = ref()
             if lease is None or not lease.active:
-                held.discard(ref)
+                _forget(held, ref)
             elif not (early and lease.pinned):
-                held.discard(ref)
+                _forget(held, ref)
                 count += 1
                 lease.release()
         return count
