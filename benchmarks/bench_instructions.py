@@ -120,7 +120,7 @@ def django_child(alias: str, cycles: int, query: bool = False, site: bool = Fals
                 connection.close_pool()
 
 
-PARTS = ("cycle", "signals", "receivers", "wrapper", "engine", "loop")
+PARTS = ("cycle", "signals", "receivers", "asgi", "wrapper", "engine", "loop")
 
 
 def parts_child(part: str, cycles: int) -> None:
@@ -128,7 +128,9 @@ def parts_child(part: str, cycles: int) -> None:
     (``connguard-untested``): ``signals``: ``request_started`` and
     ``request_finished`` sent with no lease taken (Django's receivers and connguard's);
     ``receivers``: connguard's two receivers alone (the request's scope made, made
-    current and ended); ``wrapper``: ``ensure_connection()`` and Django's
+    current and ended); ``asgi``: the same for an ASGI request (found through
+    asgiref's per-request context, which each turn makes anew, as a request does);
+    ``wrapper``: ``ensure_connection()`` and Django's
     ``close_if_unusable_or_obsolete()`` on the wrapper, in an open scope (the acquire
     and the release as Django makes them); ``engine``: the pool's ``acquire()`` and
     ``release()`` under them; ``loop``: a call of an empty function (subtracted)."""
@@ -175,6 +177,17 @@ def parts_child(part: str, cycles: int) -> None:
             scopes.request_started(None)
             scopes.request_finished(None)
 
+        from asgiref.sync import SyncToAsync, ThreadSensitiveContext
+
+        asgi_scope = {"type": "http", "method": "GET", "path": "/"}
+        per_request = SyncToAsync.thread_sensitive_context
+
+        def asgi() -> None:
+            token = per_request.set(ThreadSensitiveContext())
+            scopes.request_started(None, scope=asgi_scope)
+            scopes.request_finished(None)
+            per_request.reset(token)
+
         def wrapped() -> None:
             wrapper.ensure_connection()
             wrapper.close_if_unusable_or_obsolete()
@@ -186,10 +199,10 @@ def parts_child(part: str, cycles: int) -> None:
             pass
 
         run = {
-            "cycle": cycle, "signals": signals, "receivers": receivers,
+            "cycle": cycle, "signals": signals, "receivers": receivers, "asgi": asgi,
             "wrapper": wrapped, "engine": engine, "loop": loop,
         }[part]  # fmt: skip
-        if part in ("cycle", "signals", "receivers"):
+        if part in ("cycle", "signals", "receivers", "asgi"):
             scopes.request_finished(None)  # these make scopes of their own
         for _ in range(300 + cycles):
             run()
@@ -343,7 +356,7 @@ def main() -> None:
                 f"signals {django_own:,.0f} + connguard's receivers {net['receivers']:,.0f} "
                 f"+ acquire and release through the wrapper {net['wrapper']:,.0f} (the "
                 f"engine's {net['engine']:,.0f}, the Django layer's {rest:,.0f}) + "
-                f"the rest {left:,.0f}",
+                f"the rest {left:,.0f}; an ASGI request's receivers {net['asgi']:,.0f}",
                 flush=True,
             )
             continue
