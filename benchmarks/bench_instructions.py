@@ -85,22 +85,15 @@ def django_child(alias: str, cycles: int, query: bool = False, site: bool = Fals
 
     sys.path.insert(0, str(HERE))
     from bench_reacquire import databases, request_cycle
-    from bench_site import requester, settings_for
+    from bench_site import bare_settings, requester, settings_for
 
     untested = alias == "connguard-untested"
     alias = "connguard" if untested else alias
     with EmbeddedPostgres() as pg:
         pool: dict[str, Any] = {"liveness_after_idle": None} if untested else {}
         database = databases(pg, **pool)[alias]
-        if site:
-            settings.configure(**settings_for(database, connguard=alias == "connguard"))
-        else:
-            settings.configure(
-                DATABASES={"default": database},
-                INSTALLED_APPS=["connguard.django"] if alias == "connguard" else [],
-                USE_TZ=True,
-                TIME_ZONE="UTC",
-            )
+        configure = settings_for if site else bare_settings
+        settings.configure(**configure(database, connguard=alias == "connguard"))
         django.setup()
         from django.db import connection
 
@@ -141,14 +134,11 @@ def parts_child(part: str, cycles: int) -> None:
 
     sys.path.insert(0, str(HERE))
     from bench_reacquire import databases, request_cycle
+    from bench_site import bare_settings
 
     with EmbeddedPostgres() as pg:
-        settings.configure(
-            DATABASES={"default": databases(pg, liveness_after_idle=None)["connguard"]},
-            INSTALLED_APPS=["connguard.django"],
-            USE_TZ=True,
-            TIME_ZONE="UTC",
-        )
+        database = databases(pg, liveness_after_idle=None)["connguard"]
+        settings.configure(**bare_settings(database, connguard=True))
         django.setup()
         from django.core.signals import request_finished, request_started
         from django.db import connection, connections

@@ -14,6 +14,8 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from django.urls import path  # reads no setting: importable before configure()
+
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -31,17 +33,27 @@ APPS = [
 ]
 
 
-def settings_for(database: dict[str, Any], connguard: bool) -> dict[str, Any]:
-    """``settings.configure()`` keywords for the site on ``database``."""
+def bare_settings(database: dict[str, Any], connguard: bool) -> dict[str, Any]:
+    """``settings.configure()`` keywords for the bare cycle's site on ``database``:
+    that one database, and connguard's app when it is connguard's."""
     return {
         "DATABASES": {"default": database},
-        "INSTALLED_APPS": APPS + (["connguard.django"] if connguard else []),
+        "INSTALLED_APPS": ["connguard.django"] if connguard else [],
+        "USE_TZ": True,
+        "TIME_ZONE": "UTC",
+    }
+
+
+def settings_for(database: dict[str, Any], connguard: bool) -> dict[str, Any]:
+    """``settings.configure()`` keywords for the whole site on ``database``."""
+    bare = bare_settings(database, connguard)
+    return {
+        **bare,
+        "INSTALLED_APPS": APPS + bare["INSTALLED_APPS"],
         "MIDDLEWARE": MIDDLEWARE,
         "ROOT_URLCONF": __name__,
         "ALLOWED_HOSTS": ["*"],
         "SECRET_KEY": "bench-site-not-secret",
-        "USE_TZ": True,
-        "TIME_ZONE": "UTC",
     }
 
 
@@ -55,16 +67,7 @@ def one(request: Any) -> Any:
     return HttpResponse("ok")
 
 
-def _urls() -> list[Any]:
-    from django.urls import path
-
-    return [path("one", one)]
-
-
-def __getattr__(name: str) -> Any:  # urlpatterns, built once Django is set up
-    if name == "urlpatterns":
-        return _urls()
-    raise AttributeError(name)
+urlpatterns = [path("one", one)]
 
 
 def requester() -> Any:

@@ -89,13 +89,13 @@ class Scope:
         Adding to an ended scope releases the lease at once: work that outlives its
         scope must not keep a connection nobody will return. The lease is recorded
         first and ``ended`` read after: :meth:`end` sets ``ended`` first and reads
-        the set after, so of the two threads at least one sees the lease and
+        the list after, so of the two threads at least one sees the lease and
         releases it (releasing twice does nothing).
 
         Leases given back are forgotten here, not at their release (which costs the
-        scope nothing): once the set holds eight, those no longer active go. A scope
+        scope nothing): once the list holds eight, those no longer active go. A scope
         that acquires again and again (a thread's, a long task's, a request under
-        transaction-level release) keeps a set about as large as what it holds.
+        transaction-level release) keeps a list about as large as what it holds.
         """
         held = self._held
         held.append(weakref.ref(lease))
@@ -135,7 +135,7 @@ class Scope:
     def end(self) -> int:
         """End the scope: release every lease and refuse new ones. Idempotent.
 
-        ``ended`` is set before the set is read: a lease :meth:`add` records after
+        ``ended`` is set before the list is read: a lease :meth:`add` records after
         that read is one whose adder then sees ``ended`` and releases it itself."""
         self.ended = True
         released = 0

@@ -69,8 +69,8 @@ _MACHINERY_FILES: dict[str, bool] = {}
 
 # Where the walk stops: the frame of Django's handler that calls the view. Above it
 # are only the middleware chain, Django's handler and the server, whose frames a walk
-# to the top of the stack (a view's acquire site has one frame of user code, so the
-# walk would go on looking for two more) turned into objects at about 1,500
+# to the top of the stack (a view's query usually has one or two frames of user
+# code, so the walk would go on looking for more) turned into objects at about 1,500
 # instructions each: some 25 frames under a default middleware stack and a WSGI
 # server. Found once Django's handler module is loaded (before, no request can be on
 # the stack); None until then.
