@@ -605,7 +605,7 @@ def test_django_is_usable_runs_inside_the_fence(connection: Any) -> None:
     real_cursor = raw.cursor
 
     def spying_cursor(*args: Any, **kwargs: Any) -> Any:
-        seen.append(lease._busy)
+        seen.append(len(lease._busy))
         return real_cursor(*args, **kwargs)
 
     raw.cursor = spying_cursor

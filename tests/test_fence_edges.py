@@ -28,7 +28,7 @@ import pytest
 
 from connguard.drivers import load_driver
 from connguard.drivers.session import changes_session
-from connguard.pool import Pool, PoolConfig, PoolTimeout, TxStatus, maintenance
+from connguard.pool import Lease, LeaseEnded, Pool, PoolConfig, PoolTimeout, TxStatus, maintenance
 
 from .fakes import FakeConnection, FakeDriver, ManualClock, wait_until
 
@@ -892,3 +892,188 @@ def test_returned_leases_leave_nothing_for_the_dropped_lease_backstop() -> None:
     pool.housekeep()
     assert pool.stats().dropped == 1 and pool.stats().in_use == 0
     pool.close()
+
+
+# --------------------------------------------------------------------------- 9
+# Uses take no lock (a query makes three): a use is counted before it reads the fence,
+# a release sets the fence before it counts the uses. Each test pauses one side at the
+# point between its two steps and runs the other side through.
+
+
+def pause_at_line(
+    code: Any, text: str
+) -> tuple[Callable[..., Any], threading.Event, threading.Event]:
+    """A runner that traces ``code`` and pauses its thread at the first line holding
+    ``text``, once: it sets ``at_line`` there and waits for ``go``."""
+    target = next(
+        line
+        for line in range(code.co_firstlineno, code.co_firstlineno + 80)
+        if text in linecache.getline(code.co_filename, line)
+    )
+    at_line, go = threading.Event(), threading.Event()
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not code:
+            return None
+
+        def local(f: Any, e: str, a: Any) -> Any:
+            if e == "line" and f.f_lineno == target and not at_line.is_set():
+                at_line.set()
+                assert go.wait(5)
+            return local
+
+        return local
+
+    def run(function: Callable[..., Any], *args: Any) -> Any:
+        sys.settrace(tracer)
+        try:
+            return function(*args)
+        finally:
+            sys.settrace(None)
+
+    return run, at_line, go
+
+
+def test_a_use_counted_before_a_release_is_waited_for_and_finishes_it() -> None:
+    """enter() has counted its use but not read the fence when a release runs through:
+    the release sees the use, so it revokes and leaves the connection where it is; the
+    use then reads the fence set, backs out with LeaseEnded, and, being the last use
+    out, finishes the release."""
+    pool = fake_pool(FakeDriver())
+    lease = pool.acquire()
+    run, at_line, go = pause_at_line(Lease.enter.__code__, "conn = self._conn")
+    outcome: list[str] = []
+
+    def use() -> None:
+        try:
+            run(lease.enter)
+            outcome.append("entered")
+        except LeaseEnded:
+            outcome.append("LeaseEnded")
+
+    user = threading.Thread(target=use)
+    user.start()
+    try:
+        assert at_line.wait(5)  # counted, fence not read yet
+        pool.release(lease)
+        assert lease._conn is not None, "the release handed on a connection with a use counted"
+    finally:
+        go.set()
+        user.join(5)
+    assert outcome == ["LeaseEnded"]
+    assert lease._conn is None and pool.stats().idle == 1 and pool.stats().in_use == 0
+    pool._check_invariants()
+    pool.close()
+
+
+def test_a_use_starting_as_a_release_counts_backs_out_and_the_release_finishes() -> None:
+    """The release has set the fence but not counted the uses when enter() runs: the
+    use reads the fence set and backs out (its finish waits for the release's lock);
+    the release then counts no use and finishes, once."""
+    pool = fake_pool(FakeDriver())
+    lease = pool.acquire()
+    run, at_line, go = pause_at_line(Pool.release.__code__, "if lease._busy:")
+    releaser = threading.Thread(target=run, args=(pool.release, lease))
+    releaser.start()
+    outcome: list[str] = []
+
+    def use() -> None:
+        try:
+            lease.enter()
+            outcome.append("entered")
+        except LeaseEnded:
+            outcome.append("LeaseEnded")
+
+    user = threading.Thread(target=use)
+    try:
+        assert at_line.wait(5)  # fence set, uses not counted yet
+        user.start()
+        # The use backs out, then waits for the lease's lock to learn who finishes.
+        wait_until(lambda: outcome or not lease._busy)
+    finally:
+        go.set()
+        releaser.join(5)
+        user.join(5)
+    assert outcome == ["LeaseEnded"]
+    stats = pool.stats()
+    assert lease._conn is None and stats.idle == 1 and stats.in_use == 0
+    assert stats.revoked == 0, "a use that backed out was taken for one in progress"
+    pool._check_invariants()
+    pool.close()
+
+
+def test_a_use_ending_as_a_release_runs_through_is_finished_once() -> None:
+    """exit() has uncounted its use but not read the fence when a release runs
+    through: the release counts no use and finishes; the exit then sees the fence
+    and a finished lease, and does nothing more (the connection is given back once)."""
+    pool = fake_pool(FakeDriver())
+    lease = pool.acquire()
+    lease.enter()
+    run, at_line, go = pause_at_line(Lease.exit.__code__, "if self._ending and not busy:")
+    user = threading.Thread(target=run, args=(lease.exit,))
+    user.start()
+    try:
+        assert at_line.wait(5)
+        pool.release(lease)
+        assert lease._conn is None, "the release waited for a use that had ended"
+    finally:
+        go.set()
+        user.join(5)
+    stats = pool.stats()
+    assert stats.idle == 1 and stats.in_use == 0 and stats.revoked == 0
+    pool._check_invariants()
+    pool.close()
+
+
+def test_uses_from_many_threads_as_their_lease_is_released_never_outlive_it() -> None:
+    """The same races left to the scheduler, many times: four threads use one lease
+    in a loop while the main thread releases it at a moment of its choosing. No use
+    that entered ever sees the lease ended under it, and the connection comes back
+    exactly once."""
+    import random
+
+    rng = random.Random(7)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between nearly any two bytecodes
+    try:
+        for _ in range(40):
+            pool = fake_pool(FakeDriver())
+            lease = pool.acquire()
+            started = threading.Barrier(5)
+            uses: list[int] = []
+            broken: list[str] = []
+
+            def work(
+                lease: Any = lease, started: Any = started, uses: Any = uses, broken: Any = broken
+            ) -> None:
+                started.wait(5)
+                while True:
+                    try:
+                        lease.enter()
+                    except LeaseEnded:
+                        return
+                    try:
+                        uses.append(1)
+                        for _ in range(3):
+                            if lease._conn is None:
+                                broken.append("the lease ended under a use in progress")
+                    finally:
+                        lease.exit()
+
+            threads = [threading.Thread(target=work) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            started.wait(5)
+            after = rng.randrange(1, 200)
+            while len(uses) < after:
+                pass
+            pool.release(lease)
+            for thread in threads:
+                thread.join(5)
+            assert not broken, broken[0]
+            stats = pool.stats()
+            assert lease._conn is None and stats.idle == 1 and stats.in_use == 0
+            pool._check_invariants()
+            pool.close()
+    finally:
+        sys.setswitchinterval(interval)

@@ -52,7 +52,7 @@ def reset_in_child(pool: Pool) -> None:
         lease = ref()
         if lease is not None:
             lease._guard = threading.Lock()
-            lease._busy = 0
+            lease._busy = []
             lease._ending = True
             lease._conn = None
     pool._lock = threading.Lock()

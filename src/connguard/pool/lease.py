@@ -1,14 +1,17 @@
 """A lease: one checkout of one connection, and the fence that enforces it.
 
 Only the lease's holder may reach the physical connection, and only while the lease
-is active. Every use is bracketed: :meth:`Lease.enter` checks the fence and marks the
-lease *busy* under the lease's own lock, :meth:`Lease.exit` unmarks it. Ending a lease
-(:meth:`Pool.release`, from any thread) sets the fence under the same lock, so a use
+is active. Every use is bracketed: :meth:`Lease.enter` marks the lease *busy*, then
+checks the fence; :meth:`Lease.exit` unmarks it, then looks whether the lease ended
+meanwhile. Ending a lease (:meth:`Pool.release`, from any thread) sets the fence, then
+counts the uses in progress. Either order sees the other's first step, so a use
 either started before the end (and the end waits for it: the running statement is
 cancelled, and the thread that was using the connection finishes the release when it
-lets go) or fails with :class:`LeaseEnded`. No thread ever does I/O on a connection
-another thread may be using (libpq forbids it, and closing a socket under a running
-statement frees a slot while the server still runs the statement).
+lets go) or fails with :class:`LeaseEnded`. The uses take no lock (see
+:meth:`Lease.enter`); who finishes an ending lease is decided under the lease's lock.
+No thread ever does I/O on a connection another thread may be using (libpq forbids
+it, and closing a socket under a running statement frees a slot while the server
+still runs the statement).
 
 :attr:`Lease.connection` is a :class:`FencedConnection`: a proxy whose every method
 call (and every cursor it makes) goes through the fence, in the manner of SQLAlchemy's
@@ -120,8 +123,12 @@ class Lease:
     ) -> None:
         self._pool = pool
         self._conn: _Conn | None = conn  # None once the lease has ended
-        self._guard = threading.Lock()  # guards _busy and _ending
-        self._busy = 0  # uses in progress (enter() without exit())
+        # Guards the ending's flags (_ending, _cancelling, _finishing): who revokes,
+        # who finishes. Uses in progress do not take it (see enter()).
+        self._guard = threading.Lock()
+        # Uses in progress (enter() without exit()), one item each: a list, because
+        # append() and pop() are each one step no other thread can split.
+        self._busy: list[None] = []
         self._ending = False  # the fence: set once, when the lease starts to end
         # A revoking thread is sending a cancel: the release must wait for it, or the
         # cancel could reach the connection's next holder.
@@ -161,34 +168,52 @@ class Lease:
 
         Every ``enter()`` must be paired with :meth:`exit` (``try/finally``), also when
         the use fails: the lease cannot end while a use is in progress.
+
+        No lock: a query makes three uses (cursor, execute, fetch), and a lock's
+        ``with`` costs more than the rest of the fence. The use is counted first
+        (one ``append``), the fence read after; :meth:`Pool.release` sets the fence
+        first and counts after. So if the release counted no use, this use reads the
+        fence set and backs out; if this use read the fence unset, the release
+        counted it and waits for its :meth:`exit`.
         """
-        with self._guard:
-            conn = self._conn
-            if conn is not None and not self._ending:
-                self._busy += 1
-                self._uses += 1
-                return conn.raw
-        # Made outside the lock: the allocation may run the garbage collector, which
-        # may finish an abandoned use of this very lease (exit() takes the lock).
+        busy = self._busy
+        busy.append(None)
+        conn = self._conn
+        if conn is not None and not self._ending:
+            # Housekeeping's progress mark (socket_timeout). Two threads using one
+            # lease at once may lose an increment; the count still moves.
+            self._uses += 1
+            return conn.raw
+        # Backing out: a release may have counted this use and left the finish to it.
+        busy.pop()
+        if self._ending and not busy:
+            self._last_out()
+        # Made after the count is undone: the allocation may run the garbage
+        # collector, which may finish an abandoned use of this very lease.
         raise self._ended()
 
     def exit(self) -> None:
         """End a use begun by :meth:`enter`. If the lease was released meanwhile (from
         another thread), the last use out finishes the release, in this thread."""
-        with self._guard:
-            self._busy -= 1
-            finish = (
-                self._ending and not self._busy and not self._cancelling and self._conn is not None
-            )
-        if finish:  # a hint: Pool._finish_unused decides again, under the guard
-            pool = self._pool
-            if pool._lock.locked():
-                # Possibly this very thread holds it: a use abandoned in a generator
-                # that the garbage collector closes during an allocation under the
-                # pool's lock. Finishing here could deadlock; the resetter finishes.
-                resetter().submit(pool, self, None)
-            else:
-                pool._finish_unused(self)
+        busy = self._busy
+        busy.pop()
+        if self._ending and not busy:
+            self._last_out()
+
+    def _last_out(self) -> None:
+        """The lease is ending and no use is counted: finish its release, unless a
+        revoke's cancel is still being sent or another thread has claimed the finish
+        (decided again, and claimed, under the lease's lock: a hint here)."""
+        if self._cancelling or self._conn is None:
+            return
+        pool = self._pool
+        if pool._lock.locked():
+            # Possibly this very thread holds it: a use abandoned in a generator
+            # that the garbage collector closes during an allocation under the
+            # pool's lock. Finishing here could deadlock; the resetter finishes.
+            resetter().submit(pool, self, None)
+        else:
+            pool._finish_unused(self)
 
     @contextmanager
     def using(self) -> Iterator[Any]:

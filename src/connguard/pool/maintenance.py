@@ -128,7 +128,7 @@ def abort_stuck(pool: Pool, lease: Lease) -> None:
     # statement, so its backend does not outlive the slot freed when the lease ends.
     # psycopg2's would wait for ever on a black hole, holding the process. Started
     # outside the lease's lock: starting a thread allocates, and a collection then
-    # could finish an abandoned use of this lease, whose exit() takes that lock. The
+    # could end an abandoned use of this lease, whose exit() may take that lock. The
     # connection cannot go to another holder (the reset it now needs fails).
     if getattr(pool.driver, "cancel_bounded", False):
         threading.Thread(
