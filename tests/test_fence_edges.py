@@ -435,6 +435,9 @@ class InterruptedGuard:
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
 
+    def locked(self) -> bool:
+        return self._lock.locked()
+
 
 @pytest.mark.parametrize("busy", [False, True], ids=["outside-the-fence", "revoked"])
 def test_a_signal_while_a_release_clears_its_mark_leaves_no_mark_behind(busy: bool) -> None:
@@ -900,38 +903,77 @@ def test_returned_leases_leave_nothing_for_the_dropped_lease_backstop() -> None:
 # point between its two steps and runs the other side through.
 
 
-def pause_at_line(
-    code: Any, text: str
-) -> tuple[Callable[..., Any], threading.Event, threading.Event]:
-    """A runner that traces ``code`` and pauses its thread at the first line holding
-    ``text``, once: it sets ``at_line`` there and waits for ``go``."""
-    target = next(
-        line
-        for line in range(code.co_firstlineno, code.co_firstlineno + 80)
-        if text in linecache.getline(code.co_filename, line)
-    )
-    at_line, go = threading.Event(), threading.Event()
+class Pauses:
+    """Pause the thread that runs :meth:`run` at the first time it reaches each of
+    ``points`` ((code, text): the first line of ``code`` holding ``text``), in any
+    order: ``at(i)`` is set there, and the thread waits for ``go(i)``."""
 
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        if frame.f_code is not code:
+    def __init__(self, *points: tuple[Any, str]) -> None:
+        self._targets: list[tuple[Any, int, threading.Event, threading.Event]] = []
+        for code, text in points:
+            line = next(
+                line
+                for line in range(code.co_firstlineno, code.co_firstlineno + 80)
+                if text in linecache.getline(code.co_filename, line)
+            )
+            self._targets.append((code, line, threading.Event(), threading.Event()))
+        self._codes = {target[0] for target in self._targets}
+
+    def at(self, index: int) -> threading.Event:
+        return self._targets[index][2]
+
+    def go(self, index: int) -> None:
+        self._targets[index][3].set()
+
+    def go_all(self) -> None:
+        for index in range(len(self._targets)):
+            self.go(index)
+
+    def _tracer(self, frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code not in self._codes:
             return None
 
         def local(f: Any, e: str, a: Any) -> Any:
-            if e == "line" and f.f_lineno == target and not at_line.is_set():
-                at_line.set()
-                assert go.wait(5)
+            if e == "line":
+                for code, line, at, go in self._targets:
+                    if f.f_code is code and f.f_lineno == line and not at.is_set():
+                        at.set()
+                        assert go.wait(5)
             return local
 
         return local
 
-    def run(function: Callable[..., Any], *args: Any) -> Any:
-        sys.settrace(tracer)
+    def run(self, function: Callable[..., Any], *args: Any) -> Any:
+        sys.settrace(self._tracer)
         try:
             return function(*args)
         finally:
             sys.settrace(None)
 
-    return run, at_line, go
+
+def pause_at_line(
+    code: Any, text: str
+) -> tuple[Callable[..., Any], threading.Event, threading.Event]:
+    """A runner that pauses its thread once at the first line of ``code`` holding
+    ``text``: it sets ``at_line`` there and waits for ``go``."""
+    pauses = Pauses((code, text))
+    return pauses.run, pauses.at(0), pauses._targets[0][3]
+
+
+def outcome_of(function: Callable[..., Any], *args: Any) -> tuple[threading.Thread, list[Any]]:
+    """Run ``function`` in a thread of its own; its result or exception lands in the
+    list."""
+    out: list[Any] = []
+
+    def body() -> None:
+        try:
+            out.append(function(*args))
+        except BaseException as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, out
 
 
 def test_a_use_counted_before_a_release_is_waited_for_and_finishes_it() -> None:
@@ -941,7 +983,7 @@ def test_a_use_counted_before_a_release_is_waited_for_and_finishes_it() -> None:
     out, finishes the release."""
     pool = fake_pool(FakeDriver())
     lease = pool.acquire()
-    run, at_line, go = pause_at_line(Lease.enter.__code__, "conn = self._conn")
+    run, at_line, go = pause_at_line(Lease.enter.__code__, "if not self._ending:")
     outcome: list[str] = []
 
     def use() -> None:
@@ -1077,3 +1119,127 @@ def test_uses_from_many_threads_as_their_lease_is_released_never_outlive_it() ->
             pool.close()
     finally:
         sys.setswitchinterval(interval)
+
+
+def test_socket_timeouts_abort_spares_a_lease_whose_release_is_claimed() -> None:
+    """(From a review.) Housekeeping found a use blocked past ``socket_timeout``; the
+    call returns, a release claims the lease (it counted no use) and a late use,
+    already past its first read of the fence, is counted before backing out. Under
+    the lease's lock housekeeping then sees a use counted and no progress, but the
+    connection is about to go to its next holder: it must not be aborted."""
+    clock = ManualClock()
+    pool = Pool(
+        FakeDriver(),
+        PoolConfig(min_size=0, max_size=1, timeout=2.0, socket_timeout=1.0),
+        clock=clock,
+        housekeeping=False,
+    )
+    lease = pool.acquire()
+    conn = lease.raw
+    lease.enter()  # a call blocked in the driver
+    pool.housekeep()  # first sight of it
+    clock.advance(2.0)
+    keeper = Pauses((maintenance.abort_stuck.__code__, "with lease._guard:"))
+    late = Pauses(
+        (Lease.enter.__code__, "busy.append(None)"),
+        (Lease.enter.__code__, "if not self._ending:"),
+    )
+    releaser = Pauses((Pool._finish_release.__code__, "now = self._clock()"))
+    threads: list[threading.Thread] = []
+    try:
+        thread, _ = outcome_of(keeper.run, pool.housekeep)
+        threads.append(thread)
+        assert keeper.at(0).wait(5)  # found stuck; not under the lease's lock yet
+        lease.exit()  # the call returns after all
+        thread, used = outcome_of(late.run, lease.enter)
+        threads.append(thread)
+        assert late.at(0).wait(5)  # past the first read of the fence
+        thread, _ = outcome_of(releaser.run, pool.release, lease)
+        threads.append(thread)
+        assert releaser.at(0).wait(5)  # claimed: no use was counted
+        late.go(0)
+        assert late.at(1).wait(5)  # counted now, about to read the fence again
+        keeper.go(0)
+        threads[0].join(5)
+        assert not threads[0].is_alive()
+        assert conn.aborts == 0, "socket_timeout aborted a connection whose release was claimed"
+    finally:
+        keeper.go_all()
+        late.go_all()
+        releaser.go_all()
+        for thread in threads:
+            thread.join(5)
+    assert isinstance(used[0], LeaseEnded)
+    assert pool.stats().idle == 1 and pool.stats().aborted == 0
+    pool._check_invariants()
+    pool.close()
+
+
+def test_the_garbage_collector_ending_a_use_during_an_abort_does_not_deadlock() -> None:
+    """(From a review.) ``socket_timeout``'s abort calls the driver under the lease's
+    lock, and a real driver allocates there. A collection may then close the abandoned
+    generator whose use is the blocked one, of a lease already revoked: that use's
+    exit() is the last one out, and must not wait for the lock its own thread holds."""
+    clock = ManualClock()
+    pool = Pool(
+        FakeDriver(),
+        PoolConfig(min_size=0, max_size=1, timeout=2.0, socket_timeout=1.0),
+        clock=clock,
+        housekeeping=False,
+    )
+    lease = pool.acquire()
+    collected: list[bool] = []
+
+    def housekeep() -> None:
+        abandon_a_use(lease)  # a use that only the collector ends
+        pool.release(lease)  # revoked: left to that use's exit()
+        pool.housekeep()  # first sight of the use
+        clock.advance(2.0)
+        sys.settrace(collect_at_first_call(FakeDriver.abort.__code__, collected))
+        try:
+            pool.housekeep()  # aborts it, calling the driver under the lease's lock
+        finally:
+            sys.settrace(None)
+
+    assert ends_with_gc_off(housekeep), "deadlocked: exit() from the collector inside the abort"
+    assert collected
+    wait_until(lambda: lease._conn is None)  # finished, by the resetter
+    assert pool.stats().in_use == 0
+    pool.close()
+
+
+def test_a_signal_in_a_late_use_of_a_revoked_lease_strands_no_count() -> None:
+    """(From a review.) A use of a lease whose release waits for another use reads the
+    fence before it counts itself: a signal's exception landing anywhere in its
+    enter() leaves nothing counted, and the lease is finished when the real use ends.
+    Each line of enter() in turn raises KeyboardInterrupt, as a SIGINT handler would."""
+    code = Lease.enter.__code__
+    lines = sorted({line for _, _, line in code.co_lines() if line is not None})
+    for raise_at in lines:
+        pool = fake_pool(FakeDriver())
+        lease = pool.acquire()
+        lease.enter()  # a use in progress
+        pool.release(lease)  # revoked: left to that use's exit()
+
+        def tracer(frame: Any, event: str, arg: Any, raise_at: int = raise_at) -> Any:
+            if frame.f_code is not code:
+                return None
+
+            def local(f: Any, e: str, a: Any) -> Any:
+                if e == "line" and f.f_lineno == raise_at:
+                    raise KeyboardInterrupt
+                return local
+
+            return local
+
+        sys.settrace(tracer)
+        try:
+            lease.enter()
+        except (KeyboardInterrupt, LeaseEnded):
+            pass
+        finally:
+            sys.settrace(None)
+        lease.exit()  # the real use ends
+        assert lease._conn is None, f"a signal at line {raise_at} stranded a count"
+        assert pool.stats().in_use == 0
+        pool.close()

@@ -287,6 +287,31 @@ def _run_in_child(body: Callable[[], dict[str, Any]], within: float = 10.0) -> d
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
+def test_a_use_in_progress_at_a_fork_ends_quietly_in_the_child(
+    driver: FakeDriver, clock: ManualClock
+) -> None:
+    """(From a review.) A process forked inside ``with lease.using():`` (a task queue
+    forking from a view): in the child the inherited lease is fenced, and the use's
+    end there finds its count (the fork keeps the count as it was)."""
+    pool = fake_pool(driver, clock, max_size=1)
+    lease = pool.acquire()
+
+    def child() -> dict[str, Any]:
+        lease.exit()  # the use begun before the fork ends in the child
+        return {"active": lease.active, "in_use": pool.stats().in_use}
+
+    lease.enter()
+    try:
+        answer = _run_in_child(child)
+    finally:
+        lease.exit()
+    assert answer == {"active": False, "in_use": 0}
+    lease.release()
+    assert pool.stats().idle == 1
+    pool.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
 def test_forked_child_gets_housekeeping_and_clean_counters(
     driver: FakeDriver, clock: ManualClock
 ) -> None:

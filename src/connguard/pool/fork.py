@@ -52,7 +52,8 @@ def reset_in_child(pool: Pool) -> None:
         lease = ref()
         if lease is not None:
             lease._guard = threading.Lock()
-            lease._busy = []
+            # Its use count stays: the forking thread may be inside a use, whose
+            # exit() here takes its count off.
             lease._ending = True
             lease._conn = None
     pool._lock = threading.Lock()

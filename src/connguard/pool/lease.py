@@ -176,20 +176,27 @@ class Lease:
         fence set and backs out; if this use read the fence unset, the release
         counted it and waits for its :meth:`exit`.
         """
-        busy = self._busy
-        busy.append(None)
         conn = self._conn
+        # Read before counting too: a use of a lease that has already ended is never
+        # counted, so it cannot be mistaken for one in progress (by housekeeping's
+        # abort, or by a release), and a signal's exception cannot strand its count.
         if conn is not None and not self._ending:
-            # Housekeeping's progress mark (socket_timeout). Two threads using one
-            # lease at once may lose an increment; the count still moves.
-            self._uses += 1
-            return conn.raw
-        # Backing out: a release may have counted this use and left the finish to it.
-        busy.pop()
-        if self._ending and not busy:
-            self._last_out()
-        # Made after the count is undone: the allocation may run the garbage
-        # collector, which may finish an abandoned use of this very lease.
+            busy = self._busy
+            busy.append(None)
+            # The fence again, now the use is counted. Only the fence: a holder's
+            # lease loses its connection only after the fence is set.
+            if not self._ending:
+                # Housekeeping's progress mark (socket_timeout). Two threads using one
+                # lease at once may lose an increment; the count still moves.
+                self._uses += 1
+                return conn.raw
+            # A release set the fence in between, and may have counted this use and
+            # left the finish to it. (A signal's exception landing between the count
+            # and here would strand the count: the window is this race alone.)
+            # (mypy takes the fence for the value read above; another thread sets it.)
+            busy.pop()  # type: ignore[unreachable]
+            if not busy:
+                self._last_out()
         raise self._ended()
 
     def exit(self) -> None:
@@ -207,10 +214,11 @@ class Lease:
         if self._cancelling or self._conn is None:
             return
         pool = self._pool
-        if pool._lock.locked():
-            # Possibly this very thread holds it: a use abandoned in a generator
+        if pool._lock.locked() or self._guard.locked():
+            # Possibly this very thread holds one: a use abandoned in a generator
             # that the garbage collector closes during an allocation under the
-            # pool's lock. Finishing here could deadlock; the resetter finishes.
+            # pool's lock, or under this lease's (housekeeping's abort calls the
+            # driver there). Finishing here could deadlock; the resetter finishes.
             resetter().submit(pool, self, None)
         else:
             pool._finish_unused(self)

@@ -118,6 +118,10 @@ def abort_stuck(pool: Pool, lease: Lease) -> None:
         conn = lease._conn
         if conn is None or not lease._busy or lease._uses != lease._seen_uses:
             return  # the call returned meanwhile
+        if lease._finishing:
+            # A release has claimed the lease (it counted no use): the count seen is
+            # a late use backing out, and the connection may go to its next holder.
+            return
         abort(conn.raw)
         lease._seen_at = math.inf  # the same use is not aborted twice
         # Should the call have returned just before the abort, its connection still
