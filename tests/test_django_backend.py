@@ -141,6 +141,36 @@ def test_scope_returns_its_leases_and_the_holder_reacquires(connection: Any) -> 
     assert connection.connguard_lease is not lease
 
 
+def test_a_thread_now_working_for_another_scope_queries_on_a_lease_of_its_own(
+    connection: Any,
+) -> None:
+    """A thread that worked for one scope (a request) and now works for another (a
+    pool thread reused by the server) while the first has not ended: the wrapper still
+    holds the first scope's lease, and must not serve the second from it (that would
+    carry one request's session into another). It gives that lease back and acquires
+    for the second."""
+    from connguard.scope import Scope, enter, leave
+
+    first, second = Scope("first", kind="request"), Scope("second", kind="request")
+    token = enter(first)
+    try:
+        scalar(connection, "SELECT 1")
+        held = connection.connguard_lease
+    finally:
+        leave(token)
+    token = enter(second)
+    try:
+        scalar(connection, "SELECT 2")
+        now = connection.connguard_lease
+    finally:
+        leave(token)
+        second.end()
+        first.end()
+    assert held.owner is first and now.owner is second
+    assert now is not held and not held.active
+    assert the_pool().stats().in_use == 0
+
+
 def test_request_scope_covers_threads_started_with_its_context(connection: Any) -> None:
     from django.core import signals
     from django.db import connections

@@ -197,6 +197,12 @@ def set_ambient_lookup(lookup: Callable[[], Scope | None] | None) -> None:
     _ambient = lookup
 
 
+current_or_none = _current.get
+"""The scope made current in this context, or None; no ambient lookup. For a hot path
+that checks :func:`owner_scope`'s common answer without a call (see the Django
+wrapper's ``connection``)."""
+
+
 def current_scope() -> Scope | None:
     """The scope of the running code (request, task...), or None outside any."""
     found = _current.get()

@@ -54,9 +54,14 @@ class FencedCursorMixin:
         return lease
 
     def execute(self, sql: Any, params: Any = None) -> Any:
-        lease = self._cg_enter()
+        lease = self._cg_lease
         if lease is None:
             return super().execute(sql, params)  # type: ignore[misc]
+        try:  # _cg_enter(), inlined: every query passes here
+            lease.enter()
+        except Exception:
+            with self.db.wrap_database_errors:
+                raise
         try:
             if not lease.dirty:
                 lease.note_statement(sql)
@@ -77,7 +82,13 @@ class FencedCursorMixin:
         return self._cg_fetch(self.cursor.fetchall)
 
     def _cg_fetch(self, fetch: Callable[..., Any], *args: Any) -> Any:
-        lease = self._cg_enter()
+        lease = self._cg_lease
+        if lease is not None:
+            try:  # _cg_enter(), inlined: every fetch passes here
+                lease.enter()
+            except Exception:
+                with self.db.wrap_database_errors:
+                    raise
         try:
             return fetch(*args)
         except Exception:

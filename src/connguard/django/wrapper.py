@@ -35,7 +35,7 @@ from django.views.decorators.debug import sensitive_variables
 from connguard.drivers.libpq import forget_attempt
 from connguard.pool import Lease, LeaseEnded, Pool
 from connguard.pool.errors import detach
-from connguard.scope import Scope, owner_scope
+from connguard.scope import Scope, current_or_none, owner_scope
 
 from . import pools
 from .cursors import FencedCursorDebugWrapper, FencedCursorWrapper
@@ -82,7 +82,13 @@ class ConnguardWrapperMixin:
         if raw is None:
             self._cg_lease_lost()
             return None
-        if self._cg_scope is not owner_scope() and not self.in_atomic_block:
+        scope = self._cg_scope
+        if scope is not None and scope is current_or_none() and not scope.ended:
+            # owner_scope()'s answer in the common case (a request's own code, under
+            # its scope), without the call: Django reads this property a few times
+            # per query.
+            return raw
+        if scope is not owner_scope() and not self.in_atomic_block:
             # This thread now works for another request or task (a reused pool
             # thread): the lease belongs to the previous one, which will give it
             # back when it ends. Return it now; Django acquires for the current one.
