@@ -1243,3 +1243,105 @@ def test_a_signal_in_a_late_use_of_a_revoked_lease_strands_no_count() -> None:
         assert lease._conn is None, f"a signal at line {raise_at} stranded a count"
         assert pool.stats().in_use == 0
         pool.close()
+
+
+def test_a_use_just_begun_is_not_aborted_as_a_blocked_one() -> None:
+    """(From a second review.) Housekeeping saw a use in progress long ago; that use
+    ended, and the holder's next one is counted just now. The progress mark
+    (``socket_timeout``) moves before the count shows, so housekeeping never sees a
+    fresh use as the old one, blocked since."""
+    clock = ManualClock()
+    pool = Pool(
+        FakeDriver(),
+        PoolConfig(min_size=0, max_size=1, timeout=2.0, socket_timeout=1.0),
+        clock=clock,
+        housekeeping=False,
+    )
+    lease = pool.acquire()
+    conn = lease.raw
+    lease.enter()
+    pool.housekeep()  # sees a use in progress
+    lease.exit()  # which returns at once
+    clock.advance(5.0)  # the holder works without the database for a while
+    late = Pauses((Lease.enter.__code__, "if not self._ending:"))
+    thread, used = outcome_of(late.run, lease.enter)  # the holder's next query
+    try:
+        assert late.at(0).wait(5)  # counted, fence not read again yet
+        pool.housekeep()
+    finally:
+        late.go_all()
+        thread.join(5)
+    assert used == [conn]
+    assert conn.aborts == 0, "socket_timeout aborted a use that had just begun"
+    lease.exit()
+    lease.release()
+    pool.close()
+
+
+def test_peek_gives_nothing_once_a_release_has_claimed_the_lease() -> None:
+    """(From a second review.) A late use counted after a release counted none (and
+    claimed the lease) is backing out, not in progress: ``peek()`` (the Django
+    wrapper's ``connection``) must not give out a connection about to be handed on."""
+    pool = fake_pool(FakeDriver())
+    lease = pool.acquire()
+    late = Pauses(
+        (Lease.enter.__code__, "busy.append(None)"),
+        (Lease.enter.__code__, "if not self._ending:"),
+    )
+    releaser = Pauses((Pool._finish_release.__code__, "now = self._clock()"))
+    threads: list[threading.Thread] = []
+    try:
+        thread, used = outcome_of(late.run, lease.enter)
+        threads.append(thread)
+        assert late.at(0).wait(5)  # past the first read of the fence
+        thread, _ = outcome_of(releaser.run, pool.release, lease)
+        threads.append(thread)
+        assert releaser.at(0).wait(5)  # claimed: no use was counted
+        late.go(0)
+        assert late.at(1).wait(5)  # counted, about to back out
+        seen = lease.peek()
+    finally:
+        late.go_all()
+        releaser.go_all()
+        for thread in threads:
+            thread.join(5)
+    assert isinstance(used[0], LeaseEnded)
+    assert seen is None, "peek() gave out the connection of a lease whose release is claimed"
+    assert pool.stats().idle == 1
+    pool.close()
+
+
+def test_the_collector_inside_the_resetters_start_does_not_deadlock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """(From a second review.) The first hand-off of a process (or of a forked worker)
+    starts the resetter's thread; a collection while that thread is made may finish an
+    abandoned use of a revoked lease, whose release is handed to the resetter too: from
+    the same thread, while it starts the resetter."""
+    from connguard.pool import resetter as resetter_module
+
+    monkeypatch.setattr(resetter_module, "_resetter", resetter_module.Resetter())
+    pool = Pool(
+        FakeDriver(),
+        PoolConfig(min_size=0, max_size=2, timeout=2.0, reset="always", background_reset=True),
+        clock=ManualClock(),
+        housekeeping=False,
+    )
+    first, second = pool.acquire(), pool.acquire()
+    collected: list[bool] = []
+
+    def run() -> None:
+        abandon_a_use(first)
+        releaser = threading.Thread(target=pool.release, args=(first,))
+        releaser.start()
+        releaser.join(5)  # revoked: its abandoned use finishes it
+        sys.settrace(collect_at_first_call(threading.Thread.__init__.__code__, collected))
+        try:
+            pool.release(second)  # reset "always": handed to the resetter, started now
+        finally:
+            sys.settrace(None)
+
+    assert ends_with_gc_off(run), "deadlocked: the resetter's start re-entered"
+    assert collected
+    wait_until(lambda: first._conn is None and pool.stats().idle == 2)
+    pool.close()

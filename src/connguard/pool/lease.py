@@ -167,7 +167,10 @@ class Lease:
         """Begin a use: return the driver's connection, or raise :class:`LeaseEnded`.
 
         Every ``enter()`` must be paired with :meth:`exit` (``try/finally``), also when
-        the use fails: the lease cannot end while a use is in progress.
+        the use fails: the lease cannot end while a use is in progress. (A signal's
+        exception raised after the count and before the caller's ``try`` would strand
+        the count, as it always could between ``enter()`` and a ``try``; CPython runs
+        handlers only at calls and loops, and warm code makes none there.)
 
         No lock: a query makes three uses (cursor, execute, fetch), and a lock's
         ``with`` costs more than the rest of the fence. The use is counted first
@@ -181,18 +184,19 @@ class Lease:
         # counted, so it cannot be mistaken for one in progress (by housekeeping's
         # abort, or by a release), and a signal's exception cannot strand its count.
         if conn is not None and not self._ending:
+            # Housekeeping's progress mark (socket_timeout), moved before the use is
+            # counted: a use counted with the mark unmoved would look like the last
+            # one housekeeping saw, blocked since. Two threads using one lease at
+            # once may lose an increment; the mark still moves.
+            self._uses += 1
             busy = self._busy
             busy.append(None)
             # The fence again, now the use is counted. Only the fence: a holder's
             # lease loses its connection only after the fence is set.
             if not self._ending:
-                # Housekeeping's progress mark (socket_timeout). Two threads using one
-                # lease at once may lose an increment; the count still moves.
-                self._uses += 1
                 return conn.raw
             # A release set the fence in between, and may have counted this use and
-            # left the finish to it. (A signal's exception landing between the count
-            # and here would strand the count: the window is this race alone.)
+            # left the finish to it.
             # (mypy takes the fence for the value read above; another thread sets it.)
             busy.pop()  # type: ignore[unreachable]
             if not busy:
@@ -273,7 +277,9 @@ class Lease:
         is still returned even if a release was requested meanwhile: the lease ends
         when that use does."""
         conn = self._conn
-        if conn is None or (self._ending and not self._busy):
+        # A use counted after a release has claimed the lease (_finishing) is one
+        # backing out, not in progress: the connection is about to be handed on.
+        if conn is None or (self._ending and (self._finishing or not self._busy)):
             return None
         return conn.raw
 

@@ -39,6 +39,7 @@ class Resetter:
         self._queue: queue.SimpleQueue[tuple[Pool, Any, TxStatus | None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._starter: int | None = None  # the thread starting the thread, meanwhile
 
     def submit(self, pool: Pool, item: _Conn | Lease, status: TxStatus | None) -> None:
         """Queue a connection for its reset (given back or closed by the thread), or
@@ -46,12 +47,22 @@ class Resetter:
         self._queue.put((pool, item, status))
         thread = self._thread
         if thread is None or not thread.is_alive():
+            if self._starter == threading.get_ident():
+                # Re-entered from this thread's own start of the thread (a collection
+                # while it allocates may finish an abandoned use whose release comes
+                # here; SimpleQueue's put() is reentrant, the lock is not): the thread
+                # being started runs this item too.
+                return
             with self._lock:
                 if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(
-                        target=self._run, name="connguard-resetter", daemon=True
-                    )
-                    self._thread.start()
+                    try:
+                        self._starter = threading.get_ident()
+                        self._thread = threading.Thread(
+                            target=self._run, name="connguard-resetter", daemon=True
+                        )
+                        self._thread.start()
+                    finally:
+                        self._starter = None
 
     def _run(self) -> None:
         get = self._queue.get
@@ -76,6 +87,7 @@ class Resetter:
         self._queue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread = None
+        self._starter = None
         for pool, item, status in pending:
             if status is not None:  # a connection: the parent's session, forget it
                 pool.driver.drop(item.raw)
