@@ -44,6 +44,10 @@ from .sites import user_stack
 
 logger = logging.getLogger("connguard.django")
 
+# Read once: an enum member read from its class costs a descriptor call on 3.11
+# (about 10 times a global's read), and the re-acquire path sets it every request.
+_READ_COMMITTED = IsolationLevel.READ_COMMITTED
+
 # Django's own words for a database call from an event loop's thread.
 _ASYNC_UNSAFE = "You cannot call this from an async context - use a thread or sync_to_async."
 
@@ -243,7 +247,7 @@ class ConnguardWrapperMixin:
         self.closed_in_transaction = False
         self.errors_occurred = False
         self.health_check_done = True
-        self.isolation_level = IsolationLevel.READ_COMMITTED
+        self.isolation_level = _READ_COMMITTED
         # Above _cg_lease_from: this method and ensure_connection() (or connect()),
         # connguard's own frames that the acquire site's walk can skip.
         raw = self._cg_lease_from(pool, skip=4)
