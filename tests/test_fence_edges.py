@@ -1345,3 +1345,75 @@ def test_the_collector_inside_the_resetters_start_does_not_deadlock(
     assert collected
     wait_until(lambda: first._conn is None and pool.stats().idle == 2)
     pool.close()
+
+
+def test_a_collection_in_the_resetters_new_thread_does_not_deadlock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """(From a third review.) As above, but the collection runs in the thread being
+    started, before it has told the starting thread so (on 3.12 any thread may run a
+    collection another scheduled): its hand-off must not wait for the starter, which
+    waits for it."""
+    from connguard.pool import resetter as resetter_module
+
+    monkeypatch.setattr(resetter_module, "_resetter", resetter_module.Resetter())
+    pool = Pool(
+        FakeDriver(),
+        PoolConfig(min_size=0, max_size=2, timeout=2.0, reset="always", background_reset=True),
+        clock=ManualClock(),
+        housekeeping=False,
+    )
+    first, second = pool.acquire(), pool.acquire()
+    collected: list[bool] = []
+    set_native_id = threading.Thread._set_native_id  # type: ignore[attr-defined]
+
+    def collecting(self: threading.Thread) -> None:
+        # Stands for an allocation in the new thread's start that collects.
+        if self.name == "connguard-resetter" and not collected:
+            collected.append(True)
+            gc.collect()
+        set_native_id(self)
+
+    monkeypatch.setattr(threading.Thread, "_set_native_id", collecting)
+
+    def run() -> None:
+        abandon_a_use(first)
+        releaser = threading.Thread(target=pool.release, args=(first,))
+        releaser.start()
+        releaser.join(5)  # revoked: its abandoned use finishes it
+        pool.release(second)  # reset "always": handed to the resetter, started now
+
+    assert ends_with_gc_off(run), "deadlocked: the resetter's new thread waited for its starter"
+    assert collected
+    wait_until(lambda: first._conn is None and pool.stats().idle == 2)
+    pool.close()
+
+
+def test_a_resetter_that_could_not_start_is_started_by_the_next_hand_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The resetter's thread is started once per process; a start that failed (the
+    system refused a thread) leaves nothing behind that would stop the next hand-off
+    from starting it, and the work queued meanwhile is done then."""
+    from connguard.pool import resetter as resetter_module
+
+    monkeypatch.setattr(resetter_module, "_resetter", resetter_module.Resetter())
+    pool = Pool(
+        FakeDriver(),
+        PoolConfig(min_size=0, max_size=2, timeout=2.0, reset="always", background_reset=True),
+        clock=ManualClock(),
+        housekeeping=False,
+    )
+    first, second = pool.acquire(), pool.acquire()
+    start = threading.Thread.start
+
+    def refused(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    with pytest.raises(RuntimeError):
+        pool.release(first)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    pool.release(second)
+    wait_until(lambda: pool.stats().idle == 2)
+    pool.close()

@@ -39,32 +39,35 @@ class Resetter:
         self._queue: queue.SimpleQueue[tuple[Pool, Any, TxStatus | None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._starter: int | None = None  # the thread starting the thread, meanwhile
 
     def submit(self, pool: Pool, item: _Conn | Lease, status: TxStatus | None) -> None:
         """Queue a connection for its reset (given back or closed by the thread), or
         a lease whose release the thread finishes."""
         self._queue.put((pool, item, status))
-        thread = self._thread
-        if thread is None or not thread.is_alive():
-            if self._starter == threading.get_ident():
-                # Re-entered from this thread's own start of the thread (a collection
-                # while it allocates may finish an abandoned use whose release comes
-                # here; SimpleQueue's put() is reentrant, the lock is not): the thread
-                # being started runs this item too.
-                return
-            with self._lock:
-                if self._thread is None or not self._thread.is_alive():
-                    try:
-                        self._starter = threading.get_ident()
-                        self._thread = threading.Thread(
-                            target=self._run, name="connguard-resetter", daemon=True
-                        )
-                        self._thread.start()
-                    finally:
-                        self._starter = None
+        if self._thread is not None:
+            return  # running or being started: it runs this item too
+        # Made outside the lock: a collection while it allocates may finish an
+        # abandoned use whose release comes back here (SimpleQueue's put() is
+        # reentrant, a lock is not); that inner call then starts the thread.
+        thread = threading.Thread(target=self._run, name="connguard-resetter", daemon=True)
+        with self._lock:
+            if self._thread is not None:  # another thread started it meanwhile
+                return  # type: ignore[unreachable]  # (mypy keeps the first read)
+            try:
+                # Set before the start: from here every submit() returns at once,
+                # also one re-entered by a collection in this thread during the start,
+                # or in the new thread before it has signalled that it started.
+                self._thread = thread
+                thread.start()
+            except BaseException:
+                if thread.ident is None and self._thread is thread:
+                    self._thread = None  # it never ran: the next submit() starts one
+                raise
 
     def _run(self) -> None:
+        """Run for the process's life (a fork's child starts its own: the thread is
+        never restarted otherwise, and never needs to be: nothing here lets an
+        exception out of the loop)."""
         get = self._queue.get
         while True:
             pool, item, status = get()
@@ -87,7 +90,6 @@ class Resetter:
         self._queue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread = None
-        self._starter = None
         for pool, item, status in pending:
             if status is not None:  # a connection: the parent's session, forget it
                 pool.driver.drop(item.raw)
