@@ -25,7 +25,9 @@ import pytest
 from connguard.django import conf
 from connguard.django.checks import (
     PSYCOPG_POOL_PARAMETERS,
+    check_interpreter,
     connguard_setting_messages,
+    interpreter_messages,
     misplaced_pool_key_messages,
 )
 from connguard.pool import PoolConfig
@@ -437,3 +439,15 @@ def test_app_settings_before_django_is_configured(tmp_path: Path) -> None:
         "assert app_settings() == DEFAULTS; print('defaults ok')",
     )
     assert result.returncode == 0 and "defaults ok" in result.stdout, result.stderr
+
+
+def test_an_interpreter_without_the_gil_is_e009(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fence's uses count on the GIL: a free-threaded interpreter running without
+    it is refused by ``manage.py check``, with how to turn the GIL on."""
+    assert interpreter_messages(True) == []
+    (message,) = interpreter_messages(False)
+    assert message.id == "connguard.E009" and "PYTHON_GIL=1" in (message.hint or "")
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
+    assert ids(check_interpreter()) == ["connguard.E009"]
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: True, raising=False)
+    assert check_interpreter() == []

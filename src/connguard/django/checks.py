@@ -12,6 +12,7 @@ IDs are stable; each message names the setting and the allowed values.
 | connguard.E006 | the ``CONNGUARD`` setting is not a dict |
 | connguard.E007 | unknown key in ``CONNGUARD`` (a typo: the hint suggests the closest key) |
 | connguard.E008 | a ``CONNGUARD`` value of the wrong type or outside its allowed range |
+| connguard.E009 | the interpreter runs without the GIL (free-threaded): the fence needs it |
 | connguard.W001 | ``CONN_MAX_AGE`` is set but has no effect under connguard |
 | connguard.W002 | ``ConnguardMiddleware`` missing from ``MIDDLEWARE`` |
 | connguard.W003 | ``ConnguardMiddleware`` is not first in ``MIDDLEWARE`` |
@@ -22,6 +23,7 @@ IDs are stable; each message names the setting and the allowed values.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -206,3 +208,24 @@ def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[checks.Chec
             )
         ]
     return []
+
+
+def interpreter_messages(gil_enabled: bool) -> list[checks.CheckMessage]:
+    """The fence's uses take no lock: they count on the GIL (see ``Lease.enter``)."""
+    if gil_enabled:
+        return []
+    return [
+        checks.Error(
+            "connguard needs the GIL, and this free-threaded interpreter runs without it: "
+            "a release and a use of the same connection could miss each other.",
+            hint="Run with the GIL on (PYTHON_GIL=1 or python -X gil=1), or use a "
+            "standard (not free-threaded) build of Python.",
+            id="connguard.E009",
+        )
+    ]
+
+
+@checks.register("connguard")
+def check_interpreter(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    is_gil_enabled = getattr(sys, "_is_gil_enabled", None)  # 3.13+
+    return interpreter_messages(is_gil_enabled is None or bool(is_gil_enabled()))
