@@ -595,6 +595,40 @@ def test_a_views_acquire_site_stops_at_djangos_handler(
     assert after_middleware == in_middleware
 
 
+def named_view(request: Any) -> Any:
+    from django.http import HttpResponse
+
+    from connguard.scope import current_scope
+
+    scope = current_scope()
+    named_view.seen.append(scope.info.get("view") if scope is not None else None)  # type: ignore[attr-defined]
+    return HttpResponse("ok")
+
+
+def test_the_middleware_names_each_requests_view(
+    connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ConnguardMiddleware records the view in the request's scope (reports and leak
+    warnings show it): the same name at every request, made once per view."""
+    from django.test import Client
+    from django.urls import clear_url_caches, path
+
+    from connguard.django import middleware
+
+    monkeypatch.setattr(named_view, "seen", [], raising=False)
+    monkeypatch.setattr(middleware, "_VIEW_NAMES", {})
+    monkeypatch.setitem(globals(), "urlpatterns", [path("named", named_view)])
+    clear_url_caches()
+    try:
+        for _ in range(3):
+            assert Client().get("/named").status_code == 200
+    finally:
+        clear_url_caches()
+    expected = f"{__name__}.named_view"
+    assert named_view.seen == [expected] * 3  # type: ignore[attr-defined]
+    assert {named_view: expected} == middleware._VIEW_NAMES
+
+
 def test_manage_py_doctor_reads_the_server(connection: Any) -> None:
     import io
     import json

@@ -93,9 +93,26 @@ def unavailable_response(error: PoolError) -> HttpResponse:
     return response
 
 
+# Each view's name, made once: a site has a few hundred views at most, and making the
+# name (three attribute lookups and a format) at every request costs more than the
+# lookup here. Bounded all the same (views made on the fly would otherwise pile up).
+_VIEW_NAMES: dict[Any, str] = {}
+_VIEW_NAMES_MAX = 4096
+
+
 def _view_name(view_func: Any) -> str:
+    try:
+        return _VIEW_NAMES[view_func]
+    except (KeyError, TypeError):  # TypeError: an unhashable callable
+        pass
     func = getattr(view_func, "view_class", view_func)
-    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
+    name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
+    if len(_VIEW_NAMES) < _VIEW_NAMES_MAX:
+        try:
+            _VIEW_NAMES[view_func] = name
+        except TypeError:
+            pass
+    return name
 
 
 class ConnguardMiddleware:
