@@ -33,11 +33,11 @@ from connguard.pool import Lease, LeaseEnded, Pool, PoolConfig, PoolTimeout, TxS
 from .fakes import FakeConnection, FakeDriver, ManualClock, wait_until
 
 
-def fake_pool(driver: FakeDriver, **settings: Any) -> Pool:
+def fake_pool(driver: FakeDriver, clock: ManualClock | None = None, **settings: Any) -> Pool:
     settings.setdefault("min_size", 0)
     settings.setdefault("max_size", 1)
     settings.setdefault("timeout", 2.0)
-    return Pool(driver, PoolConfig(**settings), clock=ManualClock(), housekeeping=False)
+    return Pool(driver, PoolConfig(**settings), clock=clock or ManualClock(), housekeeping=False)
 
 
 # --------------------------------------------------------------------------- 1
@@ -566,12 +566,7 @@ def test_the_garbage_collector_finishing_a_use_during_an_abort_does_not_deadlock
     exit() takes the lease's lock, so the thread must not be started under it (this
     runs on the process's housekeeping thread: a deadlock there stops every pool's)."""
     clock = ManualClock()
-    pool = Pool(
-        FakeDriver(),
-        PoolConfig(min_size=0, max_size=1, timeout=2.0, socket_timeout=1.0),
-        clock=clock,
-        housekeeping=False,
-    )
+    pool = fake_pool(FakeDriver(), clock, socket_timeout=1.0)
     lease = pool.acquire()
     collected: list[bool] = []
 
@@ -951,15 +946,6 @@ class Pauses:
             sys.settrace(None)
 
 
-def pause_at_line(
-    code: Any, text: str
-) -> tuple[Callable[..., Any], threading.Event, threading.Event]:
-    """A runner that pauses its thread once at the first line of ``code`` holding
-    ``text``: it sets ``at_line`` there and waits for ``go``."""
-    pauses = Pauses((code, text))
-    return pauses.run, pauses.at(0), pauses._targets[0][3]
-
-
 def outcome_of(function: Callable[..., Any], *args: Any) -> tuple[threading.Thread, list[Any]]:
     """Run ``function`` in a thread of its own; its result or exception lands in the
     list."""
@@ -983,26 +969,16 @@ def test_a_use_counted_before_a_release_is_waited_for_and_finishes_it() -> None:
     out, finishes the release."""
     pool = fake_pool(FakeDriver())
     lease = pool.acquire()
-    run, at_line, go = pause_at_line(Lease.enter.__code__, "if not self._ending:")
-    outcome: list[str] = []
-
-    def use() -> None:
-        try:
-            run(lease.enter)
-            outcome.append("entered")
-        except LeaseEnded:
-            outcome.append("LeaseEnded")
-
-    user = threading.Thread(target=use)
-    user.start()
+    user = Pauses((Lease.enter.__code__, "if not self._ending:"))
+    thread, used = outcome_of(user.run, lease.enter)
     try:
-        assert at_line.wait(5)  # counted, fence not read yet
+        assert user.at(0).wait(5)  # counted, fence not read yet
         pool.release(lease)
         assert lease._conn is not None, "the release handed on a connection with a use counted"
     finally:
-        go.set()
-        user.join(5)
-    assert outcome == ["LeaseEnded"]
+        user.go_all()
+        thread.join(5)
+    assert isinstance(used[0], LeaseEnded)
     assert lease._conn is None and pool.stats().idle == 1 and pool.stats().in_use == 0
     pool._check_invariants()
     pool.close()
@@ -1014,29 +990,20 @@ def test_a_use_starting_as_a_release_counts_backs_out_and_the_release_finishes()
     the release then counts no use and finishes, once."""
     pool = fake_pool(FakeDriver())
     lease = pool.acquire()
-    run, at_line, go = pause_at_line(Pool.release.__code__, "if lease._busy:")
-    releaser = threading.Thread(target=run, args=(pool.release, lease))
-    releaser.start()
-    outcome: list[str] = []
-
-    def use() -> None:
-        try:
-            lease.enter()
-            outcome.append("entered")
-        except LeaseEnded:
-            outcome.append("LeaseEnded")
-
-    user = threading.Thread(target=use)
+    releaser = Pauses((Pool.release.__code__, "if lease._busy:"))
+    releasing, _ = outcome_of(releaser.run, pool.release, lease)
+    threads = [releasing]
     try:
-        assert at_line.wait(5)  # fence set, uses not counted yet
-        user.start()
+        assert releaser.at(0).wait(5)  # fence set, uses not counted yet
+        using, used = outcome_of(lease.enter)
+        threads.append(using)
         # The use backs out, then waits for the lease's lock to learn who finishes.
-        wait_until(lambda: outcome or not lease._busy)
+        wait_until(lambda: used or not lease._busy)
     finally:
-        go.set()
-        releaser.join(5)
-        user.join(5)
-    assert outcome == ["LeaseEnded"]
+        releaser.go_all()
+        for thread in threads:
+            thread.join(5)
+    assert isinstance(used[0], LeaseEnded)
     stats = pool.stats()
     assert lease._conn is None and stats.idle == 1 and stats.in_use == 0
     assert stats.revoked == 0, "a use that backed out was taken for one in progress"
@@ -1051,16 +1018,15 @@ def test_a_use_ending_as_a_release_runs_through_is_finished_once() -> None:
     pool = fake_pool(FakeDriver())
     lease = pool.acquire()
     lease.enter()
-    run, at_line, go = pause_at_line(Lease.exit.__code__, "if self._ending and not busy:")
-    user = threading.Thread(target=run, args=(lease.exit,))
-    user.start()
+    user = Pauses((Lease.exit.__code__, "if self._ending and not busy:"))
+    thread, _ = outcome_of(user.run, lease.exit)
     try:
-        assert at_line.wait(5)
+        assert user.at(0).wait(5)
         pool.release(lease)
         assert lease._conn is None, "the release waited for a use that had ended"
     finally:
-        go.set()
-        user.join(5)
+        user.go_all()
+        thread.join(5)
     stats = pool.stats()
     assert stats.idle == 1 and stats.in_use == 0 and stats.revoked == 0
     pool._check_invariants()
@@ -1128,12 +1094,7 @@ def test_socket_timeouts_abort_spares_a_lease_whose_release_is_claimed() -> None
     the lease's lock housekeeping then sees a use counted and no progress, but the
     connection is about to go to its next holder: it must not be aborted."""
     clock = ManualClock()
-    pool = Pool(
-        FakeDriver(),
-        PoolConfig(min_size=0, max_size=1, timeout=2.0, socket_timeout=1.0),
-        clock=clock,
-        housekeeping=False,
-    )
+    pool = fake_pool(FakeDriver(), clock, socket_timeout=1.0)
     lease = pool.acquire()
     conn = lease.raw
     lease.enter()  # a call blocked in the driver
@@ -1181,12 +1142,7 @@ def test_the_garbage_collector_ending_a_use_during_an_abort_does_not_deadlock() 
     generator whose use is the blocked one, of a lease already revoked: that use's
     exit() is the last one out, and must not wait for the lock its own thread holds."""
     clock = ManualClock()
-    pool = Pool(
-        FakeDriver(),
-        PoolConfig(min_size=0, max_size=1, timeout=2.0, socket_timeout=1.0),
-        clock=clock,
-        housekeeping=False,
-    )
+    pool = fake_pool(FakeDriver(), clock, socket_timeout=1.0)
     lease = pool.acquire()
     collected: list[bool] = []
 
@@ -1251,12 +1207,7 @@ def test_a_use_just_begun_is_not_aborted_as_a_blocked_one() -> None:
     (``socket_timeout``) moves before the count shows, so housekeeping never sees a
     fresh use as the old one, blocked since."""
     clock = ManualClock()
-    pool = Pool(
-        FakeDriver(),
-        PoolConfig(min_size=0, max_size=1, timeout=2.0, socket_timeout=1.0),
-        clock=clock,
-        housekeeping=False,
-    )
+    pool = fake_pool(FakeDriver(), clock, socket_timeout=1.0)
     lease = pool.acquire()
     conn = lease.raw
     lease.enter()
@@ -1321,12 +1272,7 @@ def test_the_collector_inside_the_resetters_start_does_not_deadlock(
     from connguard.pool import resetter as resetter_module
 
     monkeypatch.setattr(resetter_module, "_resetter", resetter_module.Resetter())
-    pool = Pool(
-        FakeDriver(),
-        PoolConfig(min_size=0, max_size=2, timeout=2.0, reset="always", background_reset=True),
-        clock=ManualClock(),
-        housekeeping=False,
-    )
+    pool = fake_pool(FakeDriver(), max_size=2, reset="always", background_reset=True)
     first, second = pool.acquire(), pool.acquire()
     collected: list[bool] = []
 
@@ -1357,12 +1303,7 @@ def test_a_collection_in_the_resetters_new_thread_does_not_deadlock(
     from connguard.pool import resetter as resetter_module
 
     monkeypatch.setattr(resetter_module, "_resetter", resetter_module.Resetter())
-    pool = Pool(
-        FakeDriver(),
-        PoolConfig(min_size=0, max_size=2, timeout=2.0, reset="always", background_reset=True),
-        clock=ManualClock(),
-        housekeeping=False,
-    )
+    pool = fake_pool(FakeDriver(), max_size=2, reset="always", background_reset=True)
     first, second = pool.acquire(), pool.acquire()
     collected: list[bool] = []
     set_native_id = threading.Thread._set_native_id  # type: ignore[attr-defined]
@@ -1398,12 +1339,7 @@ def test_a_resetter_that_could_not_start_is_started_by_the_next_hand_off(
     from connguard.pool import resetter as resetter_module
 
     monkeypatch.setattr(resetter_module, "_resetter", resetter_module.Resetter())
-    pool = Pool(
-        FakeDriver(),
-        PoolConfig(min_size=0, max_size=2, timeout=2.0, reset="always", background_reset=True),
-        clock=ManualClock(),
-        housekeeping=False,
-    )
+    pool = fake_pool(FakeDriver(), max_size=2, reset="always", background_reset=True)
     first, second = pool.acquire(), pool.acquire()
     start = threading.Thread.start
 

@@ -1,17 +1,17 @@
 """A lease: one checkout of one connection, and the fence that enforces it.
 
 Only the lease's holder may reach the physical connection, and only while the lease
-is active. Every use is bracketed: :meth:`Lease.enter` marks the lease *busy*, then
-checks the fence; :meth:`Lease.exit` unmarks it, then looks whether the lease ended
-meanwhile. Ending a lease (:meth:`Pool.release`, from any thread) sets the fence, then
-counts the uses in progress. Either order sees the other's first step, so a use
-either started before the end (and the end waits for it: the running statement is
-cancelled, and the thread that was using the connection finishes the release when it
-lets go) or fails with :class:`LeaseEnded`. The uses take no lock (see
-:meth:`Lease.enter`); who finishes an ending lease is decided under the lease's lock.
-No thread ever does I/O on a connection another thread may be using (libpq forbids
-it, and closing a socket under a running statement frees a slot while the server
-still runs the statement).
+is active. Every use is bracketed: :meth:`Lease.enter` checks the fence, marks the
+lease *busy*, then checks the fence again; :meth:`Lease.exit` unmarks it, then looks
+whether the lease ended meanwhile. Ending a lease (:meth:`Pool.release`, from any
+thread) sets the fence, then counts the uses in progress. Either order sees the other's
+first step, so a use either started before the end (and the end waits for it: the
+running statement is cancelled, and the thread that was using the connection finishes
+the release when it lets go) or fails with :class:`LeaseEnded`. The uses take no lock
+(see :meth:`Lease.enter`); who finishes an ending lease is decided under the lease's
+lock. No thread ever does I/O on a connection another thread may be using (libpq
+forbids it, and closing a socket under a running statement frees a slot while the
+server still runs the statement).
 
 :attr:`Lease.connection` is a :class:`FencedConnection`: a proxy whose every method
 call (and every cursor it makes) goes through the fence, in the manner of SQLAlchemy's
