@@ -26,7 +26,8 @@ own process, not under valgrind; a round trip it serves counts nothing here.
   itself, in the server and the kernel, counts nothing: this is the Python work
   around it).
   With ``--site``, a whole request instead: Django's ``WSGIHandler`` called as a
-  server calls it, on the site ``startproject`` makes (seven middleware), with a view
+  server calls it, on the site ``startproject`` makes (seven middleware; connguard's
+  with ``ConnguardMiddleware`` first, as its docs ask), with a view
   that runs ``SELECT 1`` through a cursor (``bench_site.py``): what the bare cycle
   leaves out (URL resolution, middleware, the response, an acquire site walked from
   a view) is paid here as a real request pays it.

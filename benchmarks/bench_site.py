@@ -1,6 +1,7 @@
 """A whole request through Django's handler, in-process: what ``bench_instructions.py
 --site`` counts (and anyone can time). The site is the one ``django-admin
-startproject`` makes (its seven middleware, auth, sessions, messages), with one view
+startproject`` makes (its seven middleware, auth, sessions, messages; connguard's
+sites add ``ConnguardMiddleware`` first, as its docs ask), with one view
 that runs ``SELECT 1`` through a cursor; each request is a WSGI call of Django's
 ``WSGIHandler``, as a server makes it, with the response read and closed.
 
@@ -45,12 +46,14 @@ def bare_settings(database: dict[str, Any], connguard: bool) -> dict[str, Any]:
 
 
 def settings_for(database: dict[str, Any], connguard: bool) -> dict[str, Any]:
-    """``settings.configure()`` keywords for the whole site on ``database``."""
+    """``settings.configure()`` keywords for the whole site on ``database``; with
+    connguard, its middleware first, as docs/django.md (and ``connguard.W002``) ask."""
     bare = bare_settings(database, connguard)
+    first = ["connguard.django.middleware.ConnguardMiddleware"] if connguard else []
     return {
         **bare,
         "INSTALLED_APPS": APPS + bare["INSTALLED_APPS"],
-        "MIDDLEWARE": MIDDLEWARE,
+        "MIDDLEWARE": first + MIDDLEWARE,
         "ROOT_URLCONF": __name__,
         "ALLOWED_HOSTS": ["*"],
         "SECRET_KEY": "bench-site-not-secret",

@@ -1353,3 +1353,37 @@ def test_a_resetter_that_could_not_start_is_started_by_the_next_hand_off(
     pool.release(second)
     wait_until(lambda: pool.stats().idle == 2)
     pool.close()
+
+
+@pytest.mark.parametrize("state", ["given back", "revoked, its use still running"])
+def test_releasing_a_lease_already_ending_takes_no_lock(state: str) -> None:
+    """The common second release (ConnguardMiddleware gave the lease back; Django's
+    ``request_finished`` asks again) returns at once, without the lease's lock: here
+    another thread holds that lock the whole time, and the second release still
+    returns, doing nothing."""
+    driver = FakeDriver()
+    pool = fake_pool(driver)
+    lease = pool.acquire()
+    if state == "given back":
+        pool.release(lease)
+    else:
+        lease.enter()  # a use in progress: the release revokes it, the lease stays out
+        pool.release(lease)
+    assert lease._ending and (lease._conn is None) == (state == "given back")
+    before = pool.stats()
+    outcome: list[str] = []
+    with lease._guard:  # held by this thread throughout: a release that took it would wait
+        second = threading.Thread(target=lambda: (pool.release(lease), outcome.append("done")))
+        second.start()
+        second.join(10)
+    assert outcome == ["done"], "the second release waited for the lease's lock"
+    after = pool.stats()
+    assert (after.releases, after.revoked, after.idle) == (
+        before.releases,
+        before.revoked,
+        before.idle,
+    )
+    if state != "given back":
+        lease.exit()  # the last use out finishes the revoked release
+    wait_until(lambda: pool.stats().idle == 1)
+    pool.close()

@@ -485,7 +485,11 @@ class Pool:
         setting; ``reset=True`` forces a full reset). Releasing an ended lease does
         nothing.
         """
-        if lease._pool is not self:
+        if lease._pool is not self or lease._conn is None or lease._ending:
+            # Not this pool's, or already ending (each for good: ``_ending`` is set
+            # once, ``_conn`` only ever cleared), as the check under the guard would
+            # find: the common second release (ConnguardMiddleware gives the lease
+            # back, then request_finished asks again) takes no lock.
             return
         # This thread's part is decided under the lease's lock, with the use count it
         # reads: finish the release now (the lease is then *claimed*: ``_finishing``)
@@ -495,8 +499,9 @@ class Pool:
         claimed = revoking = False
         try:
             with lease._guard:
+                # Read again: another release may have begun since the look above.
                 if lease._conn is None or lease._ending:
-                    return
+                    return  # type: ignore[unreachable]
                 lease._ending = True
                 if reset:
                     lease.reset_requested = True
