@@ -595,6 +595,64 @@ def test_a_views_acquire_site_stops_at_djangos_handler(
     assert after_middleware == in_middleware
 
 
+def test_a_user_wrapper_around_djangos_view_is_its_acquire_site(
+    connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's decorator made with ``functools.wraps`` around one of Django's views
+    (a guard on ``django.views.static.serve`` that queries first) carries Django's
+    module name: the acquire site is found by the frame's file, not that name."""
+    import functools
+
+    from django.db import connections
+    from django.http import HttpResponse
+    from django.test import Client
+    from django.urls import clear_url_caches, path
+    from django.views.static import serve
+
+    seen: list[list[str]] = []
+
+    def media_guard(view: Any) -> Any:
+        @functools.wraps(view)
+        def guarded(request: Any, *args: Any, **kwargs: Any) -> Any:
+            scalar(connections["default"], "SELECT 1")  # the request's first query
+            seen.append(connections["default"].connguard_lease.where())
+            return HttpResponse("ok")
+
+        return guarded
+
+    monkeypatch.setitem(globals(), "urlpatterns", [path("media/<path:path>", media_guard(serve))])
+    clear_url_caches()
+    try:
+        assert Client().get("/media/x.png").status_code == 200
+    finally:
+        clear_url_caches()
+    assert any(site.endswith("in guarded") for site in seen[0]), seen
+
+
+def test_code_run_by_manage_py_shell_is_its_acquire_site(connection: Any) -> None:
+    """``manage.py shell -c CODE`` (and ``shell < script.py``) runs the code with the
+    shell command's globals, so under Django's module name: a cron job's query is
+    still found where its code is."""
+    import django.core.management.commands.shell as shell
+    from django.core.management import call_command
+
+    out: list[list[str]] = []
+    command = (
+        "from django.db import connections\n"
+        "c = connections['default']\n"
+        "with c.cursor() as cur:\n"
+        "    cur.execute('SELECT 1')\n"
+        "OUT.append(c.connguard_lease.where())\n"
+        "c.close()\n"
+    )
+    shell.OUT = out  # type: ignore[attr-defined]  # reachable from the command's globals
+    try:
+        call_command("shell", command=command, no_imports=True)
+    finally:
+        del shell.OUT  # type: ignore[attr-defined]
+    assert any(site.startswith("<string>:3 ") for site in out[0]), out
+
+
 def named_view(request: Any) -> Any:
     from django.http import HttpResponse
 

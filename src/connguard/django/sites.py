@@ -85,27 +85,6 @@ def _handler_code() -> Any:
     return _HANDLER_CODE
 
 
-# Python 3.12+: a frame's module, named without making the frame an object. The walk
-# asks it first and makes objects only of the frames it records (the view's), not of
-# the machinery between the query and the view (three to ten of Django's frames).
-_frame_module: Any = getattr(sys, "_getframemodulename", None)
-# Each module's verdict, decided once from its file, as _MACHINERY_FILES is. The
-# handler's module stops the walk as its _get_response frame does: every frame of it
-# is the handler, above the view.
-_HANDLER_MODULE = "django.core.handlers.base"
-_MACHINERY_MODULES: dict[str, bool] = {_HANDLER_MODULE: True}
-
-
-def _machinery_module(name: str) -> bool | None:
-    """Whether module ``name``'s frames are machinery; None when it has no file to
-    tell by (then the frame itself is looked at)."""
-    filename = getattr(sys.modules.get(name), "__file__", None)
-    if not isinstance(filename, str):
-        return None
-    verdict = _MACHINERY_MODULES[name] = filename.startswith(_MACHINERY)
-    return verdict
-
-
 def user_stack(depth: int, skip: int = 2) -> tuple[Any, ...]:
     """(code, line) pairs of the first ``depth`` frames outside Django, asgiref, the
     standard library and connguard's machinery: the view or task that queried.
@@ -118,8 +97,6 @@ def user_stack(depth: int, skip: int = 2) -> tuple[Any, ...]:
     still found: its frame is not under the view's).
 
     Runs once per acquire (per request, not per query); a few microseconds."""
-    if _frame_module is not None:
-        return _user_stack_by_module(depth, skip + 1)
     stop = _HANDLER_CODE
     if stop is None:
         stop = _handler_code()
@@ -141,47 +118,4 @@ def user_stack(depth: int, skip: int = 2) -> tuple[Any, ...]:
             depth -= 1
         frame = frame.f_back
         walked += 1
-    return tuple(out)
-
-
-def _user_stack_by_module(depth: int, level: int) -> tuple[Any, ...]:
-    """:func:`user_stack` on Python 3.12+, ``level`` frames up from this one.
-
-    A machinery module's frames are skipped by name, never made objects; a frame is
-    made only to be recorded, and then its file decides as in the older walk (a
-    function wrapped with ``functools.wraps`` carries its wrapped function's module
-    name, so a wrapper in Django's code around a user function reads as the user's
-    here: its file tells). The converse, a user's wrapper around one of Django's
-    functions, is skipped as Django's: the frames recorded then start below it."""
-    out: list[Any] = []
-    modules = _MACHINERY_MODULES
-    files = _MACHINERY_FILES
-    frame_module = _frame_module
-    for _ in range(80):
-        if not depth:
-            break
-        name = frame_module(level)
-        if name is not None:
-            machinery = modules.get(name)
-            if machinery is None:
-                machinery = _machinery_module(name)
-            if machinery:
-                if name == _HANDLER_MODULE:
-                    break
-                level += 1
-                continue
-        try:
-            frame = sys._getframe(level)
-        except ValueError:  # past the top of the stack
-            break
-        code = frame.f_code
-        filename = code.co_filename
-        machinery = files.get(filename)
-        if machinery is None:
-            machinery = files[filename] = filename.startswith(_MACHINERY)
-        if not machinery:
-            out.append(code)
-            out.append(frame.f_lasti)  # made a line number only when reported
-            depth -= 1
-        level += 1
     return tuple(out)
