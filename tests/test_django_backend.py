@@ -633,8 +633,8 @@ def test_code_run_by_manage_py_shell_is_its_acquire_site(connection: Any) -> Non
     """``manage.py shell -c CODE`` (and ``shell < script.py``) runs the code with the
     shell command's globals, so under Django's module name: a cron job's query is
     still found where its code is."""
-    import django.core.management.commands.shell as shell
     from django.core.management import call_command
+    from django.core.management.commands import shell
 
     out: list[list[str]] = []
     command = (
