@@ -31,11 +31,77 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 ALIASES = ("persistent", "native", "connguard")
 HERE = Path(__file__).resolve().parent
+
+
+def site_settings(database: dict[str, Any], alias: str) -> dict[str, Any]:
+    """``settings.configure()`` keywords for ``alias``'s site: its one database, the
+    view's app, and for connguard its app and ``ConnguardMiddleware``, as
+    docs/django.md tells a user to set it up."""
+    apps = ["connguard.demo.site"]  # the app label of the view's unmanaged model
+    middleware = []
+    if alias == "connguard":
+        apps.insert(0, "connguard.django")
+        middleware.append("connguard.django.middleware.ConnguardMiddleware")
+    return {
+        "DATABASES": {"default": database},
+        "INSTALLED_APPS": apps,
+        "MIDDLEWARE": middleware,
+        "ROOT_URLCONF": "bench_views",
+        "ALLOWED_HOSTS": ["*"],
+        "USE_TZ": True,
+        "TIME_ZONE": "UTC",
+    }
+
+
+def requester(sync: bool) -> Callable[[], Awaitable[None]]:
+    """A coroutine function that makes one request through Django's ``ASGIHandler``
+    (``GET /async``, or ``/one`` with ``sync``) and checks its answer. Call it after
+    ``django.setup()``, from one event loop."""
+    from django.core.handlers.asgi import ASGIHandler
+
+    handler = ASGIHandler()
+    path = "/one" if sync else "/async"
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"localhost")],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+    async def one() -> None:
+        body = [{"type": "http.request", "body": b"", "more_body": False}]
+        never = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if body:
+                return body.pop()
+            await never.wait()  # the client stays; Django cancels this listener
+            return {"type": "http.disconnect"}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await handler(scope, receive, send)
+        if sent[0]["status"] != 200:
+            raise SystemExit(f"GET {path} answered {sent[0]['status']}")
+
+    return one
 
 
 def child(alias: str, requests: int, sync: bool) -> float:
@@ -48,68 +114,16 @@ def child(alias: str, requests: int, sync: bool) -> float:
     from bench_reacquire import databases
 
     with EmbeddedPostgres() as pg:
-        database = databases(pg)[alias]
-        apps = ["connguard.demo.site"]  # the app label of the view's unmanaged model
-        middleware = []
-        if alias == "connguard":
-            apps.insert(0, "connguard.django")
-            middleware.append("connguard.django.middleware.ConnguardMiddleware")
-        settings.configure(
-            DATABASES={"default": database},
-            INSTALLED_APPS=apps,
-            MIDDLEWARE=middleware,
-            ROOT_URLCONF="bench_views",
-            ALLOWED_HOSTS=["*"],
-            USE_TZ=True,
-            TIME_ZONE="UTC",
-        )
+        settings.configure(**site_settings(databases(pg)[alias], alias))
         django.setup()
-        from django.core.handlers.asgi import ASGIHandler
-
-        handler = ASGIHandler()
-        path = "/one" if sync else "/async"
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"host", b"localhost")],
-            "client": ("127.0.0.1", 40000),
-            "server": ("127.0.0.1", 8000),
-        }
-
-        async def one() -> int:
-            body = [{"type": "http.request", "body": b"", "more_body": False}]
-            never = asyncio.Event()
-
-            async def receive() -> dict[str, Any]:
-                if body:
-                    return body.pop()
-                await never.wait()  # the client stays; Django cancels this listener
-                return {"type": "http.disconnect"}
-
-            sent: list[dict[str, Any]] = []
-
-            async def send(message: dict[str, Any]) -> None:
-                sent.append(message)
-
-            await handler(scope, receive, send)
-            status: int = sent[0]["status"]
-            return status
+        one = requester(sync)
 
         async def run() -> list[int]:
             clock = time.perf_counter_ns
             out: list[int] = []
             for n in range(requests + 500):  # the first 500: warm-up
                 started = clock()
-                status = await one()
-                if status != 200:
-                    raise SystemExit(f"{alias}: GET {path} answered {status}")
+                await one()
                 if n >= 500:
                     out.append(clock() - started)
             return out

@@ -2,7 +2,8 @@
 in a unit that does not move with the machine's load.
 
     python benchmarks/bench_instructions.py [--before SRC] [--only django|engine]
-                                            [--query | --site | --parts]
+                                            [--query | --site | --asgi async|sync
+                                             | --parts]
 
 On a shared 2-core machine the same timed cycle varies by ±50 % from one minute to
 the next, more than the differences this repository tries to measure. The number of
@@ -31,6 +32,10 @@ own process, not under valgrind; a round trip it serves counts nothing here.
   that runs ``SELECT 1`` through a cursor (``bench_site.py``): what the bare cycle
   leaves out (URL resolution, middleware, the response, an acquire site walked from
   a view) is paid here as a real request pays it.
+  With ``--asgi async`` (or ``sync``), a whole request through Django's
+  ``ASGIHandler`` on an asyncio loop, as ``bench_asgi.py`` makes it: ``GET /async``,
+  an async view that queries through the async ORM and ``sync_to_async`` (or ``GET
+  /one``, a sync view, which Django runs in a thread); issue 11's async path.
 * ``--parts``: where connguard's no-query cycle goes (:func:`parts_child`): Django's
   request signals, connguard's receivers, the acquire and release through the
   wrapper and, under them, the engine's; each counted alone, in a loop.
@@ -56,6 +61,7 @@ children at a time.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -73,18 +79,23 @@ RUNS = {
     "django": (200, 2_200),
     "django-query": (200, 2_200),
     "django-site": (200, 1_200),
+    "django-asgi": (100, 600),
+    "django-asgi-sync": (100, 600),
     "parts": (1_000, 11_000),
     "engine": (1_000, 11_000),
 }
 
 
-def django_child(alias: str, cycles: int, query: bool = False, site: bool = False) -> None:
+def django_child(
+    alias: str, cycles: int, query: bool = False, site: bool = False, asgi: str = ""
+) -> None:
     import django
     from django.conf import settings
 
     from connguard.testing.postgres import EmbeddedPostgres
 
     sys.path.insert(0, str(HERE))
+    import bench_asgi
     from bench_reacquire import databases, request_cycle
     from bench_site import bare_settings, requester, settings_for
 
@@ -93,13 +104,24 @@ def django_child(alias: str, cycles: int, query: bool = False, site: bool = Fals
     with EmbeddedPostgres() as pg:
         pool: dict[str, Any] = {"liveness_after_idle": None} if untested else {}
         database = databases(pg, **pool)[alias]
-        configure = settings_for if site else bare_settings
-        settings.configure(**configure(database, connguard=alias == "connguard"))
+        if asgi:
+            settings.configure(**bench_asgi.site_settings(database, alias))
+        else:
+            configure = settings_for if site else bare_settings
+            settings.configure(**configure(database, connguard=alias == "connguard"))
         django.setup()
         from django.db import connection
 
+        if asgi:
+            one = bench_asgi.requester(sync=asgi == "sync")
+
+            async def requests() -> None:
+                for _ in range(300 + cycles):  # 300: warm-up, the same in both runs
+                    await one()
+
+            asyncio.run(requests())
         request = requester() if site else None
-        for _ in range(300 + cycles):  # 300: warm-up, the same in both runs
+        for _ in range(0 if asgi else 300 + cycles):  # 300: warm-up, as above
             if request is not None:
                 request()
             else:
@@ -313,6 +335,12 @@ def main() -> None:
     parser.add_argument(
         "--parts", action="store_true", help="where connguard's Django cycle goes, part by part"
     )
+    parser.add_argument(
+        "--asgi",
+        choices=("async", "sync"),
+        help="Django: a whole request through ASGIHandler instead (bench_asgi.py), "
+        "to its async view or its sync one",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -324,7 +352,11 @@ def main() -> None:
             parts_child(subject, int(cycles))
         else:
             django_child(
-                subject, int(cycles), query=kind == "django-query", site=kind == "django-site"
+                subject,
+                int(cycles),
+                query=kind == "django-query",
+                site=kind == "django-site",
+                asgi={"django-asgi": "async", "django-asgi-sync": "sync"}.get(kind, ""),
             )
         return
     if shutil.which("valgrind") is None:
@@ -352,12 +384,24 @@ def main() -> None:
             )
             continue
         if args.only in (None, "django"):
-            kind = "django-site" if args.site else "django-query" if args.query else "django"
+            kind = (
+                f"django-asgi{'-sync' if args.asgi == 'sync' else ''}"
+                if args.asgi
+                else "django-site"
+                if args.site
+                else "django-query"
+                if args.query
+                else "django"
+            )
             ir = {alias: per_cycle(kind, alias, src) for alias in DJANGO}
             figures[f"{label}: {kind}"] = ir
             p, n, c, u = (ir[a] for a in DJANGO)
             what = (
-                "cycle, a whole request (GET /one, SELECT 1)"
+                "an ASGI request (GET /one, a sync view)"
+                if args.asgi == "sync"
+                else "an ASGI request (GET /async, an async view)"
+                if args.asgi
+                else "cycle, a whole request (GET /one, SELECT 1)"
                 if args.site
                 else "cycle, one SELECT 1"
                 if args.query

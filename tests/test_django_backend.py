@@ -508,6 +508,27 @@ def test_status_shows_a_held_lease_with_its_request_and_site(connection: Any) ->
         signals.request_finished.send(sender=None)
 
 
+def test_a_new_wrapper_of_an_alias_takes_the_short_path(connection: Any) -> None:
+    """Under ASGI every request gets a wrapper of its own (Django's connections are
+    context-local): the first acquire of each request is a new wrapper's. It takes the
+    short path to the pool its alias already uses, not Django's ``connect()`` (which
+    starts by building the connection parameters)."""
+    from django.db import connections
+
+    connections["default"].ensure_connection()  # the alias's pool is known from here on
+    connections["default"].close()
+    fresh = connections.create_connection("default")
+    built: list[int] = []
+    fresh.get_connection_params = lambda: built.append(1) or {}  # Django's connect()
+    try:
+        fresh.ensure_connection()
+        assert fresh.connguard_lease is not None
+        assert scalar(fresh, "SELECT 1") == 1
+        assert built == [], "a new wrapper went through Django's connect()"
+    finally:
+        fresh.close()
+
+
 def test_the_acquire_site_is_the_callers_line_on_every_path(connection: Any) -> None:
     """The acquire site's first entry is the line that wanted the connection, whichever
     entry point took it: ``ensure_connection()`` (whose short path skips connguard's
@@ -537,6 +558,36 @@ def test_the_acquire_site_is_the_callers_line_on_every_path(connection: Any) -> 
     for how, (first, line) in seen.items():
         expected = f"{__file__}:{line} in test_the_acquire_site_is_the_callers_line_on_every_path"
         assert first == expected, (how, first, expected)
+
+
+def test_code_run_by_sync_to_async_is_recorded_up_to_asgirefs_hand_over(
+    connection: Any,
+) -> None:
+    """Code that ``sync_to_async`` runs starts at asgiref's hand-over frame, in the
+    executor's thread or (under ``async_to_sync``, thread-sensitive) in the thread
+    that waits: the acquire site is that code, not whoever started the event loop,
+    and the walk stops there rather than going on through the thread's machinery
+    (under ASGI, every query of a view's ``sync_to_async``)."""
+    from asgiref.sync import async_to_sync, sync_to_async
+    from django.db import connections
+
+    seen: list[list[str]] = []
+
+    def inner() -> None:
+        conn = connections["default"]
+        scalar(conn, "SELECT 1")
+        seen.append(conn.connguard_lease.where())
+        conn.close()
+
+    async def middle() -> None:
+        await sync_to_async(inner)()  # thread-sensitive: run in outer()'s thread
+
+    def outer() -> None:
+        async_to_sync(middle)()
+
+    outer()
+    assert any(site.endswith("in inner") for site in seen[0]), seen
+    assert not any(site.endswith("in outer") for site in seen[0]), seen
 
 
 class SitesMiddleware:
@@ -952,6 +1003,79 @@ def test_a_query_from_an_event_loops_thread_is_refused_as_django_refuses_it(
     asyncio.run(from_the_loop())
     monkeypatch.delenv("DJANGO_ALLOW_ASYNC_UNSAFE")
     assert scalar(wrapper, "SELECT 1") == 1  # no loop in this thread any more
+
+
+def asgi_seen_view(request: Any) -> Any:
+    """Runs under Django's ASGI handler (a sync view: in a thread, by sync_to_async)."""
+    from django.db import connections
+    from django.http import HttpResponse
+
+    from connguard.scope import current_or_none, current_scope
+
+    before = current_or_none()
+    scalar(connections["default"], "SELECT 1")
+    asgi_seen_view.seen.append((before, current_or_none(), current_scope()))  # type: ignore[attr-defined]
+    return HttpResponse("ok")
+
+
+def test_an_asgi_requests_scope_once_found_is_current_in_the_request(
+    connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ASGI the request's scope cannot be made current by Django's signals; it is
+    found through asgiref's per-request context, and once found it is made current in
+    the context that looked (asgiref carries it back to the request's task), so the
+    next look (a few per query) is one read. Two requests handled one after the
+    other from one task each find their own."""
+    import asyncio
+
+    from django.core.handlers.asgi import ASGIHandler
+    from django.urls import clear_url_caches, path
+
+    monkeypatch.setattr(asgi_seen_view, "seen", [], raising=False)
+    monkeypatch.setitem(globals(), "urlpatterns", [path("asgi-seen", asgi_seen_view)])
+    clear_url_caches()
+    handler = ASGIHandler()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+        "method": "GET", "scheme": "http", "path": "/asgi-seen", "raw_path": b"/asgi-seen",
+        "query_string": b"", "root_path": "", "headers": [(b"host", b"localhost")],
+        "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+
+    async def one() -> int:
+        body = [{"type": "http.request", "body": b"", "more_body": False}]
+        never = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if body:
+                return body.pop()
+            await never.wait()
+            return {"type": "http.disconnect"}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await handler(scope, receive, send)
+        status: int = sent[0]["status"]
+        return status
+
+    async def two() -> list[int]:
+        return [await one(), await one()]
+
+    try:
+        assert asyncio.run(two()) == [200, 200]
+    finally:
+        clear_url_caches()
+    (before1, after1, found1), (before2, after2, found2) = asgi_seen_view.seen  # type: ignore[attr-defined]
+    assert found1 is not None and found1.kind == "request" and found1.info["path"] == "/asgi-seen"
+    assert found2 is not None and found2.kind == "request" and found2 is not found1
+    # Current before the view's query: none yet, or the request's own (found earlier
+    # in the request by ConnguardMiddleware), never the one before.
+    assert before1 in (None, found1) and before2 in (None, found2), "leaked into the next"
+    assert after1 is found1 and after2 is found2, "found, but not made current"
+    assert found1.ended and found2.ended
 
 
 def test_an_asgi_requests_scope_ends_when_its_context_is_collected(

@@ -17,6 +17,7 @@ from typing import Any
 
 import asgiref
 import django
+from asgiref.sync import SyncToAsync
 
 import connguard
 
@@ -77,6 +78,15 @@ _MACHINERY_FILES: dict[str, bool] = {}
 _HANDLER_CODE: Any = None
 
 
+# The other place the walk stops: asgiref's hand-over to code ``sync_to_async`` runs
+# (in an executor's thread, or in the thread waiting in ``async_to_sync``). Above it
+# are the thread's machinery (asgiref, concurrent.futures, threading) or, under
+# ``async_to_sync``, code that started an event loop, not code that wanted this
+# connection. Under ASGI every query of a view runs below one: walking on to the top
+# of the thread's stack made some ten frames into objects at every acquire.
+_HAND_OVER_CODE: Any = getattr(getattr(SyncToAsync, "thread_handler", None), "__code__", None)
+
+
 def _handler_code() -> Any:
     global _HANDLER_CODE
     base = sys.modules.get("django.core.handlers.base")
@@ -94,19 +104,21 @@ def user_stack(depth: int, skip: int = 2) -> tuple[Any, ...]:
     made into a Python object, about 1,500 instructions, at every acquire. It stops
     at the frame of Django's handler that called the view: a middleware above it is
     not where a view's query comes from (a query made in a middleware itself is
-    still found: its frame is not under the view's).
+    still found: its frame is not under the view's); and at asgiref's hand-over to
+    code run by ``sync_to_async``.
 
     Runs once per acquire (per request, not per query); a few microseconds."""
     stop = _HANDLER_CODE
     if stop is None:
         stop = _handler_code()
+    hand_over = _HAND_OVER_CODE
     frame: Any = sys._getframe(skip)
     out: list[Any] = []
     walked = 0
     known = _MACHINERY_FILES
     while frame is not None and depth and walked < 80:
         code = frame.f_code
-        if code is stop:
+        if code is stop or code is hand_over:
             break
         filename = code.co_filename
         machinery = known.get(filename)

@@ -48,6 +48,13 @@ logger = logging.getLogger("connguard.django")
 # (about 10 times a global's read), and the re-acquire path sets it every request.
 _READ_COMMITTED = IsolationLevel.READ_COMMITTED
 
+# Each alias's pool, as the last wrapper of that alias found it, with the probe of the
+# settings it was found for (see ConnguardWrapperMixin._cg_pool_for). Per process, not
+# per wrapper: under ASGI every request gets a wrapper of its own (Django's
+# connections are context-local), and each would otherwise build the connection
+# parameters and the pool key again to find the same pool.
+_known_pools: dict[str, tuple[tuple[Any, ...], Pool]] = {}
+
 # Django's own words for a database call from an event loop's thread.
 _ASYNC_UNSAFE = "You cannot call this from an async context - use a thread or sync_to_async."
 
@@ -62,7 +69,6 @@ class ConnguardWrapperMixin:
     # Django's short-lived ``__no_db__`` wrapper (CREATE/DROP DATABASE) connects
     # directly: pooling a connection to the maintenance database helps nobody.
     _cg_direct: Any = None
-    _cg_pool_cache: tuple[tuple[Any, ...], Pool] | None = None
 
     settings_dict: dict[str, Any]
     alias: str
@@ -210,8 +216,9 @@ class ConnguardWrapperMixin:
 
     def _cg_reconnect(self) -> bool:
         """Django's ``connect()`` for the common case, about 3x cheaper: the settings
-        have not changed since this wrapper last acquired (the pool it remembered is
-        still theirs) and no isolation level is configured. False: take Django's path.
+        are those a wrapper of this alias last acquired under (the pool remembered for
+        the alias is still theirs; a new wrapper, as every ASGI request has, takes this
+        path too) and no isolation level is configured. False: take Django's path.
 
         A pooled connection is already set up: its driver ran Django's per-connection
         set-up when it was opened (time zone, role, psycopg2's JSON adapters), and
@@ -346,10 +353,12 @@ class ConnguardWrapperMixin:
         return lease.raw
 
     def _cg_pool_for(self, conn_params: dict[str, Any]) -> Pool:
-        """The pool for the current settings, remembered on the wrapper: the full pool
-        key (``repr`` of every option) costs several microseconds per acquire, this
-        check about one. Settings replaced (test databases, ``override_settings``,
-        a new ``OPTIONS`` value) change the probe and fall back to the registry.
+        """The pool for the current settings, remembered per alias for every wrapper
+        of it: the full pool key (``repr`` of every option) costs several microseconds
+        per acquire, this check about one. Settings replaced (test databases,
+        ``override_settings``, a new ``OPTIONS`` value) change the probe and fall back
+        to the registry; two wrappers of one alias on different settings each find
+        their own pool (the entry is the last one found).
 
         Neither the probe nor this frame keeps the password (the probe has its hash,
         as the pool key does): when building a pool fails (a bad pool setting), this
@@ -358,13 +367,13 @@ class ConnguardWrapperMixin:
         if pool is not None:
             return pool
         pool = pools.pool_for(self, conn_params)
-        self._cg_pool_cache = (self._cg_probe(snapshot=True), pool)
+        _known_pools[self.alias] = (self._cg_probe(snapshot=True), pool)
         return pool
 
     def _cg_known_pool(self) -> Pool | None:
-        """The pool this wrapper last acquired from, if the settings are still the
-        ones it was made for and it is open."""
-        cached = self._cg_pool_cache
+        """The pool a wrapper of this alias last acquired from, if this wrapper's
+        settings are the ones it was found for and it is open."""
+        cached = _known_pools.get(self.alias)
         if cached is None:
             return None
         probe, pool = cached
