@@ -590,6 +590,35 @@ def test_code_run_by_sync_to_async_is_recorded_up_to_asgirefs_hand_over(
     assert not any(site.endswith("in outer") for site in seen[0]), seen
 
 
+def test_djangos_own_code_run_by_sync_to_async_under_async_to_sync_has_its_callers_site(
+    connection: Any,
+) -> None:
+    """The async ORM is Django's code run by ``sync_to_async`` (``aget()`` is
+    ``sync_to_async(self.get)``): below asgiref's hand-over there is no frame of the
+    user's. Called through ``async_to_sync`` (a Celery task, a sync view), it runs in
+    the calling thread, and the site is the code that called (a review found the
+    walk stopping at the hand-over there, with nothing recorded)."""
+    from asgiref.sync import async_to_sync, sync_to_async
+    from django.db import connections
+
+    def a_task() -> list[str]:
+        conn = connections["default"]
+
+        async def fetch() -> None:
+            await sync_to_async(conn.ensure_connection)()  # Django's (connguard's) code only
+
+        async_to_sync(fetch)()
+        lease = conn.connguard_lease
+        assert lease is not None
+        sites = lease.where()
+        conn.close()
+        return sites
+
+    connections["default"].close()
+    sites = a_task()
+    assert any(site.endswith("in a_task") for site in sites), sites
+
+
 class SitesMiddleware:
     """User code above the view: with ``query_first``, it queries before the view."""
 
@@ -1018,22 +1047,28 @@ def asgi_seen_view(request: Any) -> Any:
     return HttpResponse("ok")
 
 
-def test_an_asgi_requests_scope_once_found_is_current_in_the_request(
+def test_an_asgi_requests_scope_is_found_but_never_made_current(
     connection: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Under ASGI the request's scope cannot be made current by Django's signals; it is
-    found through asgiref's per-request context, and once found it is made current in
-    the context that looked (asgiref carries it back to the request's task), so the
-    next look (a few per query) is one read. Two requests handled one after the
-    other from one task each find their own."""
+    """Under ASGI the request's scope is found through asgiref's per-request context,
+    and the lookup makes it current in no context: a server may start the next
+    request in a copy of this one's (uvicorn starts a pipelined request from inside
+    the previous one's ``send()``), which would then run under the previous
+    request's scope (a review found this when the scope, once found, was made
+    current to save the next lookups). Two requests handled one after the other from
+    one task each find their own."""
     import asyncio
 
     from django.core.handlers.asgi import ASGIHandler
+    from django.test import override_settings
     from django.urls import clear_url_caches, path
 
     monkeypatch.setattr(asgi_seen_view, "seen", [], raising=False)
     monkeypatch.setitem(globals(), "urlpatterns", [path("asgi-seen", asgi_seen_view)])
     clear_url_caches()
+    # Without ConnguardMiddleware, which looks the scope up before the view does.
+    no_middleware = override_settings(MIDDLEWARE=[])
+    no_middleware.enable()
     handler = ASGIHandler()
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
@@ -1067,14 +1102,16 @@ def test_an_asgi_requests_scope_once_found_is_current_in_the_request(
     try:
         assert asyncio.run(two()) == [200, 200]
     finally:
+        no_middleware.disable()
         clear_url_caches()
     (before1, after1, found1), (before2, after2, found2) = asgi_seen_view.seen  # type: ignore[attr-defined]
     assert found1 is not None and found1.kind == "request" and found1.info["path"] == "/asgi-seen"
     assert found2 is not None and found2.kind == "request" and found2 is not found1
-    # Current before the view's query: none yet, or the request's own (found earlier
-    # in the request by ConnguardMiddleware), never the one before.
+    # Current in the view only if Django made it so (6.x carries request_started's
+    # change into the request's task; 5.2 runs it in a task of its own), never by the
+    # lookup, and never the request before.
     assert before1 in (None, found1) and before2 in (None, found2), "leaked into the next"
-    assert after1 is found1 and after2 is found2, "found, but not made current"
+    assert after1 is before1 and after2 is before2, "made current by the lookup"
     assert found1.ended and found2.ended
 
 

@@ -203,24 +203,11 @@ that checks :func:`owner_scope`'s common answer without a call (see the Django
 wrapper's ``connection``)."""
 
 
-def _from_ambient() -> Scope | None:
-    """The scope the integration's lookup finds; made current in this context when it
-    is still open. Under ASGI that context is asgiref's copy for one
-    ``sync_to_async`` call, whose changes asgiref carries back to the request's own
-    task, so every later look in the request (a few per query) is one read. Only the
-    request's task and its copies get it: Django handles each request in a task of
-    its own, so the next request, even from the same server task, starts without it."""
-    found = _ambient() if _ambient is not None else None
-    if found is not None and not found.ended:
-        _current.set(found)
-    return found
-
-
 def current_scope() -> Scope | None:
     """The scope of the running code (request, task...), or None outside any."""
     found = _current.get()
-    if found is None:
-        found = _from_ambient()
+    if found is None and _ambient is not None:
+        found = _ambient()
     return found
 
 
@@ -234,8 +221,8 @@ def owner_scope() -> Scope:
     give back, as a fallback to an executor thread's never-ending scope would.
     """
     scope = _current.get()
-    if scope is None:
-        scope = _from_ambient()
+    if scope is None and _ambient is not None:
+        scope = _ambient()
     if scope is not None and (not scope.ended or scope.kind != "thread"):
         return scope
     holder = _thread_scopes.scope

@@ -17,6 +17,7 @@ from typing import Any
 
 import asgiref
 import django
+from asgiref.current_thread_executor import CurrentThreadExecutor
 from asgiref.sync import SyncToAsync
 
 import connguard
@@ -78,13 +79,27 @@ _MACHINERY_FILES: dict[str, bool] = {}
 _HANDLER_CODE: Any = None
 
 
-# The other place the walk stops: asgiref's hand-over to code ``sync_to_async`` runs
-# (in an executor's thread, or in the thread waiting in ``async_to_sync``). Above it
-# are the thread's machinery (asgiref, concurrent.futures, threading) or, under
-# ``async_to_sync``, code that started an event loop, not code that wanted this
-# connection. Under ASGI every query of a view runs below one: walking on to the top
-# of the thread's stack made some ten frames into objects at every acquire.
+# The other place the walk stops: asgiref's hand-over to code ``sync_to_async`` runs,
+# once that code gave a frame of its own (a sync view under ASGI, a function passed
+# to sync_to_async). Above it are an executor thread's machinery (asgiref,
+# concurrent.futures, threading), or, in the thread waiting in ``async_to_sync``,
+# code that started an event loop. Under ASGI every query of a view runs below one:
+# walking on to the top of the thread's stack made some ten frames into objects at
+# every acquire. With nothing recorded yet (the code run was Django's own: the async
+# ORM), the walk goes on in a thread waiting in ``async_to_sync`` (whose caller, a
+# Celery task or a view, is the site) and stops in an executor's.
 _HAND_OVER_CODE: Any = getattr(getattr(SyncToAsync, "thread_handler", None), "__code__", None)
+_WAITING_CODE: Any = getattr(
+    getattr(CurrentThreadExecutor, "run_until_future", None), "__code__", None
+)
+
+
+def _waiting_above(frame: Any) -> bool:
+    """Whether ``frame`` (a hand-over's) runs in a thread waiting in ``async_to_sync``:
+    asgiref's work item, then its executor's wait, above it."""
+    item = frame.f_back
+    waiting = item.f_back if item is not None else None
+    return waiting is not None and waiting.f_code is _WAITING_CODE
 
 
 def _handler_code() -> Any:
@@ -105,7 +120,7 @@ def user_stack(depth: int, skip: int = 2) -> tuple[Any, ...]:
     at the frame of Django's handler that called the view: a middleware above it is
     not where a view's query comes from (a query made in a middleware itself is
     still found: its frame is not under the view's); and at asgiref's hand-over to
-    code run by ``sync_to_async``.
+    code run by ``sync_to_async`` (see ``_HAND_OVER_CODE``).
 
     Runs once per acquire (per request, not per query); a few microseconds."""
     stop = _HANDLER_CODE
@@ -118,7 +133,9 @@ def user_stack(depth: int, skip: int = 2) -> tuple[Any, ...]:
     known = _MACHINERY_FILES
     while frame is not None and depth and walked < 80:
         code = frame.f_code
-        if code is stop or code is hand_over:
+        if code is stop:
+            break
+        if code is hand_over and (out or not _waiting_above(frame)):
             break
         filename = code.co_filename
         machinery = known.get(filename)
