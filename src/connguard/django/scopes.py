@@ -21,36 +21,65 @@ from typing import Any
 from asgiref.sync import SyncToAsync
 from django.core import signals
 
-from connguard.scope import Scope, begin, finish, set_ambient_lookup
+from connguard.scope import Scope, begin, current_or_none, finish, set_ambient_lookup
 
 logger = logging.getLogger("connguard.django")
 
 _installed = False
 _thread_sensitive_context = SyncToAsync.thread_sensitive_context
 
-# Each ASGI request's context, weakly, to its scope. One weak reference per request
-# whose callback (the context collected: the request is over, finished or not) both
-# forgets the entry and ends the scope: a WeakKeyDictionary entry and a
-# weakref.finalize cost some 11,000 instructions more per request. A reference hashes
-# and compares as its context, so a new reference to it finds the entry.
-_request_contexts: dict[weakref.ref[Any], Scope] = {}
+# Each ASGI request's context, weakly, to the scopes of the requests it serves, oldest
+# first. One weak reference per context whose callback (the context collected: its
+# requests are over, finished or not) both forgets the entry and ends the scopes: a
+# WeakKeyDictionary entry and a weakref.finalize cost some 11,000 instructions more
+# per request. A reference hashes and compares as its context, so a new reference to
+# it finds the entry.
+#
+# Usually one request per context. Under HTTP/1.1 pipelining uvicorn and daphne start
+# the next request from inside the previous one's last send(), in a copy of its
+# context, where Django 5.2's handler keeps the asgiref context it finds: the next
+# request starts before the previous one has finished (its response is closed after
+# that send), and both find the same context. Code that looks its scope up is the
+# newest request's (the previous one has sent its response); a request that finishes
+# is the oldest still open.
+_request_contexts: dict[weakref.ref[Any], list[Scope]] = {}
 
 
 def _context_collected(ref: weakref.ref[Any]) -> None:
     # Runs in whichever thread collects the context, at any moment: a dict operation
-    # and a flag only, no lock (the pool's housekeeping takes back the scope's leases
+    # and flags only, no lock (the pool's housekeeping takes back the scopes' leases
     # that are not in use, "orphaned").
-    scope = _request_contexts.pop(ref, None)
-    if scope is not None:
+    for scope in _request_contexts.pop(ref, ()):
         scope.ended = True
 
 
 def asgi_request_scope() -> Scope | None:
-    """The scope of the ASGI request this code runs for, if any."""
+    """The scope of the ASGI request this code runs for, if any: the newest of its
+    context's (see ``_request_contexts``)."""
     context = _thread_sensitive_context.get(None)
     if context is None:
         return None
-    return _request_contexts.get(weakref.ref(context))
+    scopes = _request_contexts.get(weakref.ref(context))
+    return scopes[-1] if scopes else None
+
+
+def _finish_asgi_request() -> bool:
+    """End the oldest open scope of this ASGI request's context (see
+    ``_request_contexts``); False when this is not an ASGI request's code."""
+    context = _thread_sensitive_context.get(None)
+    if context is None:
+        return False
+    scopes = _request_contexts.get(weakref.ref(context))
+    if not scopes:
+        return False
+    for scope in list(scopes):
+        if not scope.ended:
+            scope.end()
+            break
+    # Only ended scopes before the newest are of no more use (read through copies).
+    while len(scopes) > 1 and scopes[0].ended:
+        scopes.pop(0)
+    return True
 
 
 _publishing = False  # this process publishes its status (reset in a forked child)
@@ -97,10 +126,19 @@ def request_started(sender: Any, environ: Any = None, scope: Any = None, **kwarg
         # If the request never finishes (a client that hung up mid-stream: Django's
         # ASGI handler then never closes the response), the scope still ends when the
         # request's context is collected (_context_collected).
-        _request_contexts[weakref.ref(context, _context_collected)] = opened
+        ref = weakref.ref(context, _context_collected)
+        scopes = _request_contexts.get(ref)
+        if scopes is None:
+            _request_contexts[ref] = [opened]
+        else:  # a pipelined request in its predecessor's context
+            while scopes and scopes[0].ended:  # finished ones are of no more use
+                scopes.pop(0)
+            scopes.append(opened)
 
 
 def request_finished(sender: Any, **kwargs: Any) -> None:
+    if current_or_none() is None and _finish_asgi_request():
+        return
     finish("request")
     # The ended scope stays registered against the request's context (until the
     # context is collected): code still running for the request in an executor
