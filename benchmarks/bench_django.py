@@ -841,6 +841,15 @@ def verdict(low: float, high: float, target: float, *, at_least: bool = True) ->
     return "UNDECIDED"
 
 
+def paired_ratios(a: Cell, b: Cell, attr: str) -> list[float]:
+    """Per round, ``a``'s figure ``attr`` (of its load) over ``b``'s."""
+    return [
+        getattr(sa.load, attr) / getattr(sb.load, attr)
+        for sa, sb in zip(a.samples, b.samples, strict=True)
+        if getattr(sb.load, attr)
+    ]
+
+
 def ratio_table(cells: dict[tuple[str, str], Cell]) -> list[dict[str, Any]]:
     out = []
     for server in SERVER_NAMES:
@@ -849,11 +858,7 @@ def ratio_table(cells: dict[tuple[str, str], Cell]) -> list[dict[str, Any]]:
             if a is None or b is None or not b.rps:
                 continue
             ratio = a.rps / b.rps
-            paired = [
-                sa.load.rps / sb.load.rps
-                for sa, sb in zip(a.samples, b.samples, strict=True)
-                if sb.load.rps
-            ]
+            paired = paired_ratios(a, b, "rps")
             low, high = median_interval(paired)
             cpu_a, cpu_b = a.web_us + a.pg_us, b.web_us + b.pg_us
             row = {
@@ -874,11 +879,7 @@ def ratio_table(cells: dict[tuple[str, str], Cell]) -> list[dict[str, Any]]:
             if (num, den) in (("connguard", "native"), ("connguard+async", "native+async")):
                 # The issue's other end-to-end target: a p99 no worse than the native
                 # pool's (per round, connguard's p99 over native's: at most 1).
-                p99 = [
-                    sa.load.p99_ms / sb.load.p99_ms
-                    for sa, sb in zip(a.samples, b.samples, strict=True)
-                    if sb.load.p99_ms
-                ]
+                p99 = paired_ratios(a, b, "p99_ms")
                 p_low, p_high = median_interval(p99)
                 row["p99_paired_median"] = statistics.median(p99)
                 row["p99_paired_interval_95"] = [p_low, p_high]

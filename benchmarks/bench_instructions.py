@@ -112,19 +112,21 @@ def django_child(
         django.setup()
         from django.db import connection
 
+        runs = 300 + cycles  # 300: warm-up, the same in both runs
         if asgi:
             one = bench_asgi.requester(sync=asgi == "sync")
 
             async def requests() -> None:
-                for _ in range(300 + cycles):  # 300: warm-up, the same in both runs
+                for _ in range(runs):
                     await one()
 
             asyncio.run(requests())
-        request = requester() if site else None
-        for _ in range(0 if asgi else 300 + cycles):  # 300: warm-up, as above
-            if request is not None:
+        elif site:
+            request = requester()
+            for _ in range(runs):
                 request()
-            else:
+        else:
+            for _ in range(runs):
                 request_cycle(connection, query)
         if alias == "connguard":
             from connguard.django import pools

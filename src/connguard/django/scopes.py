@@ -72,13 +72,10 @@ def _finish_asgi_request() -> bool:
     scopes = _request_contexts.get(weakref.ref(context))
     if not scopes:
         return False
-    for scope in list(scopes):
+    for scope in list(scopes):  # a copy: the next request_started may trim the list
         if not scope.ended:
             scope.end()
             break
-    # Only ended scopes before the newest are of no more use (read through copies).
-    while len(scopes) > 1 and scopes[0].ended:
-        scopes.pop(0)
     return True
 
 
