@@ -307,6 +307,99 @@ def test_psycopg_stream_and_copy_go_through_the_fence(connection: Any) -> None:
         pass
 
 
+def test_the_debug_cursors_copy_goes_through_the_fence(connection: Any) -> None:
+    """With ``DEBUG=True`` (``force_debug_cursor`` is what DEBUG turns on) Django's
+    PostgreSQL debug cursor defines ``copy()`` itself, to log it: the fenced mixin's
+    ``__getattr__`` never sees it. A cursor kept past its lease must still be refused,
+    not run COPY on the connection's next holder's session (found by a review)."""
+    from django.db import OperationalError
+
+    connection.force_debug_cursor = True
+    try:
+        cursor = connection.cursor()
+        with cursor.copy("COPY (SELECT 7) TO STDOUT") as copy:
+            assert b"".join(bytes(data) for data in copy) == b"7\n"  # read to its end
+        assert connection.queries[-1]["sql"] == "COPY (SELECT 7) TO STDOUT"  # still logged
+        raw = connection.connection
+        connection.connguard_lease.release()
+        other = connection.cursor()  # the next holder: the same physical connection
+        assert connection.connection is raw
+        other.execute("SELECT 1")
+        with pytest.raises(OperationalError), cursor.copy("COPY (SELECT 8) TO STDOUT") as copy:
+            pytest.fail(f"a stale cursor ran COPY on the next holder's connection: {copy!r}")
+        other.close()
+    finally:
+        connection.force_debug_cursor = False
+
+
+def test_every_method_djangos_cursors_define_is_fenced() -> None:
+    """Django's cursor wrappers define some driver calls as methods (the debug
+    cursor's COPY methods, to log them); the fenced mixin's ``__getattr__`` only sees
+    the others. Each method of Django's classes that calls the driver must be
+    overridden by connguard's, whichever driver Django picked: a guard for what a
+    new Django version adds."""
+    from connguard.backends.postgresql.base import CursorDebugWrapper as FencedDebug
+    from connguard.django.cursors import FencedCursorWrapper
+
+    # Django's own bookkeeping, touching no connection.
+    harmless = {"debug_sql"}
+    for fenced in (FencedCursorWrapper, FencedDebug):
+        djangos = [c for c in fenced.__mro__ if c.__module__.startswith("django.")]
+        assert djangos, fenced
+        for cls in djangos:
+            for name, value in vars(cls).items():
+                # Underscored: Django's steps inside execute(), already in the fence.
+                if not callable(value) or name in harmless or name.startswith("_"):
+                    continue
+                owner = next(c for c in fenced.__mro__ if name in vars(c))
+                assert not owner.__module__.startswith("django."), (
+                    f"{cls.__module__}.{cls.__qualname__}.{name} is not fenced"
+                )
+
+
+def test_psycopg2s_debug_cursor_copy_goes_through_the_fence(pg: Any) -> None:
+    """As above, under psycopg2, whose debug cursor Django gives ``copy_expert`` and
+    ``copy_to`` (a process of its own: Django picks its driver at import)."""
+    script = f"""
+import io, json, sys
+sys.modules["psycopg"] = None  # Django then takes psycopg2
+import django
+from django.conf import settings
+parts = dict(p.split("=", 1) for p in {pg.dsn!r}.split())
+settings.configure(DATABASES={{"default": {{
+    "ENGINE": "connguard.backends.postgresql", "HOST": parts["host"], "PORT": parts["port"],
+    "USER": parts.get("user", "postgres"), "NAME": "postgres",
+    "OPTIONS": {{"pool": {{"min_size": 0, "max_size": 1}}}}}}}},
+    INSTALLED_APPS=["connguard.django"], USE_TZ=True, DEBUG=True)
+django.setup()
+from django.db import OperationalError, connection
+cursor = connection.cursor()
+out = io.StringIO()
+cursor.copy_expert("COPY (SELECT 7) TO STDOUT", out)
+result = {{"driver": connection.connguard_pool.driver.name, "first": out.getvalue()}}
+connection.connguard_lease.release()
+connection.cursor().execute("SELECT 1")  # the next holder
+for name, args in (("copy_expert", ("COPY (SELECT 8) TO STDOUT", out)),
+                   ("copy_to", (out, "pg_am"))):
+    try:
+        getattr(cursor, name)(*args)
+        result[name] = "ran: " + out.getvalue()
+    except OperationalError as exc:
+        result[name] = "refused" if "lease has ended" in str(exc) else str(exc)
+connection.close()
+print(json.dumps(result))
+"""
+    from .servers import django_script
+
+    result = django_script(script)
+    assert result == {
+        "driver": "psycopg2",
+        "first": "7\n",
+        "copy_expert": "refused",
+        "copy_to": "refused",
+    }, result
+
+
 def test_session_state_is_reset_and_the_role_set_up_again(django_db: dict[str, Any]) -> None:
     """Reset policy "auto", in process: a request that changes session state (here
     ``RESET ROLE`` and a tenant GUC) hands on a connection reset to the configured

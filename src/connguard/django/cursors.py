@@ -153,17 +153,18 @@ class FencedCursorMixin:
             return functools.partial(self._cg_span, value)
         if attr == "stream":
             return functools.partial(self._cg_stream, value)
-        wrap = self.db.wrap_database_errors
+        return functools.partial(self._cg_call, value)
 
-        def fenced(*args: Any, **kwargs: Any) -> Any:
-            self._cg_enter()
-            try:
-                with wrap:
-                    return value(*args, **kwargs)
-            finally:
-                lease.exit()
-
-        return fenced
+    def _cg_call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One call of the driver's cursor as one fenced use, its errors translated."""
+        lease = self._cg_enter()
+        if lease is None:
+            return method(*args, **kwargs)
+        try:
+            with self.db.wrap_database_errors:
+                return method(*args, **kwargs)
+        finally:
+            lease.exit()
 
     def _cg_close(self, close: Callable[[], Any]) -> None:
         """Close through the fence; once the lease has ended, the cursor went with

@@ -21,7 +21,26 @@ scopes.install()
 
 
 class CursorDebugWrapper(FencedCursorMixin, django_pg.CursorDebugWrapper):
-    """Django's debug cursor (``DEBUG=True``), fenced."""
+    """Django's debug cursor (``DEBUG=True``), fenced.
+
+    Django's class defines the driver's COPY calls as methods of its own (to log
+    them), so the mixin's ``__getattr__``, which fences every other driver call,
+    never sees them: each is fenced here around Django's, which still logs it. Each
+    exists only for the driver Django picked (psycopg 3: ``copy``; psycopg2:
+    ``copy_expert``, ``copy_to``); ``super()`` raises AttributeError for the other's,
+    as the driver's cursor would."""
+
+    def copy(self, statement: Any) -> Any:
+        if self._cg_lease is None:
+            return super().copy(statement)
+        # A context manager that holds the connection while its block runs.
+        return self._cg_span(super().copy, statement)
+
+    def copy_expert(self, sql: Any, file: Any, *args: Any) -> Any:
+        return self._cg_call(super().copy_expert, sql, file, *args)
+
+    def copy_to(self, file: Any, table: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._cg_call(super().copy_to, file, table, *args, **kwargs)
 
 
 class DatabaseCreation(DjangoCreation):
