@@ -292,6 +292,52 @@ def test_a_server_side_cursor_pins_its_lease_against_early_release(connection: A
         leave(token)
 
 
+def test_a_connect_replaced_on_the_wrapper_refuses_the_short_path(connection: Any) -> None:
+    """A tool may refuse database access by replacing the wrapper's ``connect`` (as
+    Django's SimpleTestCase does, besides ``ensure_connection``): connguard's short
+    re-acquire, which skips ``connect()``, must not take a lease past it."""
+
+    def refuse() -> None:
+        raise AssertionError("database access not allowed here")
+
+    assert scalar(connection, "SELECT 1") == 1
+    connection.close()  # the pool is known: the short path would be taken
+    connection.connect = refuse
+    try:
+        with pytest.raises(AssertionError, match="not allowed"):
+            connection.ensure_connection()
+        assert connection.connguard_lease is None
+    finally:
+        del connection.connect
+    assert scalar(connection, "SELECT 2") == 2
+
+
+def test_a_replaced_base_ensure_connection_decides(connection: Any) -> None:
+    """A test framework refuses database access by replacing Django's
+    ``BaseDatabaseWrapper.ensure_connection`` (pytest-django's blocker, Django's
+    SimpleTestCase): connguard's own must defer to the replacement, then take its
+    short path again once Django's is back."""
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    asked = []
+    djangos = BaseDatabaseWrapper.__dict__["ensure_connection"]
+
+    def blocker(*args: Any) -> None:
+        asked.append(len(args))
+        raise RuntimeError("Database access not allowed")
+
+    assert scalar(connection, "SELECT 1") == 1
+    connection.close()
+    BaseDatabaseWrapper.ensure_connection = blocker
+    try:
+        with pytest.raises(RuntimeError, match="not allowed"):
+            connection.ensure_connection()
+        assert asked == [1] and connection.connguard_lease is None  # called as a method
+    finally:
+        BaseDatabaseWrapper.ensure_connection = djangos
+    assert scalar(connection, "SELECT 2") == 2
+
+
 def test_psycopg_stream_and_copy_go_through_the_fence(connection: Any) -> None:
     from django.db import OperationalError
 

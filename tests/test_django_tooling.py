@@ -58,12 +58,33 @@ def test_django_test_runner(
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    assert "Ran 4 tests" in output and "OK" in output
+    assert "Ran 5 tests" in output and "OK" in output
     if parallel == "2":
         assert "Cloning test database" in output, output[-2000:]
     assert not [name for name in databases(pg) if name.startswith("test_")], (
         "a test database was left behind"
     )
+
+
+def test_database_access_a_test_framework_refuses_is_refused(
+    tooling_db: tuple[EmbeddedPostgres, dict[str, Any]],
+) -> None:
+    """pytest-django's blocker (it replaces ``BaseDatabaseWrapper.ensure_connection``)
+    bit on Django's backend and not on connguard's, whose ``ensure_connection`` took
+    its own short path (found by a review). Alone first: with no test database
+    created yet, the unmarked test reached the project's database. (Django's
+    SimpleTestCase: tests/django_tooling/test_pool_in_tests.py.)"""
+    _, db = tooling_db
+    path = "tests/django_tooling/blocked_access.py"
+    for args in ([f"{path}::test_an_unmarked_test_is_refused_database_access"], [path]):
+        result = run(
+            [sys.executable, "-m", "pytest", "-o", "addopts=", "-p", "django", "-p",
+             "no:cacheprovider", "--ds=connguard.demo.site.settings", "-q", *args],
+            db,
+        )  # fmt: skip
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-4000:]
+        assert f"{1 if '::' in args[0] else 2} passed" in output, output[-2000:]
 
 
 def test_pytest_django(tooling_db: tuple[EmbeddedPostgres, dict[str, Any]]) -> None:
@@ -76,7 +97,7 @@ def test_pytest_django(tooling_db: tuple[EmbeddedPostgres, dict[str, Any]]) -> N
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    assert "4 passed" in output, output[-2000:]
+    assert "5 passed" in output, output[-2000:]
     assert not [name for name in databases(pg) if name.startswith("test_")]
 
 

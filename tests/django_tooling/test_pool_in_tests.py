@@ -6,7 +6,7 @@ import os
 import threading
 
 from django.db import connection, connections
-from django.test import TestCase, TransactionTestCase
+from django.test import SimpleTestCase, TestCase, TransactionTestCase
 
 from connguard.demo.site.models import Document, Page
 from connguard.django import pools
@@ -61,3 +61,19 @@ class PagesTransactionTestCase(PoolPerTestDatabase, TransactionTestCase):
     def tearDown(self) -> None:
         connection.close()
         self.assertEqual(leases_in_use(), 0, "a lease leaked out of the test")
+
+
+class NoDatabase(SimpleTestCase):
+    """Django's SimpleTestCase refuses database access by replacing
+    ``BaseDatabaseWrapper.ensure_connection`` (and the wrapper's ``connect`` and
+    ``cursor``); connguard's ``ensure_connection``, whose short path re-acquires
+    without either, must defer to it (found by a review). Under Django's runner this
+    class runs after the others in the same process, so the pool of the test
+    database is known and the short path would be taken; under pytest-django its
+    blocker refuses first."""
+
+    def test_ensure_connection_is_refused(self) -> None:
+        with self.assertRaises((AssertionError, RuntimeError)) as refused:
+            connection.ensure_connection()
+        self.assertRegex(str(refused.exception), "not allowed")
+        self.assertIsNone(connection.connguard_lease)

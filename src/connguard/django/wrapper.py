@@ -58,6 +58,32 @@ _known_pools: dict[str, tuple[tuple[Any, ...], Pool]] = {}
 # Django's own words for a database call from an event loop's thread.
 _ASYNC_UNSAFE = "You cannot call this from an async context - use a thread or sync_to_async."
 
+# Django's own BaseDatabaseWrapper.ensure_connection, once seen there (see
+# _replaced_ensure_connection).
+_djangos_ensure_connection: Any = None
+
+
+def _replaced_ensure_connection() -> Any:
+    """What replaced Django's ``BaseDatabaseWrapper.ensure_connection``, or None while
+    it is Django's own. A test framework replaces it to refuse database access
+    (pytest-django's blocker, for a test without ``django_db``); connguard's own
+    ``ensure_connection`` must then defer to the replacement as Django's backend
+    would, or an unmarked test reaches the database. Django's is recognised by what
+    it wraps (``async_unsafe``), not taken at import: the replacement may already be
+    in place when this module is imported."""
+    global _djangos_ensure_connection
+    current = BaseDatabaseWrapper.ensure_connection
+    if current is _djangos_ensure_connection:
+        return None
+    wrapped = getattr(current, "__wrapped__", current)
+    if (
+        getattr(wrapped, "__qualname__", None) == "BaseDatabaseWrapper.ensure_connection"
+        and getattr(wrapped, "__module__", None) == BaseDatabaseWrapper.__module__
+    ):
+        _djangos_ensure_connection = current
+        return None
+    return current
+
 
 class ConnguardWrapperMixin:
     """Mix into a backend's ``DatabaseWrapper`` before Django's class."""
@@ -170,7 +196,17 @@ class ConnguardWrapperMixin:
 
         Skipping ``connect()``'s ``sensitive_variables`` marker there hides nothing:
         no frame of that path holds the settings or the connection parameters (the
-        pool opens connections on its own threads)."""
+        pool opens connections on its own threads).
+
+        What a test framework puts in place to refuse database access is honoured as
+        Django's backend honours it: a replaced ``BaseDatabaseWrapper.ensure_connection``
+        (pytest-django's blocker, Django's ``SimpleTestCase``) is called instead, and
+        a ``connect`` replaced on this wrapper is called instead of the short path."""
+        if BaseDatabaseWrapper.ensure_connection is not _djangos_ensure_connection:
+            replaced = _replaced_ensure_connection()
+            if replaced is not None:  # a test framework's: it decides
+                replaced.__get__(self, type(self))()
+                return
         # Django's check asks get_running_loop(), which raises in the common case (no
         # loop in this thread): about 2,700 instructions for the exception alone.
         # asyncio's own non-raising form answers the same question.
@@ -180,7 +216,9 @@ class ConnguardWrapperMixin:
             if self.in_atomic_block and self.closed_in_transaction:
                 raise ProgrammingError("Cannot open a new connection in an atomic block.")
             try:
-                if not self._cg_reconnect():
+                # ``connect`` replaced on this wrapper (Django's SimpleTestCase makes it
+                # fail, to refuse database access): its way, not the short one.
+                if "connect" in self.__dict__ or not self._cg_reconnect():
                     self.connect()
             except Exception:
                 # Django's error translation, entered only when there is an error
