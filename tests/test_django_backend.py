@@ -171,6 +171,197 @@ def test_a_thread_now_working_for_another_scope_queries_on_a_lease_of_its_own(
     assert the_pool().stats().in_use == 0
 
 
+def run_sql(conn: Any, sql: str) -> None:
+    with conn.cursor() as cursor:
+        cursor.execute(sql)
+
+
+def test_a_nested_scope_goes_on_with_the_enclosing_scopes_connection(
+    connection: Any,
+) -> None:
+    """A view calls a function decorated ``@connguard.scope`` (docs/django.md's way
+    for tasks; a Celery task run eagerly, ``call_command``). The request is not done:
+    the inner code goes on with the request's connection, and after it returns the
+    request still has its session state (the docs' tenant setting, a temporary
+    table), as with Django's one connection per thread. Each query of the inner
+    scope gave the request's connection back, reset, and took another (found by a
+    review)."""
+    import connguard
+    from connguard.scope import Scope, enter, leave
+
+    @connguard.scope("job")
+    def job() -> tuple[int, Any]:
+        return scalar(connection, "SELECT pg_backend_pid()"), connection.connguard_lease
+
+    request = Scope("GET /invoices", kind="request")
+    token = enter(request)
+    try:
+        scalar(connection, "SELECT set_config('app.tenant', '42', false)")
+        run_sql(connection, "CREATE TEMP TABLE nested_scratch AS SELECT 1 AS x")
+        pid, lease = scalar(connection, "SELECT pg_backend_pid()"), connection.connguard_lease
+        inner_pid, inner_lease = job()
+        assert (inner_pid, inner_lease) == (pid, lease), "the inner scope took another"
+        assert lease.active and connection.connguard_lease is lease
+        assert scalar(connection, "SELECT current_setting('app.tenant', true)") == "42"
+        assert scalar(connection, "SELECT to_regclass('pg_temp.nested_scratch') IS NOT NULL")
+    finally:
+        request.end()
+        leave(token)
+    assert not lease.active and the_pool().stats().in_use == 0
+
+
+def test_what_a_nested_scope_takes_itself_it_gives_back(connection: Any) -> None:
+    """The other way round: a lease the inner scope took (the request had none) is
+    the inner scope's, given back when it ends; the request then takes its own."""
+    import connguard
+    from connguard.scope import Scope, enter, leave
+
+    @connguard.scope("job")
+    def job() -> Any:
+        scalar(connection, "SELECT 1")
+        return connection.connguard_lease
+
+    request = Scope("GET /report", kind="request")
+    token = enter(request)
+    try:
+        inner = job()
+        assert not inner.active and the_pool().stats().in_use == 0
+        scalar(connection, "SELECT 2")
+        assert connection.connguard_lease.owner is request
+    finally:
+        request.end()
+        leave(token)
+
+
+def test_a_nested_scope_keeps_the_enclosing_manual_transaction(connection: Any) -> None:
+    """Manual transaction management (``set_autocommit(False)``, or ``AUTOCOMMIT:
+    False``) is no atomic block: the owner switch gave the connection back with its
+    uncommitted rows rolled back, and the later ``commit()`` raised."""
+    from django.db import transaction
+
+    import connguard
+    from connguard.scope import Scope, enter, leave
+
+    run_sql(connection, "CREATE TABLE IF NOT EXISTS nested_orders (id int)")
+    run_sql(connection, "TRUNCATE nested_orders")
+
+    @connguard.scope("job")
+    def job() -> int:
+        return scalar(connection, "SELECT 1")
+
+    request = Scope("POST /orders", kind="request")
+    token = enter(request)
+    try:
+        transaction.set_autocommit(False)
+        try:
+            run_sql(connection, "INSERT INTO nested_orders VALUES (1)")
+            job()
+            transaction.commit()
+        finally:
+            transaction.set_autocommit(True)
+    finally:
+        request.end()
+        leave(token)
+    assert scalar(connection, "SELECT count(*) FROM nested_orders") == 1
+
+
+def test_a_nested_scope_does_not_break_the_enclosing_server_side_cursor(
+    connection: Any,
+) -> None:
+    """``for obj in qs.iterator(): task(obj)`` with ``task`` decorated: the
+    iterator's server-side cursor must survive the task's queries."""
+    import connguard
+    from connguard.scope import Scope, enter, leave
+
+    @connguard.scope("task")
+    def task(n: int) -> int:
+        return scalar(connection, "SELECT %s::int", [n])
+
+    request = Scope("GET /export", kind="request")
+    token = enter(request)
+    try:
+        cursor = connection.chunked_cursor()
+        try:
+            cursor.execute("SELECT g FROM generate_series(1, 300) g")
+            done = []
+            while rows := cursor.fetchmany(100):
+                done.append(task(rows[0][0]))
+        finally:
+            cursor.close()
+        assert done == [1, 101, 201]
+    finally:
+        request.end()
+        leave(token)
+
+
+def test_a_scope_nested_in_a_threads_own_goes_on_with_its_connection(
+    connection: Any,
+) -> None:
+    """A management command's main thread queries outside any scope (its thread's
+    implicit scope holds the lease), then calls a decorated task per row: the task
+    goes on with the thread's connection."""
+    from django.db import connections
+
+    import connguard
+
+    @connguard.scope("task")
+    def task() -> Any:
+        scalar(connections["default"], "SELECT 1")
+        return connections["default"].connguard_lease
+
+    seen: list[Any] = []
+
+    def command() -> None:
+        conn = connections["default"]
+        scalar(conn, "SELECT set_config('app.tenant', '7', false)")
+        held = conn.connguard_lease
+        seen.append(task() is held)
+        seen.append(scalar(conn, "SELECT current_setting('app.tenant', true)"))
+        conn.close()
+
+    thread = threading.Thread(target=command)
+    thread.start()
+    thread.join()
+    assert seen == [True, "7"]
+
+
+def tenant_view(request: Any) -> Any:
+    """docs/django.md's tenant setting, then a task decorated ``@connguard.scope``
+    called inline."""
+    from django.db import connection as conn
+    from django.http import JsonResponse
+
+    import connguard
+
+    @connguard.scope("send-invoice-email")
+    def send_invoice_email() -> None:
+        scalar(conn, "SELECT 1")
+
+    scalar(conn, "SELECT set_config('app.tenant', '42', false)")
+    before = scalar(conn, "SELECT current_setting('app.tenant', true)")
+    send_invoice_email()
+    after = scalar(conn, "SELECT current_setting('app.tenant', true)")
+    return JsonResponse({"before": before, "after": after})
+
+
+def test_a_scoped_task_called_from_a_view_keeps_the_views_session(
+    connection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same through Django's handler, with ConnguardMiddleware."""
+    from django.test import Client
+    from django.urls import clear_url_caches, path
+
+    monkeypatch.setitem(globals(), "urlpatterns", [path("tenant", tenant_view)])
+    clear_url_caches()
+    try:
+        response = Client().get("/tenant")
+    finally:
+        clear_url_caches()
+    assert response.status_code == 200
+    assert response.json() == {"before": "42", "after": "42"}
+    assert the_pool().stats().in_use == 0
+
+
 def test_request_scope_covers_threads_started_with_its_context(connection: Any) -> None:
     from django.core import signals
     from django.db import connections

@@ -596,6 +596,30 @@ def test_scope_object_can_be_nested(scoped_pool: Pool) -> None:
     scoped_pool._check_invariants()
 
 
+def test_a_nested_scope_knows_the_scopes_it_was_opened_in(scoped_pool: Pool) -> None:
+    """What lets code in a nested scope go on with a connection an enclosing one
+    holds (the Django layer's owner check): each scope opened records the open scope
+    it was opened in, the thread's implicit one included, at any depth; an ended one
+    encloses nothing."""
+    from connguard.scope import encloses, owner_scope
+
+    thread_scope = owner_scope()  # this thread's implicit scope, as a query makes it
+    try:
+        with connguard.scope("outer") as outer, connguard.scope("inner") as inner:
+            assert inner.parent is outer and outer.parent is thread_scope
+            assert encloses(outer, inner) and encloses(thread_scope, inner)
+            assert not encloses(inner, outer) and not encloses(inner, inner)
+            outer.end()
+            assert not encloses(outer, inner), "an ended scope still encloses"
+        with connguard.scope("sibling") as sibling:
+            assert not encloses(inner, sibling)
+    finally:
+        thread_scope.end()
+    with connguard.scope("alone") as alone:
+        assert alone.parent is None, "an ended thread scope was taken as the enclosing one"
+    assert scoped_pool.stats().in_use == 0
+
+
 def test_scope_object_can_be_reentered_in_sequence(scoped_pool: Pool) -> None:
     s = connguard.scope("job")
     seen: list[Scope] = []

@@ -60,10 +60,22 @@ class Scope:
     what spans two steps is argued where it happens (:meth:`add`, :meth:`end`).
     """
 
-    __slots__ = ("_held", "ended", "id", "info", "journal", "kind", "name", "started_at")
+    __slots__ = (
+        "_held", "ended", "id", "info", "journal", "kind", "name", "parent", "started_at"
+    )  # fmt: skip
 
-    def __init__(self, name: str, kind: str = "scope", info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        kind: str = "scope",
+        info: dict[str, Any] | None = None,
+        parent: Scope | None = None,
+    ) -> None:
         self.id = next(_ids)
+        # The scope this one was opened inside (a ``connguard.scope`` block in a view,
+        # in a management command's thread), if any: code in this one may go on using
+        # the connection that one holds (see :func:`encloses`).
+        self.parent = parent
         self.name = name
         self.kind = kind  # "request", "thread", "scope" (user-opened), ...
         self.info: dict[str, Any] = info if info is not None else {}  # method, path, view...
@@ -233,6 +245,34 @@ def owner_scope() -> Scope:
     return holder.scope
 
 
+def enclosing_scope() -> Scope | None:
+    """The scope that owns what the running code holds, if there is one open: the
+    current scope, else this thread's implicit scope (never created here). A scope
+    opened now is nested in it."""
+    found = _current.get()
+    if found is None and _ambient is not None:
+        found = _ambient()
+    if found is None:
+        holder = _thread_scopes.scope
+        found = holder.scope if holder is not None else None
+    return found if found is not None and not found.ended else None
+
+
+def encloses(outer: Scope, inner: Scope) -> bool:
+    """Whether ``inner`` was opened inside ``outer`` (at any depth) and ``outer`` is
+    still open: code working for ``inner`` may then go on using a connection
+    ``outer`` holds, as it would with Django's one connection per thread (a view
+    calling a function decorated ``@connguard.scope``, inside the view's transaction,
+    with its session state and its open server-side cursor). What ``inner`` takes
+    itself is still ``inner``'s, given back when it ends."""
+    scope = inner.parent
+    while scope is not None:
+        if scope is outer:
+            return not outer.ended
+        scope = scope.parent
+    return False
+
+
 def begin(opened: Scope) -> None:
     """Make ``opened`` current in this context, first ending a scope of the same kind
     still current here (a unit of work that never finished: a request whose response
@@ -292,7 +332,7 @@ class scope:  # lower-case on purpose: used like a function, ``with connguard.sc
 
     @contextmanager
     def _opened(self) -> Iterator[Scope]:
-        opened = Scope(self.name, kind="scope", info=dict(self.info))
+        opened = Scope(self.name, kind="scope", info=dict(self.info), parent=enclosing_scope())
         token = _current.set(opened)
         try:
             yield opened
@@ -301,7 +341,7 @@ class scope:  # lower-case on purpose: used like a function, ``with connguard.sc
             _current.reset(token)
 
     def __enter__(self) -> Scope:
-        opened = Scope(self.name, kind="scope", info=dict(self.info))
+        opened = Scope(self.name, kind="scope", info=dict(self.info), parent=enclosing_scope())
         token = _current.set(opened)
         self._open.set((*self._open.get(), (opened, token)))
         return opened

@@ -35,7 +35,7 @@ from django.views.decorators.debug import sensitive_variables
 from connguard.drivers.libpq import forget_attempt
 from connguard.pool import Lease, LeaseEnded, Pool
 from connguard.pool.errors import detach
-from connguard.scope import Scope, current_or_none, owner_scope
+from connguard.scope import Scope, current_or_none, encloses, owner_scope
 
 from . import pools
 from .cursors import FencedCursorDebugWrapper, FencedCursorWrapper
@@ -124,10 +124,18 @@ class ConnguardWrapperMixin:
             # its scope), without the call: Django reads this property a few times
             # per query.
             return raw
-        if scope is not owner_scope() and not self.in_atomic_block:
+        owner = owner_scope()
+        if (
+            scope is not owner
+            and not self.in_atomic_block
+            and (scope is None or not encloses(scope, owner))
+        ):
             # This thread now works for another request or task (a reused pool
             # thread): the lease belongs to the previous one, which will give it
             # back when it ends. Return it now; Django acquires for the current one.
+            # (Not for a scope opened inside the lease's: a task function decorated
+            # ``@connguard.scope`` that a view calls goes on with the view's
+            # connection, its transaction and session state, as with Django's.)
             self._cg_switch_owner(lease)
             return None
         return raw
