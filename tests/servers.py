@@ -52,6 +52,7 @@ __all__ = [
     "image_paths",
     "manage",
     "running",
+    "running_command",
     "site_env",
     "stop",
     "wait_ready",
@@ -105,3 +106,31 @@ def running(server: str, db: Mapping[str, Any], log_dir: Path, **env: str) -> It
     """Run ``server`` with the docsite; stop it (by process group) on exit."""
     with _LAUNCHER.running(server, db, log_dir, env) as srv:
         yield srv
+
+
+@contextmanager
+def running_command(
+    name: str, args: list[str], processes: int, db: Mapping[str, Any], log_dir: Path, **env: str
+) -> Iterator[Server]:
+    """Serve the site with a command line of the test's own (``args`` after
+    ``python -m``, ``{port}`` replaced by a free port): a server run in a way
+    :func:`running` does not offer (gunicorn ``--preload``, a config file). Stopped by
+    process group on exit."""
+    port = free_port()
+    log = log_dir / f"{name}-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *(arg.format(port=port) for arg in args)],
+            cwd=ROOT,
+            env=site_env(db, **env),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    srv = Server(name, port, proc, log, processes)
+    try:
+        wait_ready(srv)
+        yield srv
+    finally:
+        stop(proc)

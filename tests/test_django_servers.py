@@ -12,6 +12,8 @@ shows the leak.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ import psycopg
 import pytest
 
 from connguard.diagnostics.doctor import collect, diagnose
+from connguard.diagnostics.tags import parse_tag
 from connguard.testing.postgres import EmbeddedPostgres
 
 from .servers import (
@@ -31,6 +34,7 @@ from .servers import (
     get,
     image_paths,
     running,
+    running_command,
 )
 
 pytestmark = [pytest.mark.real, pytest.mark.private, pytest.mark.servers]
@@ -207,3 +211,65 @@ def test_overload_is_a_fast_503_and_the_next_burst_succeeds(
             assert after.failed == 0, Counter(after.statuses)
     finally:
         sampler.close()
+
+
+def backends_by_pid(dsn: str, app: str) -> Counter[int]:
+    """The site's backends, counted by the pid of the process holding each (from its
+    ``application_name`` tag)."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT application_name FROM pg_stat_activity "
+            "WHERE backend_type = 'client backend' AND application_name LIKE %s",
+            (f"{app}|cg|%",),
+        ).fetchall()
+    return Counter(tag.pid for (name,) in rows if (tag := parse_tag(name)) is not None)
+
+
+def wait_for_backends(dsn: str, app: str, done: Any, timeout: float) -> Counter[int]:
+    """Poll the site's backends by pid until ``done(counts)`` or ``timeout``; the last count."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = backends_by_pid(dsn, app)
+        if done(counts) or time.monotonic() >= deadline:
+            return counts
+        threading.Event().wait(0.05)
+
+
+PRELOAD_WORKERS = 2
+
+
+@pytest.mark.parametrize("give_back", ["close-at-import", "when-ready"])
+def test_gunicorn_preload_master_keeps_no_backend(
+    site_db: tuple[EmbeddedPostgres, dict[str, Any]], tmp_path: Path, give_back: str
+) -> None:
+    """``gunicorn --preload`` with a query at import time, in the master, which then
+    forks the workers and never serves a request. ``close-at-import``: the site gives
+    the connection back (``connection.close()``); the master's pool, forked since,
+    keeps no connection warm, so its backend goes after ``max_idle`` though
+    ``min_size`` is 1. ``when-ready``: the site keeps it, and the gunicorn hook closes
+    the master's pools before the fork (docs/django.md), whatever ``max_idle``. Either
+    way the server sees the workers' backends only: workers x ``max_size``."""
+    pg, db = site_db
+    app = f"docsite-preload-{give_back}"
+    pool = POOL if give_back == "close-at-import" else {**POOL, "max_idle": 600.0}
+    args = [
+        "gunicorn", "tests.wsgi_import_query:application", "--preload", "-k", "gthread",
+        "--threads", "4", "-w", str(PRELOAD_WORKERS), "-b", "127.0.0.1:{port}",
+        "--log-level", "warning",
+    ]  # fmt: skip
+    env = site_settings(app, pool=pool, DOCSITE_IMPORT_QUERY="close")
+    if give_back == "when-ready":
+        args += ["-c", "python:tests.gunicorn_close_pools"]
+        env["DOCSITE_IMPORT_QUERY"] = "keep"
+    with running_command("gunicorn", args, PRELOAD_WORKERS, db, tmp_path, **env) as srv:
+        master = srv.process.pid
+        result = burst(srv.port, image_paths(40), concurrency=8)
+        assert result.failed == 0, (result.errors[:3], Counter(result.statuses))
+        counts = wait_for_backends(pg.dsn, app, lambda c: master not in c, QUIET)
+        assert master not in counts, (
+            f"the gunicorn master {master}, which serves no request, still holds "
+            f"{counts[master]} backend(s) {QUIET} s after the burst (max_idle "
+            f"{pool['max_idle']} s); backends by pid: {dict(counts)}"
+        )
+        workers = sum(counts.values())
+        assert 1 <= workers <= PRELOAD_WORKERS * POOL["max_size"], dict(counts)

@@ -3,6 +3,8 @@ so it holds for any engine that keeps ARCHITECTURE.md's invariants.
 
 * a lease whose holder kept only the raw connection is never handed on (item 4);
 * a forked child's pools get housekeeping back and start with clean counters (item 5);
+* a pool whose process forked and has not acquired since keeps no connection warm
+  (a gunicorn ``--preload`` or Celery master), until its next acquire;
 * ``acquire(timeout)`` returns by its deadline whatever the health checks do (item 6);
 * a waiter interrupted by any exception strands no slot; neither does a release or a
   health check interrupted by one (item 7);
@@ -353,6 +355,77 @@ def test_forked_child_gets_housekeeping_and_clean_counters(
     if after.acquires != 3 or after.releases != 3:
         problems.append(f"the parent's counters changed: {after}")
     assert not problems, (problems, child)
+
+
+# -- the parent after a fork: min_size is kept warm only for a process that acquires ---
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
+def test_a_pool_that_forked_and_never_acquired_since_keeps_no_connection_warm(
+    driver: FakeDriver, clock: ManualClock
+) -> None:
+    """A gunicorn ``--preload`` (or Celery) master: one query at import, given back,
+    then it forks its workers and never serves anything. Its idle connection is
+    retired past ``max_idle`` though ``min_size`` is 1, and no other is opened, not
+    even when the server ends the backend: the workers' pools are the budget."""
+    pool = fake_pool(driver, clock, min_size=1, max_size=2, max_idle=1.0, max_lifetime=None)
+    try:
+        pool.acquire(timeout=2).release()
+        assert pool.stats().idle == 1
+        _run_in_child(dict)
+        clock.advance(0.5)
+        pool.housekeep()
+        assert pool.stats().idle == 1, "retired before max_idle"
+        clock.advance(1.0)
+        pool.housekeep()
+        stats = pool.stats()
+        assert (stats.size, stats.closed["idle"]) == (0, 1), stats
+        pool.housekeep()
+        assert (pool.stats().size, pool.stats().opened) == (0, 1), "refilled to min_size"
+
+        # Its connection ended by the server (a DBA's pg_terminate_backend) before
+        # max_idle: closed, and not replaced either.
+        lease = pool.acquire(timeout=2)
+        raw = lease.raw
+        lease.release()
+        _run_in_child(dict)
+        raw.alive = False
+        pool.housekeep()
+        stats = pool.stats()
+        assert (stats.size, stats.closed["broken"]) == (0, 1), stats
+        assert pool.stats().opened == 2, "a dead idle connection was replaced"
+    finally:
+        pool.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
+def test_a_pool_that_forked_keeps_min_size_again_from_its_next_acquire(
+    driver: FakeDriver, clock: ManualClock
+) -> None:
+    """A worker whose view forks a child (multiprocessing) while it holds a lease:
+    until the worker's next acquire its pool behaves as a master's (the connection
+    may be retired past ``max_idle``); from that acquire on, ``min_size`` is kept
+    warm again, refilled when a connection dies."""
+    pool = fake_pool(driver, clock, min_size=1, max_size=2, max_idle=1.0, max_lifetime=None)
+    try:
+        lease = pool.acquire(timeout=2)
+        _run_in_child(dict)
+        lease.release()
+        clock.advance(1.5)
+        pool.housekeep()
+        assert pool.stats().size == 0
+        lease = pool.acquire(timeout=2)  # the next request
+        raw = lease.raw
+        lease.release()
+        clock.advance(1.5)
+        pool.housekeep()
+        stats = pool.stats()
+        assert (stats.idle, stats.closed["idle"]) == (1, 1), "min_size not kept again"
+        raw.alive = False
+        pool.housekeep()
+        wait_until(lambda: pool.stats().opened == 3 and pool.stats().idle == 1)
+    finally:
+        pool.close()
 
 
 # -- item 6: one deadline for acquire(timeout) --------------------------------------------

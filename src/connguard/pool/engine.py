@@ -159,6 +159,10 @@ class Pool:
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._closed = False
         self._pid = os.getpid()
+        # _n_acquires when this process last forked (-1: it has not, or this is the
+        # child). While they are equal the pool is dormant: housekeeping keeps no
+        # connection warm for it (min_size counts as 0; see opening.warm_size_locked).
+        self._acquires_at_fork = -1
 
         # Reconnect backoff: when the last attempt failed (real time) and the delay
         # before the next one while nobody waits (it doubles on each failure).

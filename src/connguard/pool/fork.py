@@ -4,6 +4,13 @@ housekeeping back, and drops (never closes) the connections inherited from its p
 Closing an inherited libpq connection in the child sends Terminate on a socket the
 parent still uses and ends the parent's session (seen with psycopg 3 and psycopg2), so
 the child only forgets them (``Driver.drop``).
+
+In the parent every pool becomes *dormant* until its next acquire: housekeeping keeps
+no ``min_size`` warm for it (opening.warm_size_locked). A process that forks and then
+serves nothing (a gunicorn ``--preload`` master, a Celery master) would otherwise keep
+``min_size`` backends for ever on top of its workers', reopened if the server ends
+them. One rule for every forking process, no server-specific hook: a worker that forks
+(multiprocessing in a view) comes back with its next request's acquire.
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ def before_fork(pool: Pool) -> None:
 
 
 def after_fork_in_parent(pool: Pool) -> None:
+    """Mark the pool dormant until its next acquire (under the lock taken before
+    the fork), and let go of the lock."""
+    pool._acquires_at_fork = pool._n_acquires
     pool._lock.release()
 
 
@@ -65,6 +75,7 @@ def reset_in_child(pool: Pool) -> None:
     pool._waiters = collections.deque()
     pool._size = pool._opening = pool._closing = pool._resetting = 0
     pool._pid = os.getpid()
+    pool._acquires_at_fork = -1  # not dormant (until it forks in turn)
     pool._failed_at = pool._backoff_delay = 0.0
     pool._refused = False
     pool._last_connect_error = None

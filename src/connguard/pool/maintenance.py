@@ -7,6 +7,9 @@ take back leases nobody will return: released while a statement ran outside the
 fence (finished once it ends), owned by a unit of work that has ended, collected
 unreleased, or (``reclaim``) taken by a thread that has died. Never under a running
 statement, never under the pool's lock.
+
+A dormant pool (its process forked since its last acquire) keeps no ``min_size``:
+``opening.warm_size_locked``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import TYPE_CHECKING
 from .driver import TxStatus
 from .housekeeper import housekeeper
 from .lease import Lease, _Conn, describe_owner, first_site, where
-from .opening import request_open_locked, start_openers
+from .opening import request_open_locked, start_openers, warm_size_locked
 
 if TYPE_CHECKING:
     from .engine import Pool
@@ -39,7 +42,7 @@ def housekeep(pool: Pool) -> None:
         _after_close(pool)
         return
     with pool._lock:
-        surplus = pool._size - cfg.min_size
+        surplus = pool._size - warm_size_locked(pool)
         max_idle = cfg.max_idle
         keep: list[_Conn] = []
         for conn in pool._idle:  # oldest-returned first

@@ -24,17 +24,34 @@ logger = logging.getLogger("connguard.pool")
 _monotonic = time.monotonic
 
 
+def warm_size_locked(pool: Pool) -> int:
+    """How many connections the pool keeps open with nobody asking: ``min_size``,
+    or 0 while the pool is dormant, i.e. its process has forked since the pool's
+    last acquire (fork.py). Caller holds the lock.
+
+    A gunicorn ``--preload`` or Celery master that queried before forking never
+    acquires again: it keeps nothing warm, so its idle connections go after
+    ``max_idle`` and are not refilled, and the budget stays workers x ``max_size``.
+    A worker that forks (multiprocessing in a view) acquires again with its next
+    request, which ends the dormancy. No cost on the hot path: the acquire count
+    is kept anyway."""
+    if pool._n_acquires == pool._acquires_at_fork:
+        return 0
+    return pool.config.min_size
+
+
 def request_open_locked(pool: Pool) -> int:
     """Reserve slots for the connections there is demand and room for, and
     return how many openers the caller must start once it drops the lock.
 
-    Demand is every waiter plus the shortfall below ``min_size``. While the
-    database is failing (backoff) at most one opener probes it.
+    Demand is every waiter plus the shortfall below ``min_size`` (none while the
+    pool is dormant, see :func:`warm_size_locked`). While the database is failing
+    (backoff) at most one opener probes it.
     """
     if pool._closed:
         return 0
     cfg = pool.config
-    demand = len(pool._waiters) + max(0, cfg.min_size - pool._size) - pool._opening
+    demand = len(pool._waiters) + max(0, warm_size_locked(pool) - pool._size) - pool._opening
     if demand <= 0:
         return 0
     room = cfg.max_size - pool._size
@@ -159,7 +176,7 @@ def connect_failed(pool: Pool, exc: BaseException, elapsed: float) -> bool:
             # Nothing will come back to serve them: fail them now. (With leases out,
             # a returned connection may serve them before their timeout.)
             fail_waiters_locked(pool, exc)
-        needed = bool(pool._waiters) or pool._size <= cfg.min_size
+        needed = bool(pool._waiters) or pool._size <= warm_size_locked(pool)
         retry = not pool._closed and needed and pool._opening == 1
         if not retry:
             pool._opening -= 1
