@@ -53,6 +53,7 @@ __all__ = [
     "manage",
     "running",
     "running_command",
+    "running_one_worker",
     "site_env",
     "stop",
     "wait_ready",
@@ -134,3 +135,16 @@ def running_command(
         yield srv
     finally:
         stop(proc)
+
+
+@contextmanager
+def running_one_worker(db: Mapping[str, Any], log_dir: Path, **env: str) -> Iterator[Server]:
+    """The site under gunicorn gthread with one worker process (``running`` starts
+    two): for a test that brings the one pool into a state, then checks what that
+    pool answers to a burst."""
+    args = command("gunicorn", 0)[2:]  # after ``python -m``
+    args[args.index("-w") + 1] = "1"
+    bind = args.index("-b") + 1
+    args[bind] = args[bind].rsplit(":", 1)[0] + ":{port}"
+    with running_command("gunicorn", args, 1, db, log_dir, **env) as srv:
+        yield srv

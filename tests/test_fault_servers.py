@@ -21,6 +21,9 @@ server's log why it failed), plus what PostgreSQL saw (``pg_stat_activity``).
 4. Network faults through the fault proxy (delay, reset, blackhole): no request
    waits past the bound its timeouts give, and the pool heals once the fault is
    lifted.
+5. An outage (database stopped, or a blackhole) with ``max_waiting`` set: once the
+   pool has seen a connect fail, every 503 says "unreachable", the requests past
+   ``max_waiting`` too (refused at once), never "overloaded" or "refused".
 
 Pool settings are small (``max_size`` 3, ``timeout`` 2 s, ``connect_timeout`` 2 s)
 so that the module runs in a few minutes. The bounds are module constants, each
@@ -61,7 +64,7 @@ import pytest
 from connguard.testing.postgres import EmbeddedPostgres
 
 from .proxy import FaultProxy
-from .servers import Server, get, running
+from .servers import Server, get, running, running_one_worker
 
 pytestmark = [pytest.mark.real, pytest.mark.private, pytest.mark.servers]
 
@@ -284,6 +287,7 @@ class Hit:
     end: float
     status: int
     head: str
+    cause: str = ""  # the Connguard-Cause header of a 503
 
     @property
     def ok(self) -> bool:
@@ -379,11 +383,12 @@ class Load:
 def one(port: int, rid: int, timeout: float = CLIENT_TIMEOUT) -> Hit:
     start = time.monotonic()
     try:
-        status, _, body = get(port, f"/x/one?rid={rid}", timeout=timeout)
+        status, headers, body = get(port, f"/x/one?rid={rid}", timeout=timeout)
         head = body[:160].decode(errors="replace").strip()
+        cause = headers.get("connguard-cause", "")
     except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out
-        status, head = 0, repr(exc)[:160]
-    return Hit(rid, start, time.monotonic(), status, head)
+        status, head, cause = 0, repr(exc)[:160], ""
+    return Hit(rid, start, time.monotonic(), status, head, cause)
 
 
 def sequential(port: int, count: int, gap: float = 0.0) -> list[Hit]:
@@ -874,5 +879,99 @@ def test_network_fault_through_proxy(
                     )
     finally:
         proxy.close()
+    print(report(problems, notes))
+    assert not problems, report(problems, notes)
+
+
+# ------------------------------------------------------------------ 5. outage past max_waiting
+
+
+OUTAGE_POOL: dict[str, Any] = {
+    "min_size": 0,  # no connection when the outage starts (none to find dead or stuck)
+    "max_size": 2,
+    "max_waiting": 2,
+    "timeout": 1.0,
+    "connect_timeout": CONNECT_TIMEOUT,
+    "socket_timeout": SOCKET_TIMEOUT,
+    "housekeeping_interval": HOUSEKEEPING,
+}
+OUTAGE_BURST = 8
+"""Requests sent at once: gunicorn's 8 threads take them all; 2 wait (``max_waiting``),
+the others are refused at once."""
+
+
+@pytest.mark.parametrize("outage", ["stopped", "blackhole"])
+def test_an_outage_with_max_waiting_is_never_called_overload(
+    db_up: tuple[EmbeddedPostgres, dict[str, Any]], tmp_path: Path, outage: str
+) -> None:
+    """The database stopped (connects refused at once) or a blackhole (connects hang
+    until ``connect_timeout``), and more requests at once than ``max_waiting``.
+
+    docs/django.md: ``unreachable`` means every instance sees the same (alert on it);
+    ``overloaded``/``refused`` mean this process is saturated (retry elsewhere, do
+    not mark it unhealthy). Once the pool has seen a connect fail, every 503 of the
+    burst, refused at once or timed out, must say ``unreachable``. Before that (a
+    blackhole's first ``connect_timeout``) a refusal cannot tell and says
+    ``refused``, as documented: the test waits for the first failed connect first
+    (a lone request whose error carries the last connect error). One gunicorn worker,
+    so the pool that saw the failure is the one that answers the burst."""
+    pg, db = db_up
+    app = f"fault-maxwaiting-{outage}"
+    proxy = FaultProxy(pg.host, pg.port)
+    proxy.start()
+    notes: list[str] = []
+    try:
+        proxied = {**db, "HOST": proxy.host, "PORT": proxy.port}
+        env = site_env(app, "psycopg", OUTAGE_POOL)
+        with running_one_worker(proxied, tmp_path, **env) as srv:
+            if outage == "stopped":
+                pg.stop("fast")
+            else:
+                proxy.blackhole(True)
+            try:
+                rids = itertools.count(20_000)
+
+                def connect_failed() -> bool:
+                    hit = one(srv.port, next(rids))
+                    return hit.cause == "unreachable" and (
+                        "last connect error" in reasons(srv).get(hit.rid, "")
+                    )
+
+                assert poll(connect_failed, 10.0), "the pool never saw a connect fail"
+                hits: list[Hit] = []
+                threads = [
+                    threading.Thread(target=lambda: hits.append(one(srv.port, next(rids))))
+                    for _ in range(OUTAGE_BURST)
+                ]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(CLIENT_TIMEOUT + 5.0)
+            finally:
+                if outage == "stopped":
+                    pg.start()
+                else:
+                    proxy.blackhole(False)
+            assert poll(lambda: one(srv.port, next(rids)).ok, 10.0), "did not recover"
+            why_by_rid = reasons(srv)
+            notes.append(summary(hits, srv))
+            notes.append(f"(status, cause): {Counter((h.status, h.cause) for h in hits)}")
+    finally:
+        proxy.close()
+    wrong = [h for h in hits if h.status != 503 or h.cause != "unreachable"]
+    slow = [h for h in hits if h.took > SLOW]
+    refused = [h for h in hits if "refused at once" in why_by_rid.get(h.rid, "")]
+    problems = []
+    if len(hits) != OUTAGE_BURST:
+        problems.append(f"{OUTAGE_BURST - len(hits)} requests of the burst never ended")
+    if wrong:
+        problems.append(
+            f"{len(wrong)} of {len(hits)} requests during the outage were not told "
+            f"'unreachable': {failures(wrong, srv)}"
+        )
+    if slow:
+        problems.append(f"{len(slow)} requests took over {SLOW} s: {failures(slow, srv)}")
+    if not refused:
+        problems.append("no request was refused at once: the burst missed max_waiting")
     print(report(problems, notes))
     assert not problems, report(problems, notes)

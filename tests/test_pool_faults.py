@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from connguard.pool import ConnectFailed, Pool, PoolConfig, PoolTimeout
+from connguard.pool import ConnectFailed, Pool, PoolConfig, PoolRefused, PoolTimeout
 
 from .fakes import FakeConnection, FakeDriver, FakeOperationalError, ManualClock, wait_until
 
@@ -213,6 +213,138 @@ def test_a_full_pool_with_a_healthy_database_is_overload() -> None:
     assert not isinstance(info.value, ConnectFailed)
     assert "unreachable" not in str(info.value)
     held.release()
+    pool.close()
+
+
+def start_waiting(pool: Pool, count: int, timeout: float) -> list[threading.Thread]:
+    """``count`` callers that wait in ``pool`` (whatever they get in the end is
+    ignored); returns once they all wait."""
+    before = len(pool._waiters)
+
+    def call() -> None:
+        try:
+            pool.acquire(timeout=timeout).release()
+        except PoolTimeout:
+            pass
+
+    threads = [threading.Thread(target=call, daemon=True) for _ in range(count)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(pool._waiters) == before + count)
+    return threads
+
+
+def test_an_outage_is_not_called_overload_when_max_waiting_is_reached() -> None:
+    """During an outage the callers past ``max_waiting`` are refused at once as
+    before, but with ``ConnectFailed`` ("unreachable"), not ``PoolRefused``
+    ("overloaded": this process is saturated, retry elsewhere): every instance sees
+    the same database. Once a connect succeeds again, a full queue is overload again."""
+    driver = FakeDriver()
+    pool = make_pool(
+        driver, max_size=2, max_waiting=1, reconnect_backoff=0.01, reconnect_backoff_max=0.01
+    )
+    driver.fail_connect = FakeOperationalError("connection refused")
+    waiters = start_waiting(pool, 1, timeout=0.5)
+    wait_until(lambda: pool.stats().connect_errors >= 1)
+    started = time.monotonic()
+    with pytest.raises(ConnectFailed) as info:
+        pool.acquire(timeout=5)
+    assert time.monotonic() - started < 0.5, "refused at once, not after a wait"
+    assert "unreachable" in str(info.value) and "max_waiting=1" in str(info.value)
+    assert "connection refused" in str(info.value)
+    assert isinstance(info.value.__cause__, FakeOperationalError)
+    assert pool.stats().refusals == 1
+    for t in waiters:
+        t.join()
+
+    driver.fail_connect = None  # the database is back: the next connect succeeds
+    held = [pool.acquire(timeout=5), pool.acquire(timeout=5)]
+    waiters = start_waiting(pool, 1, timeout=5)
+    with pytest.raises(PoolRefused) as refused:  # full and healthy: overload
+        pool.acquire(timeout=5)
+    assert not isinstance(refused.value, ConnectFailed)
+    for lease in held:
+        lease.release()
+    for t in waiters:
+        t.join()
+    pool.close()
+
+
+def test_an_outage_with_leases_out_is_still_an_outage_at_max_waiting() -> None:
+    """A lease opened before the outage does not make it overload: the caller needs
+    a new connection and the pool cannot open one (the same answer as a caller
+    that waits out its timeout, above)."""
+    driver = FakeDriver()
+    pool = make_pool(
+        driver, max_size=2, max_waiting=1, reconnect_backoff=0.01, reconnect_backoff_max=0.01
+    )
+    held = pool.acquire()
+    driver.fail_connect = FakeOperationalError("connection refused")
+    waiters = start_waiting(pool, 1, timeout=0.5)
+    wait_until(lambda: pool.stats().connect_errors >= 1)
+    with pytest.raises(ConnectFailed):
+        pool.acquire(timeout=5)
+    for t in waiters:
+        t.join()
+    held.release()
+    pool.close()
+
+
+def test_an_old_connect_error_does_not_make_a_burst_an_outage() -> None:
+    """A connect that failed long ago, while the pool went on serving from the
+    connections it had, is no news about now: a burst that fills the queue while the
+    next connect is still under way is refused as overload."""
+    driver = FakeDriver()
+    pool = make_pool(
+        driver, max_size=3, max_waiting=1, reconnect_backoff=0.01, reconnect_backoff_max=0.01
+    )
+    held = [pool.acquire(), pool.acquire()]
+    driver.fail_connect = FakeOperationalError("too many clients already")
+    with pytest.raises(ConnectFailed):
+        pool.acquire(timeout=0.1)
+    wait_until(lambda: pool.stats().opening == 0)  # nobody waits: the opener gave up
+    with pool._lock:  # as long ago as the pool would have retried in an outage
+        pool._failed_at -= pool.config.connect_timeout + pool.config.reconnect_backoff_max + 1
+    driver.fail_connect = None
+    gate = driver.connect_gate = threading.Event()  # the next connect is under way
+    waiters = start_waiting(pool, 1, timeout=5)
+    with pytest.raises(PoolRefused) as info:
+        pool.acquire(timeout=5)
+    assert not isinstance(info.value, ConnectFailed)
+    gate.set()
+    for t in waiters:
+        t.join()
+    for lease in held:
+        lease.release()
+    pool.close()
+
+
+def test_a_hung_first_connect_is_unreachable_at_timeout_but_refusals_cannot_tell() -> None:
+    """A network black hole: the first connect hangs and nothing has failed yet. A
+    caller that waits out its timeout with no connection in use (the pool had only
+    the database to wait for) is told ``ConnectFailed``. A caller past
+    ``max_waiting`` at that moment gets ``PoolRefused``: nothing has been waited for
+    yet, and a cold pool's first connects to a healthy database look the same."""
+    driver = FakeDriver()
+    gate = driver.connect_gate = threading.Event()  # connects hang until set
+    pool = make_pool(driver, max_size=2, max_waiting=1, connect_timeout=30)
+    waiters = start_waiting(pool, 1, timeout=30)
+    with pytest.raises(PoolRefused) as refused:
+        pool.acquire(timeout=5)
+    assert not isinstance(refused.value, ConnectFailed)
+    gate.set()  # the database answers: the waiter is served
+    for t in waiters:
+        t.join()
+    pool.close()
+
+    driver = FakeDriver()
+    gate = driver.connect_gate = threading.Event()
+    pool = make_pool(driver, max_size=2, connect_timeout=30)
+    with pytest.raises(ConnectFailed) as info:
+        pool.acquire(timeout=0.1)
+    assert "unreachable" in str(info.value) and "no connect has completed" in str(info.value)
+    assert info.value.__cause__ is None
+    gate.set()
     pool.close()
 
 

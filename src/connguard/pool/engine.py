@@ -315,11 +315,7 @@ class Pool:
                     max_waiting = self.config.max_waiting
                     if max_waiting and len(self._waiters) >= max_waiting:
                         self._n_refusals += 1
-                        raise self._error(
-                            PoolRefused,
-                            f"{len(self._waiters)} callers already wait "
-                            f"(max_waiting={max_waiting}); refused at once",
-                        )
+                        raise self._refusal_locked(max_waiting)
                     waiter = _Waiter(owner)
                     self._waiters.append(waiter)
                     self._n_waits += 1
@@ -456,16 +452,73 @@ class Pool:
         assert lease is not None
         return lease  # its wait was recorded by whoever handed it over
 
-    def _timeout_locked(self, waited: float) -> PoolError:
-        """The error for a caller that waited in vain: ``ConnectFailed`` when the
-        pool needed a new connection and its last attempt to open one failed (an
-        outage), ``PoolTimeout`` when every connection was simply in use (overload)."""
+    def _outage_locked(self) -> BaseException | None:
+        """The connect error that makes the pool's plight an outage, or None.
+
+        An outage: the pool has no idle connection to give, its last attempt to open
+        one failed and none has succeeded since (a success clears the error, so a
+        recovered database is told apart at its first new connection), and that
+        failure is recent: within ``connect_timeout + reconnect_backoff_max``, the
+        longest an ongoing outage goes without a fresh failure while the pool still
+        tries. An older one is no news about now (the pool went on serving from the
+        connections it had, and nobody asked for a new one since).
+
+        Leases out do not make it overload. The caller needs a *new* connection and
+        the pool cannot open one; whether a lease comes back in time the pool cannot
+        know, and during a stop or a black hole those leases are as dead as the new
+        connects. A database that refuses new connections is one every instance
+        sharing it sees: retrying elsewhere does not help, which is what
+        "unreachable" tells a load balancer. Caller holds the lock.
+        """
         cause = self._last_connect_error
-        if cause is not None and not self._idle:
+        if cause is None or self._idle:
+            return None
+        cfg = self.config
+        if _monotonic() - self._failed_at > cfg.connect_timeout + cfg.reconnect_backoff_max:
+            return None
+        return cause
+
+    def _refusal_locked(self, max_waiting: int) -> PoolError:
+        """The error for a caller refused because ``max_waiting`` callers wait:
+        ``ConnectFailed`` during an outage (see :meth:`_outage_locked`),
+        ``PoolRefused`` otherwise (overload).
+
+        Before the first connect of an outage has failed (a black hole: the first
+        attempt hangs for up to ``connect_timeout``) a refusal cannot tell: nothing
+        has been waited for yet, and a cold pool's first connects to a healthy
+        database look the same. It says ``PoolRefused`` then; the callers waiting
+        learn the truth at their timeout (see :meth:`_timeout_locked`)."""
+        waiting = f"{len(self._waiters)} callers already wait (max_waiting={max_waiting})"
+        cause = self._outage_locked()
+        if cause is None:
+            return self._error(PoolRefused, f"{waiting}; refused at once")
+        err = self._error(
+            ConnectFailed,
+            f"the database is unreachable and {waiting}; refused at once; "
+            f"last connect error: {one_line(cause)}",
+        )
+        err.__cause__ = cause
+        return err
+
+    def _timeout_locked(self, waited: float) -> PoolError:
+        """The error for a caller that waited in vain: ``ConnectFailed`` during an
+        outage (see :meth:`_outage_locked`), or when the pool had no connection in
+        use and none idle, only connects under way (nothing failed yet, but for the
+        whole wait the pool had only the database to wait for: a black hole, or a
+        database too slow to accept a connection within ``timeout``);
+        ``PoolTimeout`` when connections were in use (overload)."""
+        cause = self._outage_locked()
+        if cause is not None:
             err = self._error(
                 ConnectFailed,
                 f"no connection within {waited:.2f} s: the database is unreachable; "
                 f"last connect error: {one_line(cause)}",
+            )
+        elif self._opening and not self._leases and not self._idle:
+            err = self._error(
+                ConnectFailed,
+                f"no connection within {waited:.2f} s: the database is unreachable; "
+                f"no connect has completed (connect_timeout={self.config.connect_timeout})",
             )
         else:
             err = self._error(
