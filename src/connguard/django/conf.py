@@ -8,7 +8,8 @@ Every key is optional, and so is the setting itself. The keys (see :data:`SETTIN
 which the error messages quote):
 
 - ``retry_after``: int >= 0, default 1. ``Retry-After`` (seconds) of the 503 sent when
-  a pool is overloaded (its ``timeout`` passed, or ``max_waiting`` refused).
+  a pool is overloaded (its ``timeout`` passed, or ``max_waiting`` refused while the
+  database is not known to be down).
 - ``outage_retry_after``: int >= 0, default 5. ``Retry-After`` (seconds) of the 503 sent
   when the database is unreachable.
 - ``application_name``: str (at most 63 bytes, no NUL) or None, default None. The

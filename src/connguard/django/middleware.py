@@ -60,10 +60,13 @@ def unavailable_response(error: PoolError) -> HttpResponse:
     """A 503 that says why, with ``Retry-After``.
 
     * ``unreachable`` (``ConnectFailed``): the pool needed a connection and could not
-      open one. Nothing is wrong with this server's load; the database (or the way to
-      it) is down. ``Retry-After`` is ``CONNGUARD["outage_retry_after"]``.
-    * ``refused`` (``PoolRefused``): ``max_waiting`` requests already wait; refused at
-      once. ``Retry-After`` is ``CONNGUARD["retry_after"]``.
+      open one (at the request's ``timeout``, or at once when ``max_waiting`` requests
+      already wait during the outage). Nothing is wrong with this server's load; the
+      database (or the way to it) is down. ``Retry-After`` is
+      ``CONNGUARD["outage_retry_after"]``.
+    * ``refused`` (``PoolRefused``): ``max_waiting`` requests already wait and the
+      database is not known to be down; refused at once. ``Retry-After`` is
+      ``CONNGUARD["retry_after"]``.
     * ``overloaded`` (``PoolTimeout``): every connection stayed busy for ``timeout``
       seconds. ``Retry-After`` is ``CONNGUARD["retry_after"]``.
     """

@@ -223,7 +223,8 @@ class Pool:
         queues (FIFO) while an opener thread makes a new connection if there is
         room. Health checks count against the same deadline. Raises ``PoolTimeout``
         (``ConnectFailed`` when the database is unreachable), ``PoolRefused`` when
-        ``max_waiting`` callers already wait, ``PoolClosed`` when the pool is closed.
+        ``max_waiting`` callers already wait (``ConnectFailed`` during an outage),
+        ``PoolClosed`` when the pool is closed.
         ``stack`` overrides the recorded acquire site (a layer above that knows which
         frames are its own passes it); by default ``stack_depth`` frames of the caller
         are recorded.

@@ -80,13 +80,17 @@ class PoolTimeout(PoolError):
 
 
 class ConnectFailed(PoolTimeout):
-    """No connection became available in time *because* the database could not be
-    reached: the last attempt to open one failed. The driver's error is chained
-    as ``__cause__``."""
+    """No connection became available *because* the database could not be reached:
+    the last attempt to open one failed (its driver error is chained as
+    ``__cause__``), or the caller's whole timeout passed with no connection in use,
+    only a connect that had not completed (no ``__cause__``). Raised at the caller's
+    timeout, or at once instead of :class:`PoolRefused` when ``max_waiting`` callers
+    already wait during an outage."""
 
 
 class PoolRefused(PoolError):
-    """Refused at once: ``max_waiting`` callers are already waiting."""
+    """Refused at once: ``max_waiting`` callers are already waiting, and the database
+    is not known to be down (overload)."""
 
 
 class PoolClosed(PoolError):
