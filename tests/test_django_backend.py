@@ -1476,4 +1476,4 @@ def test_an_asgi_requests_scope_ends_when_its_context_is_collected(
     assert scope is not None and scope.info["path"] == "/asgi-gone"
     assert seen["open while the context lives"]
     assert scope.ended, "the request's context was collected, its scope is still open"
-    assert all(scope not in found for found in scopes._request_contexts.values())
+    assert all(scope not in found.open for found in scopes._request_contexts.values())

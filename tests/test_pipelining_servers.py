@@ -84,3 +84,34 @@ def test_pipelined_requests_each_get_their_own_scope(
             assert [status for status, _ in answers] == [200, 200, 200], (
                 f"{answers}\n{srv.log_text()[-3000:]}"
             )
+
+
+@pytest.mark.parametrize("stream", ["/stream/doc/1", "/x/astream-slow?ms=10&chunks=2"])
+@pytest.mark.parametrize("server", ["uvicorn", "daphne"])
+def test_pipelined_requests_after_a_streamed_response_keep_their_scopes(
+    site_db: tuple[EmbeddedPostgres, dict[str, Any]], tmp_path: Path, server: str, stream: str
+) -> None:
+    """A streamed response first (sync or async, each chunk querying), then two plain
+    requests, pipelined. ``ConnguardMiddleware`` ends the stream's scope when the
+    stream ends; the next request then started in the stream's context, and the
+    stream's own ``request_finished`` (Django closes the response after its last
+    send) ended the oldest scope still open there: the next request's, whose query
+    was refused ("this code works for has ended"), and so on down the line (found by
+    a review). Each ``request_finished`` ends its own request's scope."""
+    _, db = site_db
+    env = {
+        "DOCSITE_APP_NAME": f"pipelined-stream-{server}",
+        "DOCSITE_EXTRA_URLS": "tests.site_hangups",
+    }
+    with running(server, db, tmp_path, **env) as srv:
+        for _ in range(3):  # three connections: a stream, then two requests, each
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=20) as sock:
+                sock.sendall(
+                    f"GET {stream} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                    + b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n" * 2
+                )
+                reader = Reader(sock)
+                answers = [reader.answer() for _ in range(3)]
+            assert [status for status, _ in answers] == [200, 200, 200], (
+                f"{answers}\n{srv.log_text()[-3000:]}"
+            )

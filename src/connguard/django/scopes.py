@@ -28,54 +28,87 @@ logger = logging.getLogger("connguard.django")
 _installed = False
 _thread_sensitive_context = SyncToAsync.thread_sensitive_context
 
-# Each ASGI request's context, weakly, to the scopes of the requests it serves, oldest
-# first. One weak reference per context whose callback (the context collected: its
-# requests are over, finished or not) both forgets the entry and ends the scopes: a
+
+class _Requests:
+    """The requests an ASGI request context serves (see ``_request_contexts``):
+    ``open``, those whose ``request_finished`` has not come yet, oldest first, and
+    ``last``, the newest one that has had it.
+
+    Usually one request per context. Under HTTP/1.1 pipelining uvicorn and daphne
+    start the next request from inside the previous one's last ``send()``, in a copy
+    of its context, where Django 5.2's handler keeps the asgiref context it finds:
+    the next request starts before the previous one has finished (Django closes its
+    response, which sends ``request_finished``, after that send), and both find the
+    same context. Code that looks its scope up is the newest request's (the previous
+    one has sent its response). A ``request_finished`` is the oldest open request's,
+    whether or not its scope has already ended: ``ConnguardMiddleware`` ends a
+    streamed response's scope when the stream ends, before that last send, and a
+    ``request_finished`` matched to the oldest scope not yet *ended* would end the
+    next request's.
+
+    Each step is one list operation (``append``, ``remove``), which no other thread
+    splits: a request's ``request_finished`` runs in its executor thread while the
+    next request starts on the event loop."""
+
+    __slots__ = ("last", "open")
+
+    def __init__(self, scope: Scope) -> None:
+        self.open = [scope]
+        self.last: Scope | None = None
+
+
+# Each ASGI request's context, weakly, to its requests (``_Requests``). One weak
+# reference per context whose callback (the context collected: its requests are
+# over, finished or not) both forgets the entry and ends the scopes: a
 # WeakKeyDictionary entry and a weakref.finalize cost some 11,000 instructions more
 # per request. A reference hashes and compares as its context, so a new reference to
 # it finds the entry.
-#
-# Usually one request per context. Under HTTP/1.1 pipelining uvicorn and daphne start
-# the next request from inside the previous one's last send(), in a copy of its
-# context, where Django 5.2's handler keeps the asgiref context it finds: the next
-# request starts before the previous one has finished (its response is closed after
-# that send), and both find the same context. Code that looks its scope up is the
-# newest request's (the previous one has sent its response); a request that finishes
-# is the oldest still open.
-_request_contexts: dict[weakref.ref[Any], list[Scope]] = {}
+_request_contexts: dict[weakref.ref[Any], _Requests] = {}
 
 
 def _context_collected(ref: weakref.ref[Any]) -> None:
     # Runs in whichever thread collects the context, at any moment: a dict operation
     # and flags only, no lock (the pool's housekeeping takes back the scopes' leases
     # that are not in use, "orphaned").
-    for scope in _request_contexts.pop(ref, ()):
-        scope.ended = True
+    requests = _request_contexts.pop(ref, None)
+    if requests is not None:
+        for scope in list(requests.open):
+            scope.ended = True
 
 
 def asgi_request_scope() -> Scope | None:
     """The scope of the ASGI request this code runs for, if any: the newest of its
-    context's (see ``_request_contexts``)."""
+    context's (see ``_Requests``); once all have finished, the last one, ended, so
+    that code still running for it in an executor thread finds it ended rather than
+    falling back to its thread's scope."""
     context = _thread_sensitive_context.get(None)
     if context is None:
         return None
-    scopes = _request_contexts.get(weakref.ref(context))
-    return scopes[-1] if scopes else None
+    requests = _request_contexts.get(weakref.ref(context))
+    if requests is None:
+        return None
+    found = requests.open
+    return found[-1] if found else requests.last
 
 
 def _finish_asgi_request() -> bool:
-    """End the oldest open scope of this ASGI request's context (see
-    ``_request_contexts``); False when this is not an ASGI request's code."""
+    """End the oldest open request of this ASGI request's context (see
+    ``_Requests``); False when this is not an ASGI request's code."""
     context = _thread_sensitive_context.get(None)
     if context is None:
         return False
-    scopes = _request_contexts.get(weakref.ref(context))
-    if not scopes:
+    requests = _request_contexts.get(weakref.ref(context))
+    if requests is None:
         return False
-    for scope in list(scopes):  # a copy: the next request_started may trim the list
-        if not scope.ended:
-            scope.end()
-            break
+    found = requests.open
+    if found:
+        scope = found[0]
+        requests.last = scope  # before it leaves the list: a lookup always finds one
+        try:
+            found.remove(scope)  # this one, whatever another thread did meanwhile
+        except ValueError:  # a second request_finished for it, in another thread
+            return True
+        scope.end()
     return True
 
 
@@ -124,13 +157,11 @@ def request_started(sender: Any, environ: Any = None, scope: Any = None, **kwarg
         # ASGI handler then never closes the response), the scope still ends when the
         # request's context is collected (_context_collected).
         ref = weakref.ref(context, _context_collected)
-        scopes = _request_contexts.get(ref)
-        if scopes is None:
-            _request_contexts[ref] = [opened]
+        requests = _request_contexts.get(ref)
+        if requests is None:
+            _request_contexts[ref] = _Requests(opened)
         else:  # a pipelined request in its predecessor's context
-            while scopes and scopes[0].ended:  # finished ones are of no more use
-                scopes.pop(0)
-            scopes.append(opened)
+            requests.open.append(opened)
 
 
 def request_finished(sender: Any, **kwargs: Any) -> None:
@@ -138,8 +169,9 @@ def request_finished(sender: Any, **kwargs: Any) -> None:
         return
     finish("request")
     # The ended scope stays registered against the request's context (until the
-    # context is collected): code still running for the request in an executor
-    # thread must find it ended, not fall back to its thread's scope.
+    # context is collected, as ``_Requests.last``): code still running for the
+    # request in an executor thread must find it ended, not fall back to its thread's
+    # scope.
 
 
 def install() -> None:
