@@ -8,9 +8,11 @@ connection at the same time (``FakeConnection.use``).
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from connguard.pool import TxStatus
@@ -64,7 +66,6 @@ class FakeConnection:
 class FakeDriver:
     name = "fake"
     operational_error: type[Exception] = FakeOperationalError
-    cancel_bounded = True
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -114,6 +115,9 @@ class FakeDriver:
 
     def cancel(self, conn: FakeConnection) -> None:
         conn.cancels += 1
+
+    def prepare_cancel(self, conn: FakeConnection) -> Callable[[], None]:
+        return functools.partial(self.cancel, conn)
 
     def abort(self, conn: FakeConnection) -> None:
         conn.aborts += 1

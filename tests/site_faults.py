@@ -8,13 +8,16 @@ Mounted by the demo site under ``/x/`` when the server runs with
                     stderr (the server's log) and the error is re-raised, so Django and
                     ``ConnguardMiddleware`` answer as they would for any view: the test
                     then knows why each request failed, not only that it got a 500.
+``/x/lockwait``     in a transaction: lock row 1 of ``fault_rows`` (UPDATE), then
+                    ``SELECT`` row 2 ``FOR UPDATE``, which blocks while a test's own
+                    session holds row 2; a failure is logged as for ``/x/one``.
 """
 
 from __future__ import annotations
 
 import sys
 
-from django.db import connection
+from django.db import connection, transaction
 from django.http import HttpRequest, HttpResponse
 from django.urls import path
 
@@ -40,4 +43,17 @@ def one(request: HttpRequest) -> HttpResponse:
     return HttpResponse(f"ok {row[0] if row else '?'}\n", content_type="text/plain")
 
 
-urlpatterns = [path("one", one)]
+def lockwait(request: HttpRequest) -> HttpResponse:
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("UPDATE fault_rows SET v = v + 1 WHERE id = 1")
+            cursor.execute("SELECT v FROM fault_rows WHERE id = 2 FOR UPDATE")
+            row = cursor.fetchone()
+    except BaseException as exc:
+        sys.stderr.write(f"{MARKER} lockwait {type(exc).__name__}: {_first_line(exc)}\n")
+        sys.stderr.flush()
+        raise
+    return HttpResponse(f"ok {row[0] if row else '?'}\n", content_type="text/plain")
+
+
+urlpatterns = [path("one", one), path("lockwait", lockwait)]

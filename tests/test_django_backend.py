@@ -1149,14 +1149,15 @@ def test_django_is_usable_runs_inside_the_fence(connection: Any) -> None:
 
 
 def test_the_django_driver_passes_the_pools_capabilities_through(connection: Any) -> None:
-    """The pool looks up ``ping_bounded`` (an inline, bounded ping) and ``abort``
-    (``socket_timeout``) on its driver; Django's wrapper driver must not hide them,
-    or pings go to a thread each and a blocked call can never be ended."""
+    """The pool looks up ``ping_bounded`` (an inline, bounded ping), ``abort`` and
+    ``prepare_cancel`` (``socket_timeout``) on its driver; Django's wrapper driver must
+    not hide them, or pings go to a thread each, a blocked call can never be ended, and
+    an aborted one is not cancelled on the server."""
     scalar(connection, "SELECT 1")
     driver = the_pool().driver
     base = driver.base
     assert driver.ping_bounded == getattr(base, "ping_bounded", False)
-    assert driver.cancel_bounded == getattr(base, "cancel_bounded", False)
+    assert getattr(driver, "prepare_cancel", None) == getattr(base, "prepare_cancel", None)
     assert driver.abort == base.abort
 
 

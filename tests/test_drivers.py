@@ -393,6 +393,54 @@ def test_abort_ends_a_call_blocked_in_another_thread(
 
 
 @real
+def test_client_connection_check_interval_is_set_and_survives_every_reset(
+    pg: Any, driver_name: str, autocommit: bool
+) -> None:
+    """``client_connection_check_interval`` (what the Django backend sets with
+    ``socket_timeout``) is on each new connection, in either baseline, and back after a
+    reset (``DISCARD ALL`` takes a ``SET`` back); a value the session starts with (here
+    the conninfo's ``options``) wins; without it the server's value stays."""
+
+    def make(**kwargs: Any) -> Driver:
+        return load_driver(
+            driver_name, conninfo=pg.dsn, autocommit=autocommit, application_name=APP_NAME,
+            **kwargs,
+        )  # fmt: skip
+
+    watched = make(client_connection_check_interval=0.25)
+    conn = watched.connect(5)
+    try:
+        if watched.server_version(conn) < 140000:  # type: ignore[attr-defined]
+            pytest.skip("client_connection_check_interval needs PostgreSQL 14")
+        assert watched.transaction_status(conn) is TxStatus.IDLE
+        assert scalar(conn, "SHOW client_connection_check_interval") == "250ms"
+        query(conn, "SET client_connection_check_interval = 0")
+        watched.reset(conn)
+        assert scalar(conn, "SHOW client_connection_check_interval") == "250ms"
+    finally:
+        watched.close(conn)
+    chosen = make(
+        client_connection_check_interval=0.25,
+        connect_kwargs={"options": "-c client_connection_check_interval=5000"},
+    )
+    conn = chosen.connect(5)
+    try:
+        assert scalar(conn, "SHOW client_connection_check_interval") == "5s"
+        chosen.reset(conn)
+        assert scalar(conn, "SHOW client_connection_check_interval") == "5s"
+    finally:
+        chosen.close(conn)
+    plain = make()
+    conn = plain.connect(5)
+    try:
+        assert scalar(conn, "SHOW client_connection_check_interval") == "0"
+    finally:
+        plain.close(conn)
+    with pytest.raises(ValueError, match="client_connection_check_interval"):
+        make(client_connection_check_interval=0)
+
+
+@real
 def test_refused_tells_a_refusal_from_an_outage(pg: Any, driver_name: str) -> None:
     """``refused()``: the server answered and said no (a database or role that does
     not exist, a role that may not be assumed) against nobody answering."""

@@ -24,6 +24,8 @@ server's log why it failed), plus what PostgreSQL saw (``pg_stat_activity``).
 5. An outage (database stopped, or a blackhole) with ``max_waiting`` set: once the
    pool has seen a connect fail, every 503 says "unreachable", the requests past
    ``max_waiting`` too (refused at once), never "overloaded" or "refused".
+6. A request blocked on a row lock past ``socket_timeout``: its call is aborted, and
+   its backend must not stay behind holding the locks its transaction took.
 
 Pool settings are small (``max_size`` 3, ``timeout`` 2 s, ``connect_timeout`` 2 s)
 so that the module runs in a few minutes. The bounds are module constants, each
@@ -975,3 +977,78 @@ def test_an_outage_with_max_waiting_is_never_called_overload(
         problems.append("no request was refused at once: the burst missed max_waiting")
     print(report(problems, notes))
     assert not problems, report(problems, notes)
+
+
+# ------------------------------------------------------------------ 6. a lock wait aborted
+
+
+LOCK_POOL: dict[str, Any] = {
+    "min_size": 0,
+    "max_size": 2,
+    "timeout": TIMEOUT,
+    "connect_timeout": CONNECT_TIMEOUT,
+    "socket_timeout": 1.0,
+    "housekeeping_interval": HOUSEKEEPING,
+}
+LOCK_GONE = 3.0
+"""How long after the aborted request's 500 its backend may still be on the server:
+the cancel is sent at once (psycopg 3); without one (psycopg2) the server notices the
+closed socket within ``client_connection_check_interval`` (0.25 s); the rest is slack."""
+
+
+def lock_rows(pg: EmbeddedPostgres) -> str:
+    """``fault_rows`` (ids 1 and 2) in the site's database; its DSN."""
+    dsn = f"host={pg.host} port={pg.port} dbname=docsite user=postgres"
+    with psycopg.connect(dsn, autocommit=True, application_name="fault-admin") as admin:
+        admin.execute("CREATE TABLE IF NOT EXISTS fault_rows (id int PRIMARY KEY, v int NOT NULL)")
+        admin.execute("INSERT INTO fault_rows VALUES (1, 0), (2, 0) ON CONFLICT DO NOTHING")
+    return dsn
+
+
+def lock_waiters(pg: EmbeddedPostgres, app: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(pg.dsn, autocommit=True, application_name="fault-admin") as admin:
+        return admin.execute(
+            "SELECT pid, state, wait_event_type, left(query, 60) FROM pg_stat_activity "
+            f"WHERE {_OF_APP.format(app)} AND wait_event_type = 'Lock'"
+        ).fetchall()
+
+
+@pytest.mark.parametrize(("server", "driver"), MATRIX)
+def test_request_aborted_while_waiting_on_a_row_lock_leaves_no_backend_holding_locks(
+    db_up: tuple[EmbeddedPostgres, dict[str, Any]], tmp_path: Path, server: str, driver: str
+) -> None:
+    """A request updates row 1 in a transaction, then blocks on row 2, which another
+    session holds. ``socket_timeout`` (1 s) aborts the call and the client gets a 500
+    within a few seconds. Then its backend must be gone from ``pg_stat_activity`` and
+    row 1 free, while the other session still holds row 2: PostgreSQL does not read
+    the client socket while it waits on a lock, so a backend left behind would stay
+    (holding row 1, one more than the pool counts) until the other session lets go."""
+    pg, db = db_up
+    app = f"fault-lock-{server}-{driver}"
+    dsn = lock_rows(pg)
+    with running(server, db, tmp_path, **site_env(app, driver, LOCK_POOL)) as srv:
+        assert get(srv.port, "/x/one", timeout=10)[0] == 200
+        with psycopg.connect(dsn, application_name="fault-admin") as holder:
+            holder.execute("SELECT v FROM fault_rows WHERE id = 2 FOR UPDATE")  # stays open
+            t0 = time.monotonic()
+            status, _, body = get(srv.port, "/x/lockwait", timeout=15)
+            took = time.monotonic() - t0
+            assert status == 500, (status, body[:200])
+            assert took < 5.0, f"the aborted request took {took:.2f} s"
+            gone = poll(lambda: not lock_waiters(pg, app), LOCK_GONE)
+            left = lock_waiters(pg, app)
+            with psycopg.connect(dsn, autocommit=True, application_name="fault-admin") as probe:
+                probe.execute("SET lock_timeout = '500ms'")
+                try:
+                    probe.execute("SELECT v FROM fault_rows WHERE id = 1 FOR UPDATE")
+                    row1_free = True
+                except psycopg.errors.LockNotAvailable:
+                    row1_free = False
+            holder.rollback()
+        assert gone and row1_free, (
+            f"the request failed after {took:.2f} s (HTTP {status}), but {LOCK_GONE} s later "
+            f"its backend still waits on the lock ({left}) and row 1 is "
+            f"{'free' if row1_free else 'STILL LOCKED by it'}; server log tail:\n"
+            f"{srv.log_text()[-900:]}"
+        )
+        assert poll(lambda: get(srv.port, "/x/one", timeout=10)[0] == 200, 5.0)

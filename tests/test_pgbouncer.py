@@ -163,6 +163,31 @@ def test_connections_pgbouncer_cuts_for_idleness_are_replaced_unseen(
 
 
 @pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_socket_timeouts_per_connection_set_up_passes_pgbouncer(
+    site_db: tuple[EmbeddedPostgres, dict[str, Any]], tmp_path: Path, mode: str
+) -> None:
+    """With ``socket_timeout`` set, each connection gets
+    ``client_connection_check_interval`` when opened and again after every reset
+    (``reset="always"`` here): as SQL, never as a startup parameter, which PgBouncer
+    refuses unless told to ignore it. Every request of a burst succeeds in both
+    pooling modes."""
+    pg, db = site_db
+    with (
+        running_pgbouncer(pg.host, pg.port, pg.user, pool_mode=mode) as bouncer,
+        running(
+            "gunicorn",
+            bouncer.database(db),
+            tmp_path,
+            **site_env(f"pgb-check-{mode}", socket_timeout=30, reset="always"),
+        ) as srv,
+    ):
+        result = burst(srv.port, ["/one"] * 60, concurrency=8)
+        log = bouncer.log_text()
+    assert result.failed == 0, f"{result.failures}\n{srv.log_text()[-3000:]}"
+    assert "unsupported startup parameter" not in log, log[-2000:]
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
 def test_doctor_reads_the_pool_mode_from_pgbouncers_console(
     site_db: tuple[EmbeddedPostgres, dict[str, Any]], mode: str
 ) -> None:

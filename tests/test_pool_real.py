@@ -23,7 +23,7 @@ import pytest
 from connguard.drivers import load_driver
 from connguard.pool import ConnectFailed, Pool, PoolConfig, PoolError, PoolTimeout
 
-from .fakes import wait_until
+from .fakes import ManualClock, wait_until
 from .proxy import FaultProxy
 
 pytestmark = pytest.mark.real
@@ -269,6 +269,162 @@ def test_blackholed_network_bounded_by_timeout(
     proxy.blackhole(False)
     lease.release()
     pool.close()
+
+
+# -- socket_timeout on a call blocked on a row lock -------------------------------------
+
+
+class CancelAfterFailure:
+    """A driver whose pool-sent cancel goes out only once the blocked call has failed.
+
+    The worst order for ``socket_timeout``'s abort: the socket is shut down, the holder's
+    thread wakes and libpq marks the connection bad, and only then does the cancel
+    thread run. Left to the scheduler this happened about half the time with psycopg 3;
+    here it happens every time. ``cancel=False`` sends no cancel at all, so only the
+    server's own check of the client socket can end the backend.
+    """
+
+    def __init__(self, base: Any, failed: threading.Event, *, cancel: bool = True) -> None:
+        self._base = base
+        self._failed = failed
+        if cancel:
+            self.prepare_cancel = self._prepare_cancel
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "prepare_cancel":  # reached only when cancel=False
+            raise AttributeError(name)
+        return getattr(self._base, name)
+
+    def cancel(self, conn: Any) -> None:
+        self._failed.wait(10)
+        self._base.cancel(conn)
+
+    def _prepare_cancel(self, conn: Any) -> Any:
+        send = getattr(self._base, "prepare_cancel", lambda conn: None)(conn)  # taken now
+        if send is None:
+            return None
+
+        def late() -> None:
+            self._failed.wait(10)
+            send()
+
+        return late
+
+
+LOCK_TABLE = "cg_lock_rows"
+
+
+def lock_wait_aborted(dsn: str, base: Any, app: str, *, cancel: bool = True) -> str:
+    """A transaction locks row 1, then blocks on row 2 (held by another session) until
+    ``socket_timeout``'s abort ends the call; the lease is then released. Return what
+    is left of its backend on the server 3 s later ("" when nothing is)."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE TABLE IF NOT EXISTS {LOCK_TABLE} (id int PRIMARY KEY, v int)")
+        admin.execute(f"INSERT INTO {LOCK_TABLE} VALUES (1, 0), (2, 0) ON CONFLICT DO NOTHING")
+    failed = threading.Event()
+    clock = ManualClock()
+    pool = Pool(
+        CancelAfterFailure(base, failed, cancel=cancel),
+        PoolConfig(min_size=0, max_size=1, socket_timeout=1.0),
+        name=app,
+        clock=clock,
+        housekeeping=False,
+    )
+    holder = psycopg.connect(dsn, application_name=f"{app}-holder")
+    outcome: list[BaseException | None] = []
+    try:
+        holder.execute(f"SELECT v FROM {LOCK_TABLE} WHERE id = 2 FOR UPDATE")  # stays open
+        lease = pool.acquire(timeout=5)
+        pid = int(lease.raw.info.backend_pid)
+        with lease.using() as raw:
+            execute(raw, f"BEGIN; UPDATE {LOCK_TABLE} SET v = v + 1 WHERE id = 1")
+
+        def blocked() -> None:
+            try:
+                with lease.using() as raw:
+                    execute(raw, f"SELECT v FROM {LOCK_TABLE} WHERE id = 2 FOR UPDATE")
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+            failed.set()
+
+        thread = threading.Thread(target=blocked, name="lock-waiter")
+        thread.start()
+        with psycopg.connect(dsn, autocommit=True) as admin:
+
+            def waiting_on_lock() -> bool:
+                row = admin.execute(
+                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+                ).fetchone()
+                return row == ("Lock",)
+
+            wait_until(waiting_on_lock)
+            pool.housekeep()  # housekeeping first sees the call
+            clock.advance(2.0)
+            pool.housekeep()  # still the same call, past socket_timeout: aborted
+            assert failed.wait(5), "the aborted call did not return"
+            thread.join(5)
+            assert isinstance(outcome[0], base.operational_error), outcome
+            lease.release()
+            assert pool.stats().aborted == 1
+
+            def left() -> str:
+                row = admin.execute(
+                    "SELECT state || ' ' || coalesce(wait_event_type, '') "
+                    "FROM pg_stat_activity WHERE pid = %s",
+                    (pid,),
+                ).fetchone()
+                return "" if row is None else str(row[0])
+
+            deadline = time.monotonic() + 3.0
+            while left() and time.monotonic() < deadline:
+                failed.wait(0.02)
+            still = left()
+            if still:
+                return f"backend {pid} still there ({still})"
+            admin.execute("SET lock_timeout = '500ms'")
+            try:
+                admin.execute(f"SELECT v FROM {LOCK_TABLE} WHERE id = 1 FOR UPDATE")
+            except psycopg.errors.LockNotAvailable:
+                return "row 1 still locked"
+            return ""
+    finally:
+        failed.set()
+        holder.close()
+        pool.close()
+
+
+@pytest.mark.private
+def test_a_call_aborted_while_waiting_on_a_row_lock_is_cancelled_even_once_broken(
+    private_pg: Any, app: str
+) -> None:
+    """psycopg 3: ``socket_timeout``'s abort of a call blocked on a row lock (its
+    transaction holds another row) also cancels it on the server, even when the cancel
+    thread runs only after the call has failed and libpq has marked the connection bad
+    (a cancel taken from the connection then is a no-op). PostgreSQL does not read the
+    client socket while it waits on a lock: without the cancel the backend stays,
+    holding row 1, until the other session lets go, while the pool opens another."""
+    base = load_driver("psycopg", conninfo=private_pg.dsn, application_name=app)
+    left = lock_wait_aborted(private_pg.dsn, base, app)
+    assert not left, f"3 s after the aborted call's lease ended: {left}"
+
+
+@pytest.mark.private
+def test_client_connection_check_interval_ends_an_aborted_lock_wait_without_a_cancel(
+    private_pg: Any, driver_name: str, app: str
+) -> None:
+    """With ``client_connection_check_interval`` (the driver sets it on each connection,
+    PostgreSQL 14 and later), the backend of a call aborted while waiting on a row lock
+    notices its client is gone and ends, releasing its locks, even when no cancel is
+    sent (psycopg2's has no bound, so the pool sends none)."""
+    base = load_driver(
+        driver_name,
+        conninfo=private_pg.dsn,
+        application_name=app,
+        client_connection_check_interval=0.25,
+    )
+    left = lock_wait_aborted(private_pg.dsn, base, app, cancel=False)
+    assert not left, f"3 s after the aborted call's lease ended: {left}"
 
 
 @pytest.fixture(autouse=True)

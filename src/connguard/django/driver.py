@@ -52,7 +52,9 @@ class DjangoDriver:
         # hidden, pings would run on threads of their own, socket_timeout could end no
         # call, and a refused connection would be waited for as if it were an outage.
         self.ping_bounded: bool = getattr(base, "ping_bounded", False)
-        self.cancel_bounded: bool = getattr(base, "cancel_bounded", False)
+        prepare_cancel = getattr(base, "prepare_cancel", None)
+        if prepare_cancel is not None:
+            self.prepare_cancel: Callable[[Any], Callable[[], None] | None] = prepare_cancel
         abort = getattr(base, "abort", None)
         if abort is not None:
             self.abort: Callable[[Any], None] = abort
@@ -99,6 +101,8 @@ class DjangoDriver:
     def _set_up(self, conn: Any) -> None:
         if self._configure(conn) and not conn.autocommit:
             conn.commit()
+        if isinstance(self.base, LibpqDriver):
+            self.base.set_up(conn)  # client_connection_check_interval; reset re-applies it
         conn.autocommit = self._autocommit
 
     def reset(self, conn: Any) -> None:

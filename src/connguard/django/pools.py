@@ -80,6 +80,15 @@ def pool_config(options: Mapping[str, Any]) -> PoolConfig:
     return PoolConfig.from_mapping(raw, where="OPTIONS['pool']")
 
 
+CLIENT_CONNECTION_CHECK_INTERVAL = 0.25
+"""With ``socket_timeout`` set, each connection asks its server (PostgreSQL 14 and
+later, where the server sets no value of its own) to check this often, in seconds,
+while a statement runs, that the client is still there: the backend of a call that
+``socket_timeout`` aborted (its socket shut down) then ends within this, releasing its
+transaction's locks, even where no cancel request is sent (psycopg2) or arrives. A
+check is one ``poll()`` of the socket: nothing next to a statement that runs for 0.25 s."""
+
+
 def pool_key(wrapper: Any) -> PoolKey:
     settings_dict = wrapper.settings_dict
     options = settings_dict["OPTIONS"]
@@ -119,7 +128,13 @@ def _new_pool(wrapper: Any, conn_params: dict[str, Any]) -> Pool:
         raise ImproperlyConfigured(f"DATABASES[{wrapper.alias!r}]: {exc}") from None
     autocommit = bool(wrapper.settings_dict["AUTOCOMMIT"])
     setup = wrapper.connguard_setup()
-    base = load_driver("psycopg" if is_psycopg3 else "psycopg2", autocommit=autocommit)
+    base = load_driver(
+        "psycopg" if is_psycopg3 else "psycopg2",
+        autocommit=autocommit,
+        client_connection_check_interval=(
+            None if config.socket_timeout is None else CLIENT_CONNECTION_CHECK_INTERVAL
+        ),
+    )
     driver = DjangoDriver(
         base,
         connect=wrapper.Database.connect,

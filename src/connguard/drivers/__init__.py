@@ -28,6 +28,7 @@ def load_driver(
     connect_kwargs: Mapping[str, Any] | None = None,
     autocommit: bool = True,
     application_name: str | None = None,
+    client_connection_check_interval: float | None = None,
 ) -> Driver:
     """Build the driver called ``name`` (``"psycopg"`` or ``"psycopg2"``).
 
@@ -46,6 +47,7 @@ def load_driver(
         "connect_kwargs": connect_kwargs,
         "autocommit": autocommit,
         "application_name": application_name,
+        "client_connection_check_interval": client_connection_check_interval,
     }
     candidates = DRIVER_NAMES if name is None else (name,)
     errors: list[str] = []

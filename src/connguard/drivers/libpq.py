@@ -143,6 +143,17 @@ class LibpqDriver:
     connect function. ``autocommit`` and ``application_name`` define the baseline every
     connection is opened in and that ``reset`` restores; they, and the pool's connect
     timeout, win over the same keys in ``connect_kwargs``.
+
+    ``client_connection_check_interval`` (seconds, or None) has each connection ask
+    its server to check that often, while a statement runs, whether the client is
+    still there (PostgreSQL's setting of that name, 14 and later): a backend whose
+    client went away (``socket_timeout``'s abort shuts the socket down) then ends,
+    and its transaction's locks go with it, even while it waits on a lock, when it
+    reads nothing from the socket. Set with ``set_config()`` when the connection
+    is opened and again in every reset (``DISCARD ALL`` takes it back), not as a
+    startup option, which PgBouncer refuses; only where the server's own value is 0
+    (a value chosen in ``postgresql.conf``, for the role, or in the conninfo's
+    ``options`` wins), and not at all on servers older than 14.
     """
 
     def __init__(
@@ -152,6 +163,7 @@ class LibpqDriver:
         connect_kwargs: Mapping[str, Any] | None = None,
         autocommit: bool = True,
         application_name: str | None = None,
+        client_connection_check_interval: float | None = None,
     ) -> None:
         self.conninfo = conninfo
         # A private copy: the caller may mutate its mapping later, and connect() must
@@ -159,15 +171,55 @@ class LibpqDriver:
         self.connect_kwargs: dict[str, Any] = dict(connect_kwargs or {})
         self.autocommit = autocommit
         self.application_name = application_name
+        if client_connection_check_interval is not None and not (
+            client_connection_check_interval >= 0.001
+        ):
+            raise ValueError(
+                "client_connection_check_interval must be at least 0.001 s (or None), "
+                f"got {client_connection_check_interval!r}"
+            )
+        self.client_connection_check_interval = client_connection_check_interval
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} autocommit={self.autocommit} app={self.application_name!r}>"
 
     changes_session = staticmethod(changes_session)
 
-    def reset_sql(self, then: str = "") -> str:
-        """The one query string that resets a session and re-applies ``then``."""
-        return f"{RESET_SQL}; {then}" if then else RESET_SQL
+    def reset_sql(self, then: str = "", conn: Any = None) -> str:
+        """The one query string that resets a session and re-applies ``then`` and the
+        driver's own set-up of ``conn`` (:meth:`setup_sql`)."""
+        own = self.setup_sql(conn) if conn is not None else ""
+        tail = "; ".join(part for part in (then, own) if part)
+        return f"{RESET_SQL}; {tail}" if tail else RESET_SQL
+
+    def setup_sql(self, conn: Any) -> str:
+        """What the driver itself sets on each connection, as SQL ("" for nothing):
+        ``client_connection_check_interval`` when asked for and the server has it
+        (14 or later), unless the server already sets one. Run when a connection is
+        opened and in every reset's round trip. No I/O."""
+        interval = self.client_connection_check_interval
+        if interval is None or self.server_version(conn) < 140000:
+            return ""
+        millis = max(1, round(interval * 1000))
+        return (
+            f"SELECT set_config('client_connection_check_interval', '{millis}', false) "
+            "WHERE current_setting('client_connection_check_interval', true) = '0'"
+        )
+
+    def set_up(self, conn: Any) -> None:
+        """Run :meth:`setup_sql` on a new connection (one round trip, none when there is
+        nothing to set), committed when the connection is not in autocommit."""
+        sql = self.setup_sql(conn)
+        if not sql:
+            return
+        with conn.cursor() as cur:
+            cur.execute(sql)
+        if not conn.autocommit:
+            conn.commit()
+
+    def server_version(self, conn: Any) -> int:
+        """The server's version as libpq reports it (170002); no round trip."""
+        raise NotImplementedError
 
     def socket(self, conn: Any) -> int:
         """The connection's socket descriptor, or -1 when libpq holds none."""

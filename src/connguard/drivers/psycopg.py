@@ -9,9 +9,11 @@ live.
 
 from __future__ import annotations
 
+import functools
 import math
 import select
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -41,6 +43,13 @@ _IDLE = int(pq.TransactionStatus.IDLE)
 _UNKNOWN = int(pq.TransactionStatus.UNKNOWN)
 _FATAL_ERROR = int(pq.ExecStatus.FATAL_ERROR)
 
+_POLL_OK = int(pq.PollingStatus.OK)
+_POLL_FAILED = int(pq.PollingStatus.FAILED)
+_POLL_READING = int(pq.PollingStatus.READING)
+
+CANCEL_TIMEOUT = 5.0
+"""The longest a cancel request sent by the pool waits for the server to take it."""
+
 _CLIENT_SIDE = ("isolation_level", "read_only", "deferrable")
 _WRITE_EVENTS = select.POLLOUT | select.POLLERR | select.POLLHUP
 
@@ -62,6 +71,9 @@ class PsycopgDriver(LibpqDriver):
     def socket(self, conn: Any) -> int:
         return int(conn.pgconn.socket)
 
+    def server_version(self, conn: Any) -> int:
+        return int(conn.pgconn.server_version)
+
     def libpq_version(self) -> int:
         return pq.version()
 
@@ -72,7 +84,8 @@ class PsycopgDriver(LibpqDriver):
         at least 2 (libpq's rule, which psycopg copies): ``timeout=0.5`` really waits up to
         2 s. With several hosts in ``conninfo`` the timeout applies to each attempt.
         The connection gets :data:`~connguard.drivers.libpq.TCP_KEEPALIVES` unless
-        ``conninfo`` or ``connect_kwargs`` set any of them. A connect error leaves
+        ``conninfo`` or ``connect_kwargs`` set any of them, and the driver's own set-up
+        (:meth:`~connguard.drivers.libpq.LibpqDriver.setup_sql`). A connect error leaves
         without the failed attempt's ``pgconn`` (see :func:`forget_attempt`).
         """
         params = {**self._keepalives(), **self.connect_kwargs}
@@ -81,10 +94,16 @@ class PsycopgDriver(LibpqDriver):
         params["connect_timeout"] = max(1, math.ceil(timeout))
         params["autocommit"] = self.autocommit
         try:
-            return psycopg.Connection.connect(self.conninfo, **params)
+            conn = psycopg.Connection.connect(self.conninfo, **params)
         except psycopg.Error as exc:
             forget_attempt(exc)
             raise
+        try:
+            self.set_up(conn)
+        except BaseException:
+            self.close(conn)
+            raise
+        return conn
 
     def _keepalives(self) -> dict[str, int]:
         try:
@@ -122,9 +141,6 @@ class PsycopgDriver(LibpqDriver):
 
     ping_bounded = True
     """Its ping keeps its timeout (libpq's non-blocking API): the pool calls it inline."""
-    cancel_bounded = True
-    """Its cancel keeps a bound (``cancel_safe(timeout=5)``) and lets other threads run
-    meanwhile: the pool may send one on its own, for ``socket_timeout``."""
 
     def ping(self, conn: psycopg.Connection[Any], timeout: float) -> None:
         """One round trip, an empty query, bounded by ``timeout`` seconds.
@@ -185,15 +201,41 @@ class PsycopgDriver(LibpqDriver):
 
     def cancel(self, conn: psycopg.Connection[Any]) -> None:
         """Cancel the running statement from any thread (libpq's cancel request, sent
-        over its own connection; bounded by 5 s). Never raises."""
+        over its own connection; bounded by :data:`CANCEL_TIMEOUT` with libpq 17 or
+        later). Nothing once the connection is closed or broken (psycopg's rule): the
+        pool's own cancel for ``socket_timeout`` uses :meth:`prepare_cancel`. Never
+        raises."""
         try:
             cancel_safe = getattr(conn, "cancel_safe", None)
             if cancel_safe is not None:  # psycopg >= 3.2: no blocking without a bound
-                cancel_safe(timeout=5.0)
+                cancel_safe(timeout=CANCEL_TIMEOUT)
             else:
                 conn.cancel()
         except Exception:
             pass
+
+    def prepare_cancel(self, conn: psycopg.Connection[Any]) -> Callable[[], None] | None:
+        """Take what a cancel request for ``conn`` needs, now, and return a function
+        that sends it, from any thread, bounded by :data:`CANCEL_TIMEOUT`, even once
+        the connection is closed or broken; None where libpq cannot bound one.
+
+        For ``socket_timeout``: the pool takes the handle before it shuts the socket
+        down. Once the blocked call has woken on the shutdown, libpq has marked the
+        connection bad and dropped its socket, and a cancel taken then is nothing
+        (``cancel_safe()`` returns at once, ``PQcancelCreate`` and ``PQgetCancel``
+        refuse), while a backend waiting on a lock does not read its socket and
+        stays, holding the locks its transaction took. ``PQcancelCreate`` (libpq 17,
+        ``pgconn.cancel_conn()``) copies the key and the server's address, no I/O, and
+        the request then goes over its own non-blocking connection, polled here with a
+        deadline: a black-holed network cannot hold the calling thread. Older libpq
+        has only ``PQcancel``, which blocks without a bound: None then."""
+        if pq.version() < 170000:
+            return None
+        try:
+            cancel_conn = conn.pgconn.cancel_conn()
+        except Exception:
+            return None
+        return functools.partial(_send_cancel, cancel_conn, CANCEL_TIMEOUT)
 
     def reset(self, conn: psycopg.Connection[Any], then: str = "") -> None:
         """Roll back, discard all session state, run ``then``, restore autocommit: one
@@ -216,7 +258,7 @@ class PsycopgDriver(LibpqDriver):
             conn.rollback()
         if not conn.autocommit:
             conn.autocommit = True
-        conn.execute(self.reset_sql(then).encode(), prepare=False)
+        conn.execute(self.reset_sql(then, conn).encode(), prepare=False)
         _forget_prepared(conn)
         # The transaction characteristics psycopg keeps on the client side.
         for attr in _CLIENT_SIDE:
@@ -224,6 +266,33 @@ class PsycopgDriver(LibpqDriver):
                 setattr(conn, attr, None)
         if conn.autocommit != self.autocommit:
             conn.autocommit = self.autocommit
+
+
+def _send_cancel(cancel_conn: Any, timeout: float) -> None:
+    """Send the cancel request prepared in ``cancel_conn`` (a ``pq.PGcancelConn``) and
+    wait for the server to take it, ``timeout`` seconds at most. Never raises."""
+    deadline = time.monotonic() + timeout
+    try:
+        cancel_conn.start()
+        while True:
+            status = cancel_conn.poll()
+            if status in (_POLL_OK, _POLL_FAILED):
+                return
+            events = READ_EVENTS if status == _POLL_READING else _WRITE_EVENTS
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            poller = select.poll()
+            poller.register(cancel_conn.socket, events)
+            if not poller.poll(math.ceil(remaining * 1000)):
+                return
+    except Exception:
+        pass
+    finally:
+        try:
+            cancel_conn.finish()
+        except Exception:
+            pass
 
 
 def _forget_prepared(conn: psycopg.Connection[Any]) -> None:

@@ -53,6 +53,9 @@ class Psycopg2Driver(LibpqDriver):
     def socket(self, conn: Any) -> int:
         return -1 if conn.closed else int(conn.fileno())
 
+    def server_version(self, conn: Any) -> int:
+        return int(conn.server_version)
+
     def libpq_version(self) -> int:
         version: int = ext.libpq_version()
         return version
@@ -63,7 +66,8 @@ class Psycopg2Driver(LibpqDriver):
         ``timeout`` becomes libpq's ``connect_timeout``: whole seconds, at least 2 in
         practice (libpq rounds 1 up to 2), and per host with a multi-host ``conninfo``.
         The connection gets :data:`~connguard.drivers.libpq.TCP_KEEPALIVES` unless
-        ``conninfo`` or ``connect_kwargs`` set any of them.
+        ``conninfo`` or ``connect_kwargs`` set any of them, and the driver's own set-up
+        (:meth:`~connguard.drivers.libpq.LibpqDriver.setup_sql`).
         """
         params = {**self._keepalives(), **self.connect_kwargs}
         if self.application_name is not None:
@@ -72,6 +76,7 @@ class Psycopg2Driver(LibpqDriver):
         conn = psycopg2.connect(self.conninfo, **params)
         try:
             conn.autocommit = self.autocommit
+            self.set_up(conn)
         except BaseException:
             conn.close()
             raise
@@ -109,10 +114,12 @@ class Psycopg2Driver(LibpqDriver):
 
     ping_bounded = False
     """Its ping cannot keep a timeout: the pool runs it on a thread of its own."""
-    cancel_bounded = False
-    """psycopg2's ``cancel()`` (libpq's ``PQcancel``) has no timeout and holds the GIL:
-    towards a server that stopped answering it freezes the whole process until the
-    network answers again. The pool sends no cancel of its own for ``socket_timeout``."""
+    # No ``prepare_cancel``: psycopg2's ``cancel()`` (libpq's ``PQcancel``) has no
+    # timeout and holds the GIL, so towards a server that stopped answering it freezes
+    # the whole process until the network answers again; and it is nothing once the
+    # connection is closed. The pool sends no cancel of its own for ``socket_timeout``:
+    # set ``client_connection_check_interval`` (the Django backend does, with
+    # ``socket_timeout``), so the backend of an aborted call notices its client is gone.
 
     def ping(self, conn: Any, timeout: float) -> None:
         """One round trip: the empty query ``;``.
@@ -192,7 +199,7 @@ class Psycopg2Driver(LibpqDriver):
         if not conn.autocommit:
             conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute(self.reset_sql(then))
+            cur.execute(self.reset_sql(then, conn))
         # The transaction characteristics psycopg2 keeps on the client side.
         conn.set_session(isolation_level="DEFAULT", readonly="DEFAULT", deferrable="DEFAULT")
         if conn.autocommit != self.autocommit:

@@ -100,8 +100,11 @@ class Driver(Protocol):
 
     # Optional: ``refused(exc) -> bool``: a failed connect was the server's refusal
     # (bad credentials, no such database or role), so waiting callers fail at once.
-    # Optional: ``cancel_bounded = True``: ``cancel`` keeps a bound and lets other
-    # threads run, so the pool may send one on its own (``socket_timeout``).
+    # Optional: ``prepare_cancel(conn) -> Callable[[], None] | None``: take, with no
+    # I/O, what a cancel request for ``conn`` needs and return a function that sends
+    # it from any thread, keeping a bound and letting other threads run, and that
+    # still works after ``abort`` (None: no bounded cancel for this one). The pool
+    # takes one before an abort and sends it after (``socket_timeout``).
     # Optional: ``abort(conn) -> None``: shut the connection's socket down from any
     # thread, so a thread blocked reading from it returns at once with the driver's
     # error (setting ``socket_timeout``). Without it a blocked call cannot be ended.

@@ -110,13 +110,17 @@ def _stuck_locked(held: list[Lease], limit: float | None, now: float) -> list[Le
 
 
 def abort_stuck(pool: Pool, lease: Lease) -> None:
-    """Abort the blocked call of ``lease`` (``socket_timeout``): shut its socket down,
-    so the holder's thread gets the driver's error at once; the connection is then
-    broken and closed when the lease ends. Under the lease's guard, so the lease
-    cannot end (and the descriptor be closed) meanwhile."""
-    abort = getattr(pool.driver, "abort", None)
+    """Abort the blocked call of ``lease`` (``socket_timeout``): take a cancel request
+    for it, shut its socket down, so the holder's thread gets the driver's error at
+    once, then send the cancel; the connection is then broken and closed when the
+    lease ends. Under the lease's guard, so the lease cannot end (and the descriptor be
+    closed) meanwhile."""
+    driver = pool.driver
+    abort = getattr(driver, "abort", None)
     if abort is None:
         return
+    prepare_cancel = getattr(driver, "prepare_cancel", None)
+    send_cancel = None
     with lease._guard:
         conn = lease._conn
         if conn is None or not lease._busy or lease._uses != lease._seen_uses:
@@ -125,22 +129,32 @@ def abort_stuck(pool: Pool, lease: Lease) -> None:
             # A release has claimed the lease (it counted no use): the count seen is
             # a late use backing out, and the connection may go to its next holder.
             return
+        # The cancel is taken before the shutdown: once the blocked call has woken on
+        # it, the driver has marked the connection broken and dropped its socket, and
+        # a cancel taken from it then does nothing, while a backend waiting on a lock
+        # reads nothing from its socket, so it would stay (holding its transaction's
+        # locks) after the slot is freed. Taking it does no I/O.
+        if prepare_cancel is not None:
+            try:
+                send_cancel = prepare_cancel(conn.raw)
+            except Exception:  # no cancel then; the abort must still happen
+                send_cancel = None
         abort(conn.raw)
         lease._seen_at = math.inf  # the same use is not aborted twice
         # Should the call have returned just before the abort, its connection still
         # reads as idle: the full reset on release then fails, and it is closed.
         lease.reset_requested = True
-    # And a cancel, on a thread of its own, where the driver's cancel keeps a bound and
-    # lets other threads run (cancel_bounded): a server that still answers stops the
-    # statement, so its backend does not outlive the slot freed when the lease ends.
-    # psycopg2's would wait for ever on a black hole, holding the process. Started
-    # outside the lease's lock: starting a thread allocates, and a collection then
-    # could end an abandoned use of this lease, whose exit() may take that lock. The
-    # connection cannot go to another holder (the reset it now needs fails).
-    if getattr(pool.driver, "cancel_bounded", False):
-        threading.Thread(
-            target=pool.driver.cancel, args=(conn.raw,), name="connguard-cancel", daemon=True
-        ).start()
+    # The cancel goes out on a thread of its own, bounded by the driver: a server that
+    # still answers stops the statement (and ends the session, whose socket is shut),
+    # so its backend does not outlive the slot freed when the lease ends. A driver
+    # without a bounded cancel offers no ``prepare_cancel`` (psycopg2's would wait for
+    # ever on a black hole, holding the process); there the server's
+    # ``client_connection_check_interval`` ends the backend. Started outside the
+    # lease's lock: starting a thread allocates, and a collection then could end an
+    # abandoned use of this lease, whose exit() may take that lock. The connection
+    # cannot go to another holder (the reset it now needs fails).
+    if send_cancel is not None:
+        threading.Thread(target=send_cancel, name="connguard-cancel", daemon=True).start()
     with pool._lock:
         pool._n_aborted += 1
     logger.warning(
