@@ -11,12 +11,22 @@ Mounted by the demo site under ``/x/`` when the server runs with
 ``/x/lockwait``     in a transaction: lock row 1 of ``fault_rows`` (UPDATE), then
                     ``SELECT`` row 2 ``FOR UPDATE``, which blocks while a test's own
                     session holds row 2; a failure is logged as for ``/x/one``.
+``/x/tenant?hold=P``  an async view that sets a session setting (the docs' tenant pattern,
+                    ``set_config(..., false)``: reset policy "auto" resets the connection
+                    at its release), then holds its response until the file ``P`` exists
+``/x/query?hold=P``   the same with a plain query (no session state changed)
+``/x/nodb``         an async view that touches no database: answers at once unless the
+                    event loop is blocked
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
+from pathlib import Path
 
+from asgiref.sync import sync_to_async
 from django.db import connection, transaction
 from django.http import HttpRequest, HttpResponse
 from django.urls import path
@@ -56,4 +66,38 @@ def lockwait(request: HttpRequest) -> HttpResponse:
     return HttpResponse(f"ok {row[0] if row else '?'}\n", content_type="text/plain")
 
 
-urlpatterns = [path("one", one), path("lockwait", lockwait)]
+def _run(sql: str) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+    return int(row[-1])
+
+
+async def _held(request: HttpRequest, sql: str) -> HttpResponse:
+    pid = await sync_to_async(_run)(sql)
+    hold = Path(request.GET["hold"])
+    deadline = time.monotonic() + 30.0
+    while not hold.exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return HttpResponse(f"ok {pid}\n", content_type="text/plain")
+
+
+async def tenant(request: HttpRequest) -> HttpResponse:
+    return await _held(request, "SELECT set_config('app.tenant', '7', false), pg_backend_pid()")
+
+
+async def query(request: HttpRequest) -> HttpResponse:
+    return await _held(request, "SELECT pg_backend_pid()")
+
+
+async def nodb(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("ok\n", content_type="text/plain")
+
+
+urlpatterns = [
+    path("one", one),
+    path("lockwait", lockwait),
+    path("tenant", tenant),
+    path("query", query),
+    path("nodb", nodb),
+]

@@ -26,6 +26,8 @@ server's log why it failed), plus what PostgreSQL saw (``pg_stat_activity``).
    ``max_waiting`` too (refused at once), never "overloaded" or "refused".
 6. A request blocked on a row lock past ``socket_timeout``: its call is aborted, and
    its backend must not stay behind holding the locks its transaction took.
+7. The event loop (uvicorn, daphne): a release made there with a dead network in
+   between (a dirty connection's reset, a waiter queued) never stops the worker.
 
 Pool settings are small (``max_size`` 3, ``timeout`` 2 s, ``connect_timeout`` 2 s)
 so that the module runs in a few minutes. The bounds are module constants, each
@@ -1052,3 +1054,107 @@ def test_request_aborted_while_waiting_on_a_row_lock_leaves_no_backend_holding_l
             f"{srv.log_text()[-900:]}"
         )
         assert poll(lambda: get(srv.port, "/x/one", timeout=10)[0] == 200, 5.0)
+
+
+# ------------------------------------------------------------------ 7. the event loop
+
+
+def site_pool_stats(port: int, timeout: float) -> dict[str, Any]:
+    """The site's pool stats (one worker, one alias), within ``timeout`` seconds."""
+    status, _, body = get(port, "/connguard/stats", timeout=timeout)
+    assert status == 200, (status, body[:300])
+    (stats,) = json.loads(body)
+    return dict(stats)
+
+
+def answers_at_once(port: int, path: str, bound: float) -> tuple[Any, float]:
+    """GET ``path``: its status (or the error's name) and how long it took."""
+    t0 = time.monotonic()
+    try:
+        status: Any = get(port, path, timeout=bound)[0]
+    except Exception as exc:
+        status = type(exc).__name__
+    return status, round(time.monotonic() - t0, 2)
+
+
+LOOP_BOUND = 1.0
+"""A view that touches no database answers within this while the event loop runs."""
+
+
+@pytest.mark.parametrize("view", ["tenant", "query"])
+@pytest.mark.parametrize("server", ["uvicorn", "daphne"])
+def test_a_release_on_a_dead_network_never_blocks_the_event_loop(
+    db_up: tuple[EmbeddedPostgres, dict[str, Any]], tmp_path: Path, server: str, view: str
+) -> None:
+    """``max_size=1`` through the fault proxy, ``socket_timeout`` set. Request A (an
+    async view) sets the tenant (``tenant``; ``query``: a plain query, nothing to
+    reset) and holds its response; request B waits for the only connection; the proxy
+    then drops all traffic (a partition, a hung pgbouncer) and A's response is let go.
+    ``ConnguardMiddleware`` releases A's lease on the event loop's thread, with B
+    waiting: the reset (``DISCARD ALL``) it needs must not run there, or the worker
+    answers nobody, even views that touch no database, until the reset returns, which
+    on a black hole is never. While the partition lasts, a view with no database
+    answers at once; the stalled reset is ended by ``socket_timeout`` (its connection
+    closed, its slot freed); once the partition heals, the site serves again."""
+    pg, db = db_up
+    app = f"fault-loop-{server}-{view}"
+    pool = {**POOL, "max_size": 1, "timeout": 5.0}
+    hold = tmp_path / "let-go"
+    proxy = FaultProxy(pg.host, pg.port)
+    proxy.start()
+    results: dict[str, Any] = {}
+    problems: list[str] = []
+    try:
+        proxied = {**db, "HOST": proxy.host, "PORT": proxy.port}
+        with running(server, proxied, tmp_path, **site_env(app, "psycopg", pool)) as srv:
+            assert get(srv.port, "/x/one")[0] == 200
+
+            def call(name: str, path: str) -> None:
+                results[name] = answers_at_once(srv.port, path, 20.0)
+
+            a = threading.Thread(target=call, args=("A", f"/x/{view}?hold={hold}"), daemon=True)
+            a.start()
+            assert poll(lambda: site_pool_stats(srv.port, 5)["in_use"] == 1, 5.0)
+            b = threading.Thread(target=call, args=("B", "/x/one"), daemon=True)
+            b.start()
+            assert poll(lambda: site_pool_stats(srv.port, 5)["waiting"] == 1, 5.0)
+            proxy.blackhole(True)
+            try:
+                hold.touch()  # A's response is ready: the middleware releases on the loop
+
+                def released() -> bool:
+                    stats = site_pool_stats(srv.port, LOOP_BOUND)
+                    return bool(stats["in_use"] == 0 or stats["waiting"] == 0)
+
+                try:
+                    assert poll(released, 5.0), "A's lease was never released"
+                except (TimeoutError, OSError) as exc:
+                    problems.append(f"the worker stopped answering after A's release: {exc!r}")
+                for i in range(3):
+                    status, took = answers_at_once(srv.port, "/x/nodb", 4.0)
+                    if status != 200 or took > LOOP_BOUND:
+                        problems.append(
+                            f"no-database view #{i} in the partition: {status} {took} s"
+                        )
+                if view == "tenant" and not problems:
+                    # The reset sent into the black hole ends at socket_timeout.
+                    def aborted() -> bool:
+                        return bool(site_pool_stats(srv.port, LOOP_BOUND)["aborted"] >= 1)
+
+                    if not poll(aborted, SOCKET_TIMEOUT + HOUSEKEEPING + 3.0):
+                        problems.append("the stalled reset was never aborted")
+            finally:
+                proxy.blackhole(False)
+            t_heal = time.monotonic()
+            if not poll(lambda: answers_at_once(srv.port, "/x/one", 4.0)[0] == 200, HEAL):
+                problems.append(f"no /x/one answered 200 within {HEAL} s of the heal")
+            results["healed after"] = round(time.monotonic() - t_heal, 2)
+            status, took = answers_at_once(srv.port, "/x/nodb", 4.0)
+            if status != 200 or took > LOOP_BOUND:
+                problems.append(f"no-database view after the partition: {status} {took} s")
+            a.join(CLIENT_TIMEOUT)
+            b.join(CLIENT_TIMEOUT)
+            log_tail = srv.log_text()[-1500:]
+    finally:
+        proxy.close()
+    assert not problems, f"{problems}\n{results}\n--- log tail\n{log_tail}"

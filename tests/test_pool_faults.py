@@ -9,12 +9,14 @@ The same faults through real servers and a real PostgreSQL are in
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from typing import Any
 
 import pytest
 
-from connguard.pool import ConnectFailed, Pool, PoolConfig, PoolRefused, PoolTimeout
+from connguard.pool import ConnectFailed, Pool, PoolConfig, PoolRefused, PoolTimeout, TxStatus
 
 from .fakes import FakeConnection, FakeDriver, FakeOperationalError, ManualClock, wait_until
 
@@ -627,4 +629,239 @@ def test_housekeeping_goes_on_when_the_liveness_test_raises(
     pool.housekeep()  # the idle one is closed in doubt; the orphan still taken back
     assert not orphan.active
     monkeypatch.undo()
+    pool.close()
+
+
+# ------------------------------------------------------------------ the event loop
+
+
+class IOThreadDriver(FakeDriver):
+    """Records which thread made each call that is network I/O on a real driver
+    (reset, rollback, cancel): a release made on an event loop's thread must make
+    none there, or the whole ASGI worker waits on the database."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.io: list[tuple[str, int]] = []
+
+    def cancel(self, conn: FakeConnection) -> None:
+        self.io.append(("cancel", threading.get_ident()))
+        super().cancel(conn)
+
+    def rollback(self, conn: FakeConnection) -> None:
+        self.io.append(("rollback", threading.get_ident()))
+        super().rollback(conn)
+
+    def reset(self, conn: FakeConnection) -> None:
+        self.io.append(("reset", threading.get_ident()))
+        super().reset(conn)
+
+
+def on_event_loop(work: Any) -> int:
+    """Run ``work()`` inside a coroutine on a running asyncio loop, as an ASGI
+    server's middleware does; return that thread's id."""
+
+    async def main() -> int:
+        work()
+        return threading.get_ident()
+
+    return asyncio.run(main())
+
+
+def waiting_caller(pool: Pool) -> tuple[threading.Thread, list[Any]]:
+    """A thread waiting for a connection (so the release hands its connection on)."""
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(pool.acquire(timeout=5)), daemon=True)
+    thread.start()
+    wait_until(lambda: pool.stats().waiting == 1)
+    return thread, got
+
+
+@pytest.mark.parametrize("state", ["session", "transaction", "both"])
+def test_a_release_on_an_event_loop_hands_the_reset_to_a_thread_even_with_a_waiter(
+    state: str,
+) -> None:
+    """The ASGI middleware releases on the event loop. A lease that changed session
+    state (the tenant pattern, reset policy "auto") or left a transaction open needs a
+    round trip before its connection is handed on: run there, a dead network stops the
+    whole worker. It runs on the resetter thread, also with a caller waiting, and that
+    caller then gets the connection, clean."""
+    driver = IOThreadDriver()
+    pool = make_pool(driver, max_size=1)
+    lease = pool.acquire()
+    conn = conn_of(lease)
+    if state in ("session", "both"):
+        lease.note_statement("SELECT set_config('app.tenant', '7', false)")
+        conn.session_dirty = True
+    if state in ("transaction", "both"):
+        conn.status = TxStatus.INTRANS
+    waiter, got = waiting_caller(pool)
+    loop_thread = on_event_loop(lease.release)
+    waiter.join(5)
+    assert got and conn_of(got[0]) is conn
+    assert conn.status is TxStatus.IDLE
+    assert not conn.session_dirty or state == "transaction"
+    assert driver.io and all(thread != loop_thread for _, thread in driver.io), driver.io
+    assert pool.stats().resetting == 0
+    got[0].release()
+    pool.close()
+
+
+def test_a_release_on_an_event_loop_of_an_abandoned_statement_cancels_off_the_loop() -> None:
+    """A lease released mid-statement (a stream left half read) in the loop's own
+    thread: the cancel opens a connection to the server, so it too runs elsewhere;
+    the connection is closed and its slot freed."""
+    driver = IOThreadDriver()
+    pool = make_pool(driver, max_size=1)
+    conns: list[FakeConnection] = []
+
+    def take_and_abandon() -> None:
+        lease = pool.acquire()
+        conns.append(conn_of(lease))
+        conns[0].status = TxStatus.ACTIVE
+        lease.release()
+
+    loop_thread = on_event_loop(take_and_abandon)
+    wait_until(lambda: conns[0].closed)
+    assert [name for name, _ in driver.io] == ["cancel"]
+    assert driver.io[0][1] != loop_thread
+    wait_until(lambda: pool.stats().size == 0)
+    pool.close()
+
+
+def test_a_release_on_an_event_loop_of_a_statement_run_outside_the_fence() -> None:
+    """Under ASGI the lease was taken in a worker thread and is released on the loop's:
+    a statement still running on the raw connection is cancelled, off the loop, and
+    the lease finished once the statement has ended."""
+    driver = IOThreadDriver()
+    pool = make_pool(driver, max_size=1)
+    taken: list[Any] = []
+    worker = threading.Thread(target=lambda: taken.append(pool.acquire()))  # sync_to_async's
+    worker.start()
+    worker.join(5)
+    (lease,) = taken
+    conn = conn_of(lease)
+    conn.status = TxStatus.ACTIVE  # run on the raw connection, outside the fence
+    loop_thread = on_event_loop(lease.release)
+    wait_until(lambda: conn.cancels == 1)
+    assert driver.io[0][1] != loop_thread
+    conn.status = TxStatus.IDLE  # the statement ended
+    pool.housekeep()
+    assert pool.stats().idle == 1 and pool.stats().in_use == 0
+    assert conn.cancels == 1, "one cancel"
+    pool.close()
+
+
+def test_a_revoke_on_an_event_loop_cancels_off_the_loop() -> None:
+    """A scope ended on the loop while a worker thread runs a statement on its lease
+    (an executor job the view stopped waiting for): the lease is fenced at once, the
+    cancel goes from another thread, and the last use out gives the connection back."""
+    driver = IOThreadDriver()
+    pool = make_pool(driver, max_size=1)
+    lease = pool.acquire()
+    conn = conn_of(lease)
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def statement() -> None:
+        lease.enter()
+        inside.set()
+        leave.wait(5)
+        lease.exit()
+
+    worker = threading.Thread(target=statement, daemon=True)
+    worker.start()
+    assert inside.wait(5)
+    loop_thread = on_event_loop(lease.release)
+    assert not lease.active, "fenced at once"
+    wait_until(lambda: conn.cancels == 1)
+    assert driver.io == [("cancel", driver.io[0][1])] and driver.io[0][1] != loop_thread
+    assert pool.stats().revoked == 1
+    leave.set()
+    worker.join(5)
+    wait_until(lambda: pool.stats().idle == 1)
+    assert pool.stats().in_use == 0
+    pool.close()
+
+
+class StalledResetDriver(FakeDriver):
+    """A reset that never returns until its socket is shut down (a network black
+    hole): ``abort`` ends it with the driver's error, as a real socket would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unblocked: dict[int, threading.Event] = {}
+        self.started = threading.Semaphore(0)
+
+    def _gate(self, conn: FakeConnection) -> threading.Event:
+        with self.lock:
+            return self.unblocked.setdefault(conn.id, threading.Event())
+
+    def reset(self, conn: FakeConnection) -> None:
+        self.started.release()
+        self._gate(conn).wait(10)
+        if not conn.alive:
+            raise FakeOperationalError("server closed the connection unexpectedly")
+        super().reset(conn)
+
+    def abort(self, conn: FakeConnection) -> None:
+        super().abort(conn)
+        self._gate(conn).set()
+
+
+def test_a_reset_stalled_past_socket_timeout_is_aborted_and_its_slot_freed() -> None:
+    """A reset sent into a dead network on a connection nobody holds: housekeeping
+    shuts its socket down after ``socket_timeout``, the reset fails, the connection
+    is closed and its slot freed. A connection queued behind it on the resetter is
+    not left waiting for ever either: it is aborted in the same pass."""
+    driver = StalledResetDriver()
+    clock = ManualClock()
+    pool = make_pool(
+        driver, clock, max_size=2, socket_timeout=2.0, reset="always", background_reset=True
+    )
+    first, second = pool.acquire(), pool.acquire()
+    conns = [conn_of(first), conn_of(second)]
+    first.release()  # nobody waits: the resetter resets it, and stalls
+    second.release()  # queued behind the first
+    assert driver.started.acquire(timeout=5)
+    assert pool.stats().resetting == 2
+    pool.housekeep()
+    clock.advance(1.0)
+    pool.housekeep()
+    assert [c.aborts for c in conns] == [0, 0], "not before socket_timeout"
+    clock.advance(1.5)
+    pool.housekeep()
+    assert [c.aborts for c in conns] == [1, 1]
+    wait_until(lambda: all(c.closed for c in conns))
+    wait_until(lambda: pool.stats().size == 0)
+    stats = pool.stats()
+    assert stats.resetting == 0 and stats.closed["reset_failed"] == 2
+    assert stats.aborted == 2
+    clock.advance(10.0)
+    pool.housekeep()
+    assert [c.aborts for c in conns] == [1, 1], "aborted once"
+    lease = pool.acquire()  # the pool serves again
+    driver._gate(conn_of(lease)).set()  # on a network that answers
+    lease.release()
+    wait_until(lambda: pool.stats().idle == 1)
+    pool.close()
+
+
+def test_a_reset_that_returns_in_time_is_not_aborted() -> None:
+    driver = StalledResetDriver()
+    clock = ManualClock()
+    pool = make_pool(
+        driver, clock, max_size=1, socket_timeout=2.0, reset="always", background_reset=True
+    )
+    lease = pool.acquire()
+    conn = conn_of(lease)
+    lease.release()
+    assert driver.started.acquire(timeout=5)
+    clock.advance(1.0)
+    pool.housekeep()
+    driver._gate(conn).set()  # the server answers
+    wait_until(lambda: pool.stats().idle == 1)
+    clock.advance(5.0)
+    pool.housekeep()
+    assert conn.aborts == 0 and not conn.closed
     pool.close()

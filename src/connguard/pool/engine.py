@@ -31,6 +31,7 @@ and reset all run outside.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import collections
 import logging
@@ -61,6 +62,7 @@ from .housekeeper import housekeeper
 from .lease import FencedConnection, Lease, _Conn, capture_stack
 from .maintenance import housekeep, take_back_dropped
 from .opening import request_open_locked, start_openers
+from .resetter import REVOKE as _REVOKE
 from .resetter import resetter
 from .stats import BUCKET_BOUNDS, CLOSE_REASONS, Histogram, PoolStats
 
@@ -71,6 +73,8 @@ _monotonic = time.monotonic  # waits and backoff pace real time, never the injec
 _get_ident = threading.get_ident
 _bucket = bisect.bisect_left
 _getframe = sys._getframe
+# The event loop running in the calling thread, or None: one C call, no exception.
+_running_loop = asyncio._get_running_loop
 
 _IDLE = TxStatus.IDLE
 _ACTIVE = TxStatus.ACTIVE
@@ -147,6 +151,14 @@ class Pool:
         self._opening = 0  # of _size: being opened by an opener thread
         self._closing = 0  # of _size: being closed outside the lock
         self._resetting = 0  # of _size: queued for, or in, a reset by the resetter
+        # Connections nobody holds that are queued for or in a rollback or reset
+        # (socket_timeout set): when that began (pool clock; inf once aborted).
+        # Housekeeping shuts down the socket of one stalled past socket_timeout, under
+        # _abort_guard, which _restore also holds while it takes the entry out and
+        # gives the connection on: an abort never reaches a next holder.
+        self._restoring: dict[_Conn, float] = {}
+        self._abort_guard = threading.Lock()
+        self._bound_restore = cfg.socket_timeout is not None and hasattr(driver, "abort")
         self._idle: list[_Conn] = []  # LIFO: the end is the most recently returned
         # Every lease not yet ended, held weakly: weak reference -> its connection.
         self._leases: dict[weakref.ref[Lease], _Conn] = {}
@@ -573,8 +585,18 @@ class Pool:
                     lease._finishing = True
             if claimed:
                 self._finish_release(lease)
-            else:
+            elif _running_loop() is None:
                 self._revoke(lease)
+            else:
+                # On an event loop: the cancel opens a connection to the server (up to
+                # seconds on a dead network, the whole loop stopped). The resetter sends
+                # it, then ends the revoke (see _end_revoke); _cancelling stays set.
+                revoking = False
+                try:
+                    resetter().submit(self, lease, _REVOKE)
+                except BaseException:
+                    revoking = True  # not queued (or in doubt): end the revoke here
+                    raise
         finally:
             # Not ended after all (see _finish_release), or revoked: clear the mark.
             if revoking or (claimed and lease._conn is not None):
@@ -607,6 +629,18 @@ class Pool:
             self._n_revoked += 1
         if conn is not None:
             self.driver.cancel(conn.raw)
+
+    def _end_revoke(self, lease: Lease) -> None:
+        """On the resetter thread: send the cancel of a revoke begun on an event loop
+        (``_cancelling`` set by the release), then finish as :meth:`release` would.
+        The lease is left to housekeeping if its statement still runs outside the
+        fence: no second cancel."""
+        try:
+            self._revoke(lease)
+        finally:
+            with lease._guard:
+                lease._cancelling = False
+            self._finish_unused(lease, housekeeping=True)
 
     def _finish_unused(self, lease: Lease, *, housekeeping: bool = False) -> None:
         """Finish the release of an ending lease if nobody is using it, cancelling on
@@ -659,10 +693,23 @@ class Pool:
             # the connection where it is, counted, for housekeeping to finish once the
             # statement has ended. The claim keeps housekeeping off until the cancel
             # has been sent.
-            if not housekeeping:
-                with self._lock:
-                    self._n_revoked += 1
-                self.driver.cancel(conn.raw)
+            if housekeeping:
+                return
+            if _running_loop() is not None:
+                # Not on an event loop (network I/O, see _release_dirty): the resetter
+                # sends the cancel. _cancelling keeps every other finish off until then.
+                with lease._guard:
+                    lease._cancelling = True
+                try:
+                    resetter().submit(self, lease, _REVOKE)
+                except BaseException:
+                    with lease._guard:
+                        lease._cancelling = False
+                    raise
+                return
+            with self._lock:
+                self._n_revoked += 1
+            self.driver.cancel(conn.raw)
             return
         reset = (
             self._reset_always
@@ -671,7 +718,7 @@ class Pool:
             or (lease.server_cursors is not None and bool(lease.server_cursors))
         )
         if reset or status is not _IDLE:
-            self._release_dirty(lease, conn, status, reset)
+            self._release_dirty(lease, conn, status, reset, housekeeping)
             return
         now = self._clock()
         with self._lock:
@@ -703,12 +750,19 @@ class Pool:
                 return
         self._end_lease(lease, "pool_closed" if self._closed else self._expired)
 
-    def _release_dirty(self, lease: Lease, conn: _Conn, status: TxStatus, reset: bool) -> None:
+    def _release_dirty(
+        self, lease: Lease, conn: _Conn, status: TxStatus, reset: bool, housekeeping: bool = False
+    ) -> None:
         """Slow path: the connection needs a rollback or reset (outside the lock).
 
         A full reset with nobody waiting goes to the process's resetter thread, off
         the releasing request's path; the connection stays counted (``resetting``)
-        and reachable by no one until the reset has run."""
+        and reachable by no one until the reset has run, then goes to the first
+        waiter. Whatever the connection needs goes there too, waiters or not, when
+        the releasing thread runs an event loop (an ASGI server's: a round trip there,
+        stalled by a dead network, stops every request of the worker) or is the
+        housekeeping thread (which must stay free to abort a stalled reset)."""
+        off_thread = housekeeping or _running_loop() is not None
         now = self._clock()
         with self._lock:
             if lease._conn is not conn:
@@ -721,7 +775,7 @@ class Pool:
                 else "rollback"
             )  # fmt: skip
             # Still counted in _size, reachable only from this thread.
-            defer = (
+            defer = off_thread or (
                 reset
                 and self._background_reset
                 and not self._waiters
@@ -730,8 +784,10 @@ class Pool:
             )
             if defer:
                 self._resetting += 1
+            if self._bound_restore:
+                self._restoring[conn] = now
         if defer:
-            resetter().submit(self, conn, status)
+            resetter().submit(self, conn, status, reset)
             return
         self._restore(conn, status, reset)
 
@@ -741,7 +797,12 @@ class Pool:
         """Bring a connection nobody holds back to its baseline, then give it back;
         close it if that fails. Exception-safe: whatever is raised (even
         ``KeyboardInterrupt``), the connection is given back or closed, never lost.
-        ``deferred``: called by the resetter for a connection counted in ``resetting``."""
+        ``deferred``: called by the resetter for a connection counted in ``resetting``.
+
+        With ``socket_timeout`` set, a rollback or reset that has not returned that
+        long after the release (a dead network: nothing else ends it, the connection
+        is no longer leased) is ended by housekeeping (see ``_restoring``): its socket
+        is shut down, the call fails, and the connection is closed."""
         reason: str | None = "reset_failed"
         try:
             if status is TxStatus.ACTIVE:
@@ -762,7 +823,10 @@ class Pool:
                     logger.debug("pool %r: reset failed, closing: %s", self.name, one_line(exc))
         finally:
             now = self._clock()
-            with self._lock:
+            # Under _abort_guard from here to the give-back: no abort after it.
+            with self._abort_guard, self._lock:
+                if self._restoring:
+                    self._restoring.pop(conn, None)
                 self._n_resets += 1
                 if deferred:
                     self._resetting -= 1

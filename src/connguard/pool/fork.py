@@ -74,6 +74,8 @@ def reset_in_child(pool: Pool) -> None:
     pool._on_drop = pool._dropped.append
     pool._waiters = collections.deque()
     pool._size = pool._opening = pool._closing = pool._resetting = 0
+    pool._restoring = {}
+    pool._abort_guard = threading.Lock()
     pool._pid = os.getpid()
     pool._acquires_at_fork = -1  # not dormant (until it forks in turn)
     pool._failed_at = pool._backoff_delay = 0.0

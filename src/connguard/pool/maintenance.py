@@ -60,6 +60,7 @@ def housekeep(pool: Pool) -> None:
                 pool._n_closed[reason] += 1
         held = [lease for ref in pool._leases if (lease := ref()) is not None]
         stuck = _stuck_locked(held, cfg.socket_timeout, now)
+        stalled = _stalled_restores_locked(pool, cfg.socket_timeout, now)
         idle_now = [(conn, conn.idle_since) for conn in pool._idle]
         threshold = cfg.leak_threshold
         if threshold is not None:
@@ -85,6 +86,8 @@ def housekeep(pool: Pool) -> None:
         pool._close_conn(conn)
     for lease in stuck:
         abort_stuck(pool, lease)
+    for conn in stalled:
+        abort_stalled_restore(pool, conn)
     sweep_idle(pool, idle_now)
     take_back_dropped(pool)
     take_back(pool, held)
@@ -107,6 +110,37 @@ def _stuck_locked(held: list[Lease], limit: float | None, now: float) -> list[Le
         elif now - lease._seen_at >= limit:
             stuck.append(lease)
     return stuck
+
+
+def _stalled_restores_locked(pool: Pool, limit: float | None, now: float) -> list[_Conn]:
+    """Connections nobody holds whose rollback or reset, queued or running, began
+    ``limit`` seconds ago or more (``socket_timeout``) and has not returned."""
+    if limit is None or not pool._restoring:
+        return []
+    return [conn for conn, since in pool._restoring.items() if now - since >= limit]
+
+
+def abort_stalled_restore(pool: Pool, conn: _Conn) -> None:
+    """Shut down the socket of a connection whose rollback or reset is stalled (a
+    dead network, a hung pooler in between): the call fails at once and the
+    connection is closed, its slot freed. One still queued behind it on the resetter
+    fails at once when its turn comes, instead of stalling in turn. Under
+    ``_abort_guard``, which the reset holds while it gives the connection on: the
+    abort never reaches a next holder."""
+    with pool._abort_guard:
+        since = pool._restoring.get(conn)
+        if since is None or since == math.inf:
+            return  # returned meanwhile, or already aborted
+        pool._restoring[conn] = math.inf  # aborted once
+        pool.driver.abort(conn.raw)  # type: ignore[attr-defined]  # _bound_restore: it has one
+    with pool._lock:
+        pool._n_aborted += 1
+    logger.warning(
+        "pool %r: aborted the reset of a returned connection, blocked for over %s s "
+        "(socket_timeout); it is closed",
+        pool.name,
+        pool.config.socket_timeout,
+    )
 
 
 def abort_stuck(pool: Pool, lease: Lease) -> None:

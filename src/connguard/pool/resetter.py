@@ -5,9 +5,14 @@ releasing thread, it sits on the request's critical path: ``ConnguardMiddleware`
 releases before the response is sent. When nobody is waiting for a connection, the
 pool hands the reset here instead and the releasing thread returns at once; the
 connection stays counted in the pool's size, reachable by no one, until the reset has
-run, and only then becomes idle (or is closed if the reset fails). When callers are
-waiting, the releasing thread resets inline: a waiter would only wait longer for a
-hand-off through this thread.
+run, and only then goes to the first waiter or becomes idle (or is closed if the reset
+fails). When callers are waiting, the releasing thread resets inline: a waiter would
+only wait longer for a hand-off through this thread. Except on an event loop's thread
+(an ASGI server's), which never does database I/O: every rollback, reset and cancel
+of its releases comes here, and for the housekeeping thread, which must stay free to
+end a reset stalled past ``socket_timeout`` (``maintenance.abort_stalled_restore``).
+Such a stall ends every connection queued behind it in the same pass, so one dead
+network does not hold this thread's queue for ``socket_timeout`` per connection.
 
 After ``fork()`` the thread is gone; connections queued in the parent are dropped by
 the child (never closed: that would end the parent's sessions) and the next hand-off
@@ -30,20 +35,30 @@ if TYPE_CHECKING:
 logger = logging.getLogger("connguard.pool")
 
 
+REVOKE = "revoke"
+"""The status of a queued lease whose revoke's cancel the thread sends (a release made
+on an event loop, see :meth:`Pool._end_revoke`)."""
+
+
 class Resetter:
-    """Queue of work taken off the caller's path: ``(pool, conn, status)`` is a reset,
-    ``(pool, lease, None)`` the end of a revoked lease's release (see
-    :meth:`Lease.exit`)."""
+    """Queue of work taken off the caller's path: ``(pool, conn, status, reset)`` is a
+    connection to bring back to its baseline (a full reset, or a rollback), ``(pool,
+    lease, None, _)`` the end of a revoked lease's release (see :meth:`Lease.exit`),
+    ``(pool, lease, REVOKE, _)`` a revoke's cancel and end."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Pool, Any, TxStatus | None]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Pool, Any, TxStatus | str | None, bool]] = (
+            queue.SimpleQueue()
+        )
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def submit(self, pool: Pool, item: _Conn | Lease, status: TxStatus | None) -> None:
-        """Queue a connection for its reset (given back or closed by the thread), or
-        a lease whose release the thread finishes."""
-        self._queue.put((pool, item, status))
+    def submit(
+        self, pool: Pool, item: _Conn | Lease, status: TxStatus | str | None, reset: bool = True
+    ) -> None:
+        """Queue a connection for its reset (``reset=False``: its rollback; given back
+        or closed by the thread), or a lease whose release the thread finishes."""
+        self._queue.put((pool, item, status, reset))
         if self._thread is not None:
             return  # running or being started: it runs this item too
         # Made outside the lock: a collection while it allocates may finish an
@@ -70,12 +85,14 @@ class Resetter:
         exception out of the loop)."""
         get = self._queue.get
         while True:
-            pool, item, status = get()
+            pool, item, status, reset = get()
             try:
                 if status is None:
                     pool._finish_unused(item)
+                elif status is REVOKE:
+                    pool._end_revoke(item)
                 else:
-                    pool._restore(item, status, reset=True, deferred=True)
+                    pool._restore(item, status, reset, deferred=True)  # type: ignore[arg-type]
             except BaseException:  # _restore gave back or closed it; this thread lives on
                 logger.exception("pool %r: reset failed", pool.name)
             del pool, item
@@ -90,8 +107,8 @@ class Resetter:
         self._queue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread = None
-        for pool, item, status in pending:
-            if status is not None:  # a connection: the parent's session, forget it
+        for pool, item, status, _reset in pending:
+            if status is not None and status is not REVOKE:  # a connection: forget it
                 pool.driver.drop(item.raw)
 
 
