@@ -294,35 +294,79 @@ def test_a_nested_scope_does_not_break_the_enclosing_server_side_cursor(
         leave(token)
 
 
-def test_a_scope_nested_in_a_threads_own_goes_on_with_its_connection(
+def test_a_scope_nested_in_the_main_threads_own_goes_on_with_its_connection(
     connection: Any,
 ) -> None:
     """A management command's main thread queries outside any scope (its thread's
     implicit scope holds the lease), then calls a decorated task per row: the task
     goes on with the thread's connection."""
-    from django.db import connections
-
     import connguard
 
     @connguard.scope("task")
     def task() -> Any:
-        scalar(connections["default"], "SELECT 1")
-        return connections["default"].connguard_lease
+        scalar(connection, "SELECT 1")
+        return connection.connguard_lease
 
-    seen: list[Any] = []
+    assert threading.current_thread() is threading.main_thread()
+    scalar(connection, "SELECT set_config('app.tenant', '7', false)")
+    held = connection.connguard_lease
+    assert task() is held
+    assert scalar(connection, "SELECT current_setting('app.tenant', true)") == "7"
 
-    def command() -> None:
+
+def test_a_pool_workers_scoped_job_gets_a_clean_connection_of_its_own(
+    connection: Any,
+) -> None:
+    """A pool worker (ThreadPoolExecutor, a job runner's threads) first runs work
+    outside any scope that sets a tenant, creates a temporary table and leaves a
+    manual transaction open; then an unrelated job decorated ``@connguard.scope``.
+    The job is no part of that work: it gets a connection of its own, reset, and its
+    ``commit()`` does not commit the earlier work's rows (a review found the worker's
+    implicit scope taken for the job's caller)."""
+    import concurrent.futures
+
+    from django.db import connections, transaction
+
+    import connguard
+
+    run_sql(connection, "CREATE TABLE IF NOT EXISTS worker_orders (id int)")
+    run_sql(connection, "TRUNCATE worker_orders")
+
+    def earlier_work() -> None:
         conn = connections["default"]
-        scalar(conn, "SELECT set_config('app.tenant', '7', false)")
-        held = conn.connguard_lease
-        seen.append(task() is held)
-        seen.append(scalar(conn, "SELECT current_setting('app.tenant', true)"))
+        scalar(conn, "SELECT set_config('app.tenant', '42', false)")
+        run_sql(conn, "CREATE TEMP TABLE worker_scratch AS SELECT 1 AS x")
+        transaction.set_autocommit(False)
+        run_sql(conn, "INSERT INTO worker_orders VALUES (666)")  # never committed
+
+    @connguard.scope("job")
+    def job() -> tuple[str, bool]:
+        conn = connections["default"]
+        run_sql(conn, "INSERT INTO worker_orders VALUES (1)")
+        if not conn.get_autocommit():
+            transaction.commit()
+        return (
+            scalar(conn, "SELECT coalesce(current_setting('app.tenant', true), '')"),
+            scalar(conn, "SELECT to_regclass('pg_temp.worker_scratch') IS NOT NULL"),
+        )
+
+    def tidy() -> None:
+        conn = connections["default"]
+        if not conn.get_autocommit():
+            conn.rollback()
+            conn.set_autocommit(True)
         conn.close()
 
-    thread = threading.Thread(target=command)
-    thread.start()
-    thread.join()
-    assert seen == [True, "7"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as workers:
+        workers.submit(earlier_work).result()
+        seen = workers.submit(job).result()
+        workers.submit(tidy).result()
+    assert seen == ("", False), f"the job inherited the earlier work's session: {seen}"
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT id FROM worker_orders ORDER BY id")
+        assert cursor.fetchall() == [(1,)], "the job committed the earlier work's rows"
+    connection.close()
+    assert the_pool().stats().in_use == 0
 
 
 def tenant_view(request: Any) -> Any:

@@ -247,12 +247,18 @@ def owner_scope() -> Scope:
 
 def enclosing_scope() -> Scope | None:
     """The scope that owns what the running code holds, if there is one open: the
-    current scope, else this thread's implicit scope (never created here). A scope
-    opened now is nested in it."""
+    current scope, else, in the main thread, its implicit scope (never created here).
+    A scope opened now is nested in it.
+
+    The main thread's only: a management command (or a script) that queries, then
+    calls a task function decorated ``@connguard.scope``, is that task's caller. A
+    pool worker's implicit scope holds what earlier, unrelated work left (a tenant
+    setting, a transaction left open): a job the worker runs next is no part of it,
+    and gets a connection of its own, reset."""
     found = _current.get()
     if found is None and _ambient is not None:
         found = _ambient()
-    if found is None:
+    if found is None and threading.current_thread() is threading.main_thread():
         holder = _thread_scopes.scope
         found = holder.scope if holder is not None else None
     return found if found is not None and not found.ended else None
