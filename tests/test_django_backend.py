@@ -613,6 +613,26 @@ def test_the_debug_cursors_copy_goes_through_the_fence(connection: Any) -> None:
         connection.force_debug_cursor = False
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_copy_that_changes_session_state_is_reset_before_the_next_holder(
+    connection: Any, debug: bool
+) -> None:
+    """``COPY (SELECT ...) TO STDOUT`` runs a query that can change session state as
+    any can; ``execute()`` shows its statement to the lease (reset policy "auto"),
+    the COPY paths did not, so the tenant reached the next holder (a review)."""
+    connection.force_debug_cursor = debug
+    try:
+        with (
+            connection.cursor() as cursor,
+            cursor.copy("COPY (SELECT set_config('app.tenant', '42', false)) TO STDOUT") as copy,
+        ):
+            assert b"".join(bytes(data) for data in copy) == b"42\n"
+    finally:
+        connection.force_debug_cursor = False
+    connection.close()  # back to the pool: reset only if "auto" saw the change
+    assert scalar(connection, "SELECT coalesce(current_setting('app.tenant', true), '')") == ""
+
+
 def test_every_method_djangos_cursors_define_is_fenced() -> None:
     """Django's cursor wrappers define some driver calls as methods (the debug
     cursor's COPY methods, to log them); the fenced mixin's ``__getattr__`` only sees
@@ -640,7 +660,8 @@ def test_every_method_djangos_cursors_define_is_fenced() -> None:
 
 def test_psycopg2s_debug_cursor_copy_goes_through_the_fence(pg: Any) -> None:
     """As above, under psycopg2, whose debug cursor Django gives ``copy_expert`` and
-    ``copy_to`` (a process of its own: Django picks its driver at import)."""
+    ``copy_to`` (a process of its own: Django picks its driver at import); and a
+    ``copy_expert`` that changes session state is reset before the next holder."""
     script = f"""
 import io, json, sys
 sys.modules["psycopg"] = None  # Django then takes psycopg2
@@ -668,6 +689,13 @@ for name, args in (("copy_expert", ("COPY (SELECT 8) TO STDOUT", out)),
     except OperationalError as exc:
         result[name] = "refused" if "lease has ended" in str(exc) else str(exc)
 connection.close()
+tenant = "COPY (SELECT set_config('app.tenant', '42', false)) TO STDOUT"
+connection.cursor().copy_expert(tenant, io.StringIO())
+connection.close()  # reset only if "auto" saw the change
+cursor = connection.cursor()
+cursor.execute("SELECT coalesce(current_setting('app.tenant', true), '')")
+result["tenant after"] = cursor.fetchone()[0]
+connection.close()
 print(json.dumps(result))
 """
     from .servers import django_script
@@ -678,6 +706,7 @@ print(json.dumps(result))
         "first": "7\n",
         "copy_expert": "refused",
         "copy_to": "refused",
+        "tenant after": "",
     }, result
 
 

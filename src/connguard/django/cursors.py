@@ -153,6 +153,8 @@ class FencedCursorMixin:
             return functools.partial(self._cg_span, value)
         if attr == "stream":
             return functools.partial(self._cg_stream, value)
+        if attr == "copy_expert":
+            return functools.partial(self._cg_copy_expert, value)
         return functools.partial(self._cg_call, value)
 
     def _cg_call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -165,6 +167,15 @@ class FencedCursorMixin:
                 return method(*args, **kwargs)
         finally:
             lease.exit()
+
+    def _cg_copy_expert(self, method: Callable[..., Any], sql: Any, *args: Any) -> Any:
+        """psycopg2's ``copy_expert(sql, file)``: one fenced call, its statement shown
+        to the lease as ``execute()``'s is (``COPY (SELECT ...)`` may change the
+        session). ``copy_to``/``copy_from`` name a table: nothing to show."""
+        lease = self._cg_lease
+        if lease is not None and not lease.dirty:
+            lease.note_statement(sql)
+        return self._cg_call(method, sql, *args)
 
     def _cg_close(self, close: Callable[[], Any]) -> None:
         """Close through the fence; once the lease has ended, the cursor went with
@@ -191,6 +202,8 @@ class FencedCursorMixin:
         lease = self._cg_enter()
         assert lease is not None
         try:
+            if not lease.dirty and args:  # COPY (SELECT ...) may change the session
+                lease.note_statement(args[0])
             with self.db.wrap_database_errors, method(*args, **kwargs) as copy:
                 yield copy
         finally:

@@ -37,7 +37,7 @@ class CursorDebugWrapper(FencedCursorMixin, django_pg.CursorDebugWrapper):
         return self._cg_span(super().copy, statement)
 
     def copy_expert(self, sql: Any, file: Any, *args: Any) -> Any:
-        return self._cg_call(super().copy_expert, sql, file, *args)
+        return self._cg_copy_expert(super().copy_expert, sql, file, *args)
 
     def copy_to(self, file: Any, table: Any, *args: Any, **kwargs: Any) -> Any:
         return self._cg_call(super().copy_to, file, table, *args, **kwargs)
