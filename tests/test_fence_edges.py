@@ -600,8 +600,9 @@ def test_closed_pool_still_closes_a_dropped_lease() -> None:
     pool.close()  # "in-use connections are closed as they come back"
     del lease  # ... but this one never comes back: its holder dropped it
     gc.collect()
-    pool.housekeep()  # what the housekeeping thread would do (it unregistered anyway)
-    assert conn.closed or conn.dropped, "a dropped lease's connection outlives its closed pool"
+    pool.housekeep()  # what the housekeeping thread would do
+    # Handed to the resetter, which closes it (the pool is closed):
+    wait_until(lambda: conn.closed or conn.dropped)
 
 
 # --------------------------------------------------------------------------- 3
@@ -1334,8 +1335,9 @@ def test_a_resetter_that_could_not_start_is_started_by_the_next_hand_off(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The resetter's thread is started once per process; a start that failed (the
-    system refused a thread) leaves nothing behind that would stop the next hand-off
-    from starting it, and the work queued meanwhile is done then."""
+    system refused a thread) is logged, not raised (the work is queued: the caller
+    has handed it on), leaves nothing behind that would stop the next hand-off from
+    starting it, and the work queued meanwhile is done then."""
     from connguard.pool import resetter as resetter_module
 
     monkeypatch.setattr(resetter_module, "_resetter", resetter_module.Resetter())
@@ -1347,8 +1349,8 @@ def test_a_resetter_that_could_not_start_is_started_by_the_next_hand_off(
         raise RuntimeError("can't start new thread")
 
     monkeypatch.setattr(threading.Thread, "start", refused)
-    with pytest.raises(RuntimeError):
-        pool.release(first)
+    pool.release(first)
+    assert pool.stats().resetting == 1  # queued, waiting for a thread
     monkeypatch.setattr(threading.Thread, "start", start)
     pool.release(second)
     wait_until(lambda: pool.stats().idle == 2)

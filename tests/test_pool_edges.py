@@ -26,6 +26,7 @@ import select
 import signal
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -990,3 +991,86 @@ def test_release_all_keeps_a_pinned_lease_only_when_early(scoped_pool: Pool) -> 
     assert job.release_all() == 1
     assert not pinned.active and job.leases() == []
     assert scoped_pool.stats().in_use == 0
+
+
+# -- a revoke on an event loop whose resetter could not be started ----------------------
+
+
+def held_raw(lease: Lease) -> Any:
+    """The driver's connection ``lease`` still holds (ending or not), else None."""
+    conn = lease._conn
+    return None if conn is None else conn.raw
+
+
+class CancelRecordingDriver(FakeDriver):
+    """Records, for each cancel sent, whether the revoked lease still held the
+    connection (so nobody else can have been handed it) and whether a later holder
+    of the connection was in a use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.revoked: Lease | None = None
+        self.later: list[Lease] = []
+        self.sent: list[tuple[bool, bool]] = []
+
+    def cancel(self, conn: FakeConnection) -> None:
+        held = self.revoked is not None and held_raw(self.revoked) is conn
+        hit = any(bool(lease._busy) and lease._conn is not None for lease in self.later)
+        self.sent.append((held, hit))
+        super().cancel(conn)
+
+
+@pytest.mark.parametrize("started_by", ["a_later_release", "housekeeping"])
+def test_a_revoke_whose_resetter_failed_to_start_never_cancels_a_next_holder(
+    monkeypatch: pytest.MonkeyPatch, started_by: str
+) -> None:
+    """A release on an event loop revokes a lease whose statement runs: its cancel is
+    queued for the resetter thread, which cannot be started ("can't start new thread",
+    under exactly the load that makes pools revoke). The release neither raises nor
+    lets the lease end before the cancel is sent: the cancel goes out once a thread
+    runs (the next hand-off, or the next housekeeping pass), still on the revoked
+    lease's connection, never on a next holder's statement."""
+    import connguard.pool.resetter as resetter_module
+
+    from .test_pool_faults import make_pool, on_event_loop
+
+    monkeypatch.setattr(resetter_module, "_resetter", resetter_module.Resetter())
+    failing = {"left": 1}
+
+    class FailingThread(threading.Thread):
+        def start(self) -> None:
+            if failing["left"]:
+                failing["left"] -= 1
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    only_here = types.SimpleNamespace(Thread=FailingThread, Lock=threading.Lock)
+    monkeypatch.setattr(resetter_module, "threading", only_here)  # the resetter's thread
+    driver = CancelRecordingDriver()
+    pool = make_pool(driver, max_size=2)
+    first = pool.acquire()
+    conn = held_raw(first)
+    driver.revoked = first
+    first.enter()  # a statement runs (a worker thread's, in the real case)
+    on_event_loop(first.release)  # queued; the thread failed to start: no raise
+    assert failing["left"] == 0, "the start did not fail"
+    assert first._cancelling, "the cancel is still owed"
+    first.exit()  # the statement ends: the lease does not end before its cancel
+    assert held_raw(first) is conn and pool.stats().in_use == 1
+    assert driver.sent == []
+    if started_by == "a_later_release":
+        other = pool.acquire()
+        held_raw(other).status = TxStatus.INTRANS
+        on_event_loop(other.release)  # starts the thread: the queued cancel goes first
+    else:
+        pool.housekeep()
+    wait_until(lambda: first._conn is None)
+    assert driver.sent == [(True, False)]
+    nxt = pool.acquire(timeout=2)
+    driver.later.append(nxt)
+    nxt.enter()  # the next holder's statement runs: nothing is owed to it
+    nxt.exit()
+    nxt.release()
+    wait_until(lambda: pool.stats().in_use == 0 and pool.stats().resetting == 0)
+    assert driver.sent == [(True, False)]
+    pool.close()

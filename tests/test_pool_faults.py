@@ -10,6 +10,7 @@ The same faults through real servers and a real PostgreSQL are in
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from typing import Any
@@ -865,3 +866,167 @@ def test_a_reset_that_returns_in_time_is_not_aborted() -> None:
     pool.housekeep()
     assert conn.aborts == 0 and not conn.closed
     pool.close()
+
+
+def _unblock(driver: StalledResetDriver) -> None:
+    """Let every stalled reset of ``driver`` return (a test's clean-up)."""
+    with driver.lock:
+        gates = list(driver.unblocked.values())
+    for gate in gates:
+        gate.set()
+    for conn in driver.opened:
+        driver._gate(conn).set()
+
+
+class CollectingAbortDriver(StalledResetDriver):
+    """``abort()`` allocates (libpq's: ``os.dup``, a socket object), and an allocation
+    may run the cyclic garbage collector on that thread. Here it always does."""
+
+    def abort(self, conn: FakeConnection) -> None:
+        gc.collect()
+        super().abort(conn)
+
+
+def test_an_abandoned_use_collected_during_a_stalled_reset_abort_does_not_deadlock() -> None:
+    """Housekeeping aborts a stalled reset; a collection during that abort finishes an
+    abandoned use of another lease of the same pool (a generator left in a reference
+    cycle, its lease revoked meanwhile), whose exit finishes the release, resets and
+    gives the connection back. Housekeeping (the process's one thread) must not
+    deadlock on the pool's own locks there."""
+    driver = CollectingAbortDriver()
+    clock = ManualClock()
+    pool = make_pool(driver, clock, max_size=2, socket_timeout=2.0, reset="always")
+    stalled = pool.acquire()
+    other = pool.acquire()
+    driver._gate(conn_of(other)).set()  # its reset answers
+    gc.disable()
+    try:
+
+        def gen() -> Any:
+            with other.using():
+                yield 1
+
+        g = gen()
+        next(g)  # a use in progress (a stream being read)
+        cycle: list[Any] = [g]
+        cycle.append(cycle)
+        other.release()  # revoked: fenced; the last use out finishes it
+        del g, cycle
+        releaser = threading.Thread(target=stalled.release, daemon=True)
+        releaser.start()  # inline reset (no background_reset): it stalls
+        assert driver.started.acquire(timeout=5)
+        clock.advance(3.0)
+        done = threading.Event()
+        hk = threading.Thread(target=lambda: (pool.housekeep(), done.set()), daemon=True)
+        hk.start()
+        assert done.wait(3.0), "housekeeping deadlocked"
+        releaser.join(5)
+        wait_until(lambda: pool.stats().in_use == 0 and pool.stats().resetting == 0)
+        stats = pool.stats()
+        assert stats.closed["reset_failed"] == 1 and stats.idle == 1
+    finally:
+        gc.enable()
+        _unblock(driver)
+        pool.close()
+
+
+class LateAbortDriver(StalledResetDriver):
+    """The stalled reset returns by itself (the network healed) just as housekeeping
+    aborts it: ``abort()`` lets the reset finish first, then shuts the socket down.
+    Records whether the connection had been given on or closed by then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool: Pool | None = None
+        self.seen: list[tuple[bool, int]] = []  # (closed, idle count) at the shutdown
+
+    def abort(self, conn: FakeConnection) -> None:
+        assert self.pool is not None
+        pool = self.pool
+        self._gate(conn).set()  # the reset answers, on a live connection
+        wait_until(lambda: pool.stats().resetting == 0)  # and _restore has finished
+        self.seen.append((conn.closed, pool.stats().idle))
+        super().abort(conn)
+
+
+def test_a_reset_that_returns_while_being_aborted_is_closed_never_given_on() -> None:
+    """An abort decided for a stalled reset is never undone and never reaches a next
+    holder: the reset returning meanwhile does not give the connection back, and the
+    connection is closed only once the abort has let go of its socket."""
+    driver = LateAbortDriver()
+    clock = ManualClock()
+    pool = make_pool(
+        driver, clock, max_size=1, socket_timeout=2.0, reset="always", background_reset=True
+    )
+    driver.pool = pool
+    lease = pool.acquire()
+    conn = conn_of(lease)
+    lease.release()
+    assert driver.started.acquire(timeout=5)
+    clock.advance(3.0)
+    pool.housekeep()
+    assert driver.seen == [(False, 0)], "given on, or closed under the abort"
+    wait_until(lambda: conn.closed)
+    wait_until(lambda: pool.stats().size == 0)
+    assert pool.stats().closed["reset_failed"] == 1
+    pool.close()
+
+
+def test_a_reset_stalled_when_the_pool_closes_is_still_aborted_at_socket_timeout() -> None:
+    """A reset stalled in a black hole, then the pool is closed (Django's close_pools
+    at shutdown, a test's teardown, a settings reload): housekeeping still aborts it
+    at ``socket_timeout``, or the process-wide resetter would stay blocked and every
+    other pool's deferred resets with it."""
+    driver = StalledResetDriver()
+    clock = ManualClock()
+    pool = make_pool(
+        driver, clock, max_size=1, socket_timeout=2.0, reset="always", background_reset=True
+    )
+    lease = pool.acquire()
+    conn = conn_of(lease)
+    lease.release()
+    assert driver.started.acquire(timeout=5)  # the resetter is in the stalled reset
+    try:
+        pool.close()
+        clock.advance(3.0)
+        pool.housekeep()
+        pool.housekeep()
+        assert conn.aborts == 1, "a stalled reset of a closed pool is never aborted"
+        wait_until(lambda: conn.closed)
+        wait_until(lambda: pool.stats().size == 0)
+    finally:
+        _unblock(driver)
+        wait_until(lambda: conn.closed)
+
+
+def test_housekeeping_never_resets_a_dropped_lease_inline() -> None:
+    """A lease collected unreleased (policy "auto", a transaction open: a full reset):
+    housekeeping hands its reset to the resetter, stamped for ``socket_timeout``, so
+    the process's only housekeeping thread never blocks on a dead network and a
+    stalled reset of it is aborted in time."""
+    driver = StalledResetDriver()
+    clock = ManualClock()
+    pool = make_pool(driver, clock, max_size=1, socket_timeout=2.0)
+    lease = pool.acquire()
+    conn = conn_of(lease)
+    conn.status = TxStatus.INTRANS
+    del lease
+    gc.collect()
+    assert pool._dropped, "the lease was collected unreleased"
+    done = threading.Event()
+    hk = threading.Thread(target=lambda: (pool.housekeep(), done.set()), daemon=True)
+    hk.start()
+    try:
+        assert driver.started.acquire(timeout=5)
+        assert done.wait(1.0), "the housekeeping thread is stuck in a reset"
+        stats = pool.stats()
+        assert stats.in_use == 0 and stats.resetting == 1 and stats.dropped == 1
+        clock.advance(3.0)
+        pool.housekeep()
+        assert conn.aborts == 1, "the dropped lease's stalled reset is not aborted"
+        wait_until(lambda: conn.closed)
+        wait_until(lambda: pool.stats().size == 0)
+    finally:
+        _unblock(driver)
+        hk.join(15)
+        pool.close()

@@ -427,6 +427,43 @@ def test_client_connection_check_interval_ends_an_aborted_lock_wait_without_a_ca
     assert not left, f"3 s after the aborted call's lease ended: {left}"
 
 
+# -- socket_timeout on a reset stalled when its pool closes -------------------------------
+
+
+@pytest.mark.private
+@pytest.mark.parametrize("close_first", [False, True])
+def test_a_closed_pools_stalled_reset_does_not_hold_the_resetter(
+    private_pg: Any, proxy: FaultProxy, app: str, close_first: bool
+) -> None:
+    """Pool A's reset stalls in a black hole (``socket_timeout=1``); pool B, healthy,
+    hands a reset to the same (process-wide) resetter thread. Whether or not A is
+    closed meanwhile, housekeeping aborts A's reset at ``socket_timeout`` and B's
+    reset runs: B's connection becomes idle."""
+    a = make_pool(proxy.dsn(private_pg.dsn), "psycopg", app + "a", min_size=0, max_size=1,
+                  socket_timeout=1.0, reset="always", background_reset=True)  # fmt: skip
+    b = make_pool(private_pg.dsn, "psycopg", app + "b", min_size=0, max_size=1,
+                  reset="always", background_reset=True)  # fmt: skip
+    try:
+        lease = a.acquire(timeout=5)
+        assert query(lease.connection, "SELECT 1") == 1
+        proxy.blackhole()
+        lease.release()  # nobody waits: the resetter resets it, into the black hole
+        if close_first:
+            a.close()
+        lb = b.acquire(timeout=5)
+        assert query(lb.connection, "SELECT 1") == 1
+        lb.release()  # queued on the resetter behind A's reset
+        wait_until(lambda: b.stats().resetting == 0, timeout=8.0)
+        assert b.stats().idle == 1
+        wait_until(lambda: a.stats().size == 0, timeout=5.0)
+        assert a.stats().aborted == 1
+    finally:
+        proxy.blackhole(False)
+        proxy.reset_all()
+        a.close()
+        b.close()
+
+
 @pytest.fixture(autouse=True)
 def _no_pool_left(request: pytest.FixtureRequest) -> Iterator[None]:
     yield

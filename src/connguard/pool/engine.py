@@ -153,10 +153,16 @@ class Pool:
         self._resetting = 0  # of _size: queued for, or in, a reset by the resetter
         # Connections nobody holds that are queued for or in a rollback or reset
         # (socket_timeout set): when that began (pool clock; inf once aborted).
-        # Housekeeping shuts down the socket of one stalled past socket_timeout, under
-        # _abort_guard, which _restore also holds while it takes the entry out and
-        # gives the connection on: an abort never reaches a next holder.
+        # Housekeeping shuts down the socket of one stalled past socket_timeout: it
+        # marks the entry aborted under _abort_guard, which _restore also holds while
+        # it takes the entry out and gives the connection on, and _restore closes,
+        # never gives on, a connection marked aborted: an abort never reaches a next
+        # holder. The driver's abort runs after the guard, the connection meanwhile
+        # in _aborting (-> True once _restore has left its close to the aborter, so
+        # it is not closed under the abort); _aborting is read and written only under
+        # _abort_guard.
         self._restoring: dict[_Conn, float] = {}
+        self._aborting: dict[_Conn, bool] = {}
         self._abort_guard = threading.Lock()
         self._bound_restore = cfg.socket_timeout is not None and hasattr(driver, "abort")
         self._idle: list[_Conn] = []  # LIFO: the end is the most recently returned
@@ -802,7 +808,8 @@ class Pool:
         With ``socket_timeout`` set, a rollback or reset that has not returned that
         long after the release (a dead network: nothing else ends it, the connection
         is no longer leased) is ended by housekeeping (see ``_restoring``): its socket
-        is shut down, the call fails, and the connection is closed."""
+        is shut down, the call fails, and the connection is closed (also should the
+        call return by itself once the abort is decided)."""
         reason: str | None = "reset_failed"
         try:
             if status is TxStatus.ACTIVE:
@@ -823,10 +830,16 @@ class Pool:
                     logger.debug("pool %r: reset failed, closing: %s", self.name, one_line(exc))
         finally:
             now = self._clock()
-            # Under _abort_guard from here to the give-back: no abort after it.
+            close = True
+            # Under _abort_guard from here to the give-back: no abort decided after
+            # it, and one decided before it closes the connection.
             with self._abort_guard, self._lock:
-                if self._restoring:
-                    self._restoring.pop(conn, None)
+                if self._restoring and self._restoring.pop(conn, None) == math.inf:
+                    if reason is None:
+                        reason = "reset_failed"  # aborted: returned by itself, too late
+                    if conn in self._aborting:  # the abort still runs: it closes
+                        self._aborting[conn] = True
+                        close = False
                 self._n_resets += 1
                 if deferred:
                     self._resetting -= 1
@@ -842,7 +855,7 @@ class Pool:
                     self._n_closed[reason] += 1
                     if status is TxStatus.UNKNOWN:  # it died in its holder's hands
                         self._suspect_idle_locked()
-            if reason is not None:
+            if reason is not None and close:
                 self._close_conn(conn)
 
     def _retire_lease_locked(self, lease: Lease, now: float) -> None:
@@ -955,9 +968,12 @@ class Pool:
         self._wake_opener.set()
         for conn in idle:
             self._close_conn(conn)
-        if not self._leases:
+        with self._lock:
+            done = not self._leases and not self._resetting and not self._restoring
+        if done:
             # Otherwise housekeeping keeps visiting: leases dropped or revoked after
-            # the close still need their connections closed.
+            # the close still need their connections closed, and a reset stalled past
+            # socket_timeout its abort (it holds the process's resetter).
             housekeeper().unregister(self)
 
     @property

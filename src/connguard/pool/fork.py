@@ -75,6 +75,7 @@ def reset_in_child(pool: Pool) -> None:
     pool._waiters = collections.deque()
     pool._size = pool._opening = pool._closing = pool._resetting = 0
     pool._restoring = {}
+    pool._aborting = {}
     pool._abort_guard = threading.Lock()
     pool._pid = os.getpid()
     pool._acquires_at_fork = -1  # not dormant (until it forks in turn)

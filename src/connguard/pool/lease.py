@@ -218,11 +218,12 @@ class Lease:
         if self._cancelling or self._conn is None:
             return
         pool = self._pool
-        if pool._lock.locked() or self._guard.locked():
+        if pool._lock.locked() or self._guard.locked() or pool._abort_guard.locked():
             # Possibly this very thread holds one: a use abandoned in a generator
             # that the garbage collector closes during an allocation under the
-            # pool's lock, or under this lease's (housekeeping's abort calls the
-            # driver there). Finishing here could deadlock; the resetter finishes.
+            # pool's lock, under this lease's (housekeeping's abort calls the
+            # driver there), or under the pool's _abort_guard (a release's reset
+            # takes it). Finishing here could deadlock; the resetter finishes.
             resetter().submit(pool, self, None)
         else:
             pool._finish_unused(self)

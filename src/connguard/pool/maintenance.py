@@ -23,6 +23,7 @@ from .driver import TxStatus
 from .housekeeper import housekeeper
 from .lease import Lease, _Conn, describe_owner, first_site, where
 from .opening import request_open_locked, start_openers, warm_size_locked
+from .resetter import resetter
 
 if TYPE_CHECKING:
     from .engine import Pool
@@ -38,8 +39,9 @@ def housekeep(pool: Pool) -> None:
     now = pool._clock()
     retired: list[tuple[_Conn, str]] = []
     leaks: list[Lease] = []
+    resetter().start_if_pending()  # its start failed: queued work must still run
     if pool._closed:
-        _after_close(pool)
+        _after_close(pool, now)
         return
     with pool._lock:
         surplus = pool._size - warm_size_locked(pool)
@@ -124,15 +126,29 @@ def abort_stalled_restore(pool: Pool, conn: _Conn) -> None:
     """Shut down the socket of a connection whose rollback or reset is stalled (a
     dead network, a hung pooler in between): the call fails at once and the
     connection is closed, its slot freed. One still queued behind it on the resetter
-    fails at once when its turn comes, instead of stalling in turn. Under
-    ``_abort_guard``, which the reset holds while it gives the connection on: the
-    abort never reaches a next holder."""
+    fails at once when its turn comes, instead of stalling in turn.
+
+    The abort is decided under ``_abort_guard`` (the entry marked ``inf``: from then
+    on :meth:`Pool._restore` closes the connection, even should the reset return by
+    itself, and never gives it on), and the driver is called after it: a call into
+    the driver may allocate, and a collection there may finish an abandoned use of
+    this pool, whose release takes the guard. While the abort runs the connection is
+    in ``_aborting``: a ``_restore`` that ends meanwhile leaves its close to this
+    function, so the socket shut down is never a closed connection's reused
+    descriptor."""
     with pool._abort_guard:
         since = pool._restoring.get(conn)
         if since is None or since == math.inf:
             return  # returned meanwhile, or already aborted
-        pool._restoring[conn] = math.inf  # aborted once
+        pool._restoring[conn] = math.inf  # aborted once: closed, never given on
+        pool._aborting[conn] = False  # True once _restore has left the close to us
+    try:
         pool.driver.abort(conn.raw)  # type: ignore[attr-defined]  # _bound_restore: it has one
+    finally:
+        with pool._abort_guard:
+            close = pool._aborting.pop(conn)
+        if close:  # the reset ended during the abort; counted in _closing by _restore
+            pool._close_conn(conn)
     with pool._lock:
         pool._n_aborted += 1
     logger.warning(
@@ -233,14 +249,21 @@ def sweep_idle(pool: Pool, idle: list[tuple[_Conn, float]]) -> None:
         pool._close_conn(conn)
 
 
-def _after_close(pool: Pool) -> None:
+def _after_close(pool: Pool, now: float) -> None:
     """A closed pool: only leases still out remain to be finished (dropped after the
-    close, or revoked under a running statement); then it leaves housekeeping."""
+    close, or revoked under a running statement), and resets still queued or running
+    (aborted at ``socket_timeout`` as in an open pool: a stalled one holds the
+    process's resetter, every pool's deferred resets behind it); then it leaves
+    housekeeping."""
     take_back_dropped(pool)
     with pool._lock:
         ending = [lease for ref in pool._leases if (lease := ref()) is not None and lease._ending]
-        done = not pool._leases
+        stalled = _stalled_restores_locked(pool, pool.config.socket_timeout, now)
     take_back(pool, ending)
+    for conn in stalled:
+        abort_stalled_restore(pool, conn)
+    with pool._lock:
+        done = not pool._leases and not pool._resetting and not pool._restoring
     if done:
         housekeeper().unregister(pool)
 
@@ -273,7 +296,10 @@ def take_back(pool: Pool, held: list[Lease]) -> None:
 
 def take_back_dropped(pool: Pool) -> None:
     """Take back the connections of leases that were collected unreleased: nobody
-    can reach them any more (the lease and its proxies are gone)."""
+    can reach them any more (the lease and its proxies are gone). Each is reset (or
+    rolled back, or cancelled and closed) by the resetter, never on this thread:
+    housekeeping must stay free to abort a stalled reset, an acquiring caller may
+    run an event loop."""
     while pool._dropped:
         try:
             ref = pool._dropped.popleft()
@@ -285,6 +311,12 @@ def take_back_dropped(pool: Pool) -> None:
                 continue  # released or ended before it was collected
             pool._n_dropped += 1
             pool._n_releases += 1
+            # Counted (resetting) and stamped for socket_timeout until the resetter
+            # has run, as Pool._release_dirty does: this thread (housekeeping, or an
+            # acquiring caller) never does the reset's round trip.
+            pool._resetting += 1
+            if pool._bound_restore:
+                pool._restoring[conn] = pool._clock()
         logger.warning(
             "pool %r: took back a connection whose lease was dropped without being "
             "released, for %s; acquired at %s",
@@ -292,8 +324,11 @@ def take_back_dropped(pool: Pool) -> None:
             describe_owner(conn.owner),
             first_site(where(conn.stack)),
         )
-        status = pool.driver.transaction_status(conn.raw)
-        pool._restore(conn, status, reset=pool.config.reset != "rollback")
+        try:
+            status = pool.driver.transaction_status(conn.raw)
+        except Exception:  # in doubt: closed by the resetter, never lost here
+            status = TxStatus.UNKNOWN
+        resetter().submit(pool, conn, status, pool.config.reset != "rollback")
 
 
 def end_taken(pool: Pool, lease: Lease, how: str) -> None:

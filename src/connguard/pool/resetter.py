@@ -12,7 +12,10 @@ only wait longer for a hand-off through this thread. Except on an event loop's t
 of its releases comes here, and for the housekeeping thread, which must stay free to
 end a reset stalled past ``socket_timeout`` (``maintenance.abort_stalled_restore``).
 Such a stall ends every connection queued behind it in the same pass, so one dead
-network does not hold this thread's queue for ``socket_timeout`` per connection.
+network does not hold this thread's queue for ``socket_timeout`` per connection; a
+closed pool's stalled resets too (its housekeeping goes on until they are done).
+Work queued is never lost to a failed thread start: the next hand-off or
+housekeeping pass starts the thread.
 
 After ``fork()`` the thread is gone; connections queued in the parent are dropped by
 the child (never closed: that would end the parent's sessions) and the next hand-off
@@ -57,17 +60,44 @@ class Resetter:
         self, pool: Pool, item: _Conn | Lease, status: TxStatus | str | None, reset: bool = True
     ) -> None:
         """Queue a connection for its reset (``reset=False``: its rollback; given back
-        or closed by the thread), or a lease whose release the thread finishes."""
+        or closed by the thread), or a lease whose release the thread finishes.
+
+        Raises only if the item was not queued. Once queued it runs, whatever
+        happens to the thread's start: a failure to start it ("can't start new
+        thread") is logged and the next :meth:`submit` or housekeeping pass
+        (:meth:`start_if_pending`) starts it. A caller told "queued" has handed the
+        item on for good (a revoke keeps its ``_cancelling`` until the thread has
+        sent the cancel: the cancel can never reach a next holder)."""
         self._queue.put((pool, item, status, reset))
         if self._thread is not None:
             return  # running or being started: it runs this item too
+        try:
+            self._start()
+        except Exception:
+            logger.exception(
+                "pool %r: the resetter thread could not be started; queued work waits "
+                "for the next hand-off or housekeeping pass",
+                pool.name,
+            )
+
+    def start_if_pending(self) -> None:
+        """Start the thread if work is queued and it is not running (its start
+        failed). Housekeeping calls it on each pass; it raises nothing."""
+        if self._thread is not None or self._queue.empty():
+            return
+        try:
+            self._start()
+        except Exception:
+            logger.exception("the connguard resetter thread could not be started")
+
+    def _start(self) -> None:
         # Made outside the lock: a collection while it allocates may finish an
         # abandoned use whose release comes back here (SimpleQueue's put() is
         # reentrant, a lock is not); that inner call then starts the thread.
         thread = threading.Thread(target=self._run, name="connguard-resetter", daemon=True)
         with self._lock:
             if self._thread is not None:  # another thread started it meanwhile
-                return  # type: ignore[unreachable]  # (mypy keeps the first read)
+                return
             try:
                 # Set before the start: from here every submit() returns at once,
                 # also one re-entered by a collection in this thread during the start,
