@@ -31,6 +31,7 @@ from connguard.drivers.session import changes_session
 from connguard.pool import Lease, LeaseEnded, Pool, PoolConfig, PoolTimeout, TxStatus, maintenance
 
 from .fakes import FakeConnection, FakeDriver, ManualClock, wait_until
+from .test_pool_faults import on_event_loop
 
 
 def fake_pool(driver: FakeDriver, clock: ManualClock | None = None, **settings: Any) -> Pool:
@@ -195,6 +196,82 @@ def test_a_cancel_of_a_statement_run_outside_the_fence_is_waited_for_too() -> No
     taker.join(5)
     assert not driver.hit_other_holder
     assert pool.stats().in_use == 0
+    pool.close()
+
+
+class HandedOnCancelDriver(SlowCancelDriver):
+    """Records a cancel sent while its connection is idle or leased to another
+    holder than the revoked lease (the pool's own cancel of a connection it has taken
+    back and reaches alone, before closing it, is not one)."""
+
+    pool: Pool
+
+    def cancel(self, conn: FakeConnection) -> None:
+        self.cancel_started.set()
+        assert self.cancel_go.wait(5)
+        FakeDriver.cancel(self, conn)  # the cancel arrives now: whose is the connection?
+        pool = self.pool
+        with pool._lock:
+            if any(c.raw is conn for c in pool._idle) or any(
+                c.raw is conn and ref() is not self.revoked for ref, c in pool._leases.items()
+            ):
+                self.hit_other_holder = True
+
+
+@pytest.mark.parametrize("on_loop", [False, True], ids=["off-the-loop", "on-the-loop"])
+def test_a_stream_revoked_mid_fetch_and_left_half_read_is_cancelled_and_closed(
+    on_loop: bool,
+) -> None:
+    """A holder reads a stream (psycopg 3 ``stream()``: between fetches the
+    connection is ACTIVE), each fetch a fenced use. Another thread (or the event
+    loop, whose revoke the resetter ends) releases the lease during a fetch: revoked.
+    The fetch returns while the cancel is on its way, leaving the result half read,
+    and the holder, fenced, never reads again: nothing will end that statement. The
+    lease must still end, its connection cancelled and closed as an abandoned
+    statement's is (never handed on mid-result), not left ACTIVE and counted in use
+    for ever as one run outside the fence."""
+    driver = HandedOnCancelDriver()
+    clock = ManualClock()
+    pool = driver.pool = fake_pool(driver, clock)
+    taken: list[Any] = []
+    inside, leave, done = threading.Event(), threading.Event(), threading.Event()
+
+    def holder() -> None:
+        lease = pool.acquire()
+        taken.append(lease)
+        lease.enter()  # a fetch of the stream
+        lease.raw.status = TxStatus.ACTIVE
+        inside.set()
+        assert leave.wait(5)
+        lease.exit()  # the fetch returned a row: the rest of the result is never read
+        done.wait(10)  # alive till the end (thread ident not reused)
+
+    taker = threading.Thread(target=holder)
+    taker.start()
+    assert inside.wait(5)
+    (lease,) = taken
+    driver.revoked = lease
+    raw = lease._conn.raw
+    releaser = threading.Thread(
+        target=(lambda: on_event_loop(lease.release)) if on_loop else lease.release
+    )
+    releaser.start()
+    assert driver.cancel_started.wait(5)  # revoked: fenced, the cancel on its way
+    leave.set()
+    wait_until(lambda: not lease._busy)  # the fetch has returned under the cancel
+    driver.cancel_go.set()
+    releaser.join(5)
+    for _ in range(3):
+        clock.advance(1.0)
+        pool.housekeep()
+    wait_until(lambda: pool.stats().in_use == 0, timeout=2.0)
+    assert raw.closed and lease.cleanup == "cancel" and raw.cancels == 2
+    assert not driver.hit_other_holder
+    with pool.connection() as conn:  # the slot serves a fresh connection
+        assert conn.lease.raw is not raw
+    done.set()
+    taker.join(5)
+    pool._check_invariants()
     pool.close()
 
 
@@ -853,6 +930,92 @@ def test_a_stream_half_read_outside_the_fence_keeps_its_slot_till_its_reader_let
     finally:
         let_go.set()
         thread.join(30)
+        pool.close()
+
+
+@pytest.mark.real
+def test_a_stream_revoked_mid_fetch_is_cancelled_and_closed_while_its_reader_holds_it(
+    pg: Any, app: str
+) -> None:
+    """A psycopg 3 ``stream()`` read through the fence is revoked during a fetch (row
+    6 waits on the server for an advisory lock the test holds); the fetch returns its
+    row before the revoke's cancel reaches the server, leaving the result half read,
+    and the reader, fenced, keeps the stream without reading it. The release must not
+    wait for a reader that will never finish: the connection is cancelled and closed
+    (its backend gone), the slot freed, and the next holder gets a working one."""
+    pool = real_pool(pg, app)
+    driver: Any = pool.driver
+    fetched, read, let_go, gone = (threading.Event() for _ in range(4))
+    send_cancel = driver.cancel
+
+    def cancel_after_the_fetch(raw: Any) -> None:  # still on its way as the fetch returns
+        assert fetched.wait(30)
+        send_cancel(raw)
+
+    driver.cancel = cancel_after_the_fetch
+    key = uuid.uuid4().int % 2**62
+    box: dict[str, Any] = {}
+
+    def reader() -> None:
+        lease = box["lease"] = pool.acquire()
+        box["pid"] = lease.raw.info.backend_pid
+        rows = lease.connection.cursor().stream(
+            # Rows of 16 kB: the server flushes each one (it buffers 8 kB).
+            "SELECT n, CASE WHEN n = 6 THEN pg_advisory_lock(%s)::text END,"
+            " repeat('x', 16384) FROM generate_series(1, 1000000) n",
+            (key,),
+        )
+        for _ in range(5):
+            next(rows)
+        read.set()
+        box["row"] = next(rows)  # row 6: waits for the lock, inside the fence
+        fetched.set()
+        let_go.wait(30)  # keeps the half-read stream, never reads it again
+        del rows
+        gc.collect()
+        gone.set()
+
+    locker = psycopg.connect(pg.dsn, autocommit=True)
+    thread = threading.Thread(target=reader)
+    try:
+        locker.execute("SELECT pg_advisory_lock(%s)", (key,))
+        thread.start()
+        assert read.wait(30)
+        lease, pid = box["lease"], box["pid"]
+
+        def waits_for_the_lock() -> bool:
+            row = locker.execute(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone()
+            return row is not None and row[0] == "Lock"
+
+        wait_until(waits_for_the_lock, timeout=30)
+        assert lease._busy, "the fetch is in progress"
+        releaser = threading.Thread(target=pool.release, args=(lease,))
+        releaser.start()  # revoked: fenced; its cancel waits for the fetch to return
+        wait_until(lambda: pool.stats().revoked == 1)
+        locker.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        releaser.join(30)
+        assert box["row"][0] == 6
+        wait_until(lambda: pool.stats().in_use == 0, timeout=5)
+        assert not let_go.is_set(), "ended while its reader still holds the stream"
+
+        def backend_gone() -> bool:
+            row = locker.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone()
+            return row is not None and row[0] == 0
+
+        wait_until(backend_gone, timeout=10)
+        let_go.set()
+        assert gone.wait(30)  # the stream, dropped now, does nothing to a closed connection
+        with pool.connection() as conn:
+            assert conn.execute("SELECT 42").fetchone() == (42,)
+    finally:
+        fetched.set()
+        let_go.set()
+        thread.join(30)
+        locker.close()
         pool.close()
 
 

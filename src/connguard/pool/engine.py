@@ -693,12 +693,19 @@ class Pool:
         if conn is None:
             return
         status = self.driver.transaction_status(conn.raw)
-        if status is _ACTIVE and (housekeeping or lease.thread_id != _get_ident()):
+        if (
+            status is _ACTIVE
+            and not lease._left_active
+            and (housekeeping or lease.thread_id != _get_ident())
+        ):
             # Someone outside the fence (a caller that kept the raw connection) is
             # running a statement: cancel it (once: housekeeping only looks) and leave
             # the connection where it is, counted, for housekeeping to finish once the
             # statement has ended. The claim keeps housekeeping off until the cancel
-            # has been sent.
+            # has been sent. Not when the holder's last fenced use left it ACTIVE
+            # (``_left_active``: a stream revoked mid-fetch, half read): nobody will
+            # end that statement, so it is abandoned, cancelled and closed below, as
+            # on the holder's own thread.
             if housekeeping:
                 return
             if _running_loop() is not None:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from .driver import TxStatus
 from .errors import LeaseEnded
 from .resetter import resetter
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from .engine import Pool
 
 _getframe = sys._getframe
+_ACTIVE = TxStatus.ACTIVE
 
 
 ENDINGS: dict[str | None, str] = {
@@ -100,6 +102,7 @@ class Lease:
         "_ending",
         "_finishing",
         "_guard",
+        "_left_active",
         "_pool",
         "_ref",
         "_seen_at",
@@ -135,6 +138,11 @@ class Lease:
         self._cancelling = False
         # A thread has claimed the release's end (Pool._finish_unused): only it ends it.
         self._finishing = False
+        # The holder's last use through the fence, once the lease was ending, left
+        # the connection ACTIVE: a result half read (a stream revoked mid-fetch, or
+        # ended between fetches) that nothing of the holder's will read again, so
+        # the release cancels and closes it (see _last_out, Pool._finish_release).
+        self._left_active = False
         # Uses begun so far, and what housekeeping last saw of them (socket_timeout:
         # a use in progress whose count has not moved since _seen_at is blocked).
         self._uses = 0
@@ -215,9 +223,20 @@ class Lease:
         """The lease is ending and no use is counted: finish its release, unless a
         revoke's cancel is still being sent or another thread has claimed the finish
         (decided again, and claimed, under the lease's lock: a hint here)."""
-        if self._cancelling or self._conn is None:
+        conn = self._conn
+        if conn is None:
             return
         pool = self._pool
+        # The holder's fenced uses are over: how they left the connection is final
+        # for them (libpq's own status, no I/O). ACTIVE now is a result left half
+        # read, not a statement outside the fence that will end on its own.
+        try:
+            if pool.driver.transaction_status(conn.raw) is _ACTIVE:
+                self._left_active = True
+        except Exception:
+            pass  # in doubt, the release treats ACTIVE as it always did
+        if self._cancelling:
+            return
         if pool._lock.locked() or self._guard.locked() or pool._abort_guard.locked():
             # Possibly this very thread holds one: a use abandoned in a generator
             # that the garbage collector closes during an allocation under the
