@@ -29,6 +29,7 @@ import pytest
 from connguard.drivers import load_driver
 from connguard.drivers.session import changes_session
 from connguard.pool import Lease, LeaseEnded, Pool, PoolConfig, PoolTimeout, TxStatus, maintenance
+from connguard.pool.lease import fenced_rows
 
 from .fakes import FakeConnection, FakeDriver, ManualClock, wait_until
 from .test_pool_faults import on_event_loop
@@ -272,6 +273,90 @@ def test_a_stream_revoked_mid_fetch_and_left_half_read_is_cancelled_and_closed(
     done.set()
     taker.join(5)
     pool._check_invariants()
+    pool.close()
+
+
+def test_a_revoked_stream_dropped_by_its_reader_is_finished_only_after_the_close() -> None:
+    """psycopg 3's ``stream()`` generator, when closed half read, drains the result
+    in its ``finally``: I/O on the connection, outside the fence. A reader revoked
+    mid-fetch that fetches again (``LeaseEnded``) or drops the stream would run that
+    drain while the pool cancels and closes the connection in another thread (libpq
+    used from two threads at once). The driver's generator must be finished only
+    once the pool has closed the connection (the drain then finds it closed)."""
+    driver = SlowCancelDriver()
+    pool = fake_pool(driver)
+    lease = pool.acquire()  # this thread is the reader
+    raw = lease.raw
+    in_fetch, go = threading.Event(), threading.Event()
+    drained: list[bool] = []
+
+    def driver_rows() -> Any:
+        try:
+            yield 1
+            in_fetch.set()
+            assert go.wait(5)  # the second fetch, in progress inside the fence
+            yield 2
+            yield 3
+        finally:
+            drained.append(raw.closed)  # psycopg drains here: open means two threads
+
+    def revoke() -> None:
+        assert in_fetch.wait(5)
+        threading.Thread(target=pool.release, args=(lease,)).start()
+        assert driver.cancel_started.wait(5)  # revoked, the cancel on its way
+        go.set()
+
+    stream = fenced_rows(lease, driver_rows())
+    assert next(stream) == 1
+    raw.status = TxStatus.ACTIVE  # a stream's result being read
+    revoker = threading.Thread(target=revoke)
+    revoker.start()
+    assert next(stream) == 2  # returned under the revoke: the result left half read
+    revoker.join(5)
+    with pytest.raises(LeaseEnded):
+        next(stream)  # fenced
+    del stream
+    gc.collect()
+    assert drained == [], "the driver's stream was finished before the pool was done"
+    driver.cancel_go.set()
+    wait_until(lambda: pool.stats().in_use == 0)
+    assert raw.closed
+    wait_until(lambda: drained == [True])
+    pool.close()
+
+
+def test_a_stream_dropped_half_read_after_a_release_between_fetches_is_closed() -> None:
+    """Released from another thread between two fetches of a stream read through
+    the fence (no use in progress: no revoke), then dropped by its reader half read:
+    its result will never be read, so the lease ends, the connection cancelled and
+    closed, and the driver's stream is finished only after that close."""
+    driver = FakeDriver()
+    pool = fake_pool(driver)
+    lease = pool.acquire()  # this thread is the reader
+    raw = lease.raw
+    drained: list[bool] = []
+
+    def driver_rows() -> Any:
+        try:
+            yield 1
+            yield 2
+        finally:
+            drained.append(raw.closed)  # psycopg drains here: open means two threads
+
+    stream = fenced_rows(lease, driver_rows())
+    assert next(stream) == 1
+    raw.status = TxStatus.ACTIVE  # the rest of the result is on its way
+    releaser = threading.Thread(target=pool.release, args=(lease,))
+    releaser.start()
+    releaser.join(5)
+    assert lease._conn is not None and raw.cancels == 1  # taken for a statement outside
+    del stream  # the reader lets go, half read
+    gc.collect()
+    assert drained == []
+    pool.housekeep()  # finishes it on the resetter thread
+    wait_until(lambda: raw.closed)
+    assert pool.stats().in_use == 0 and raw.cancels == 2
+    wait_until(lambda: drained == [True])
     pool.close()
 
 

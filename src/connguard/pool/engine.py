@@ -944,6 +944,7 @@ class Pool:
             else:
                 self.driver.drop(conn.raw)
         finally:
+            conn.abandoned = None  # streams left half read: finished now, with nothing to do
             with self._lock:
                 self._closing -= 1
                 self._size -= 1

@@ -55,6 +55,7 @@ class _Conn:
     """One physical connection and what the pool knows of it."""
 
     __slots__ = (
+        "abandoned",
         "created_at",
         "expires_at",
         "idle_since",
@@ -83,6 +84,10 @@ class _Conn:
         # failover kills them all at once, and a dead network sends no goodbye the
         # cheap liveness test could see, so it gets a round-trip ping before reuse.
         self.suspect = False
+        # Driver iterators (psycopg 3's stream()) that a holder stopped reading once
+        # its lease was ending (see fenced_rows): kept from being finished until the
+        # pool has closed the connection or let go of it (Pool._close_conn).
+        self.abandoned: list[Iterator[Any]] | None = None
 
 
 class Lease:
@@ -246,6 +251,24 @@ class Lease:
             resetter().submit(pool, self, None)
         else:
             pool._finish_unused(self)
+
+    def _abandon(self, conn: _Conn, rows: Iterator[Any]) -> None:
+        """The holder of this ending lease has left a fenced stream (see
+        :func:`fenced_rows`). If the connection is ACTIVE (the result half read),
+        nothing will end that statement: the release cancels and closes it
+        (``_left_active``), and the driver's iterator is kept on the connection
+        until then. Otherwise it is let go here (nothing left to drain)."""
+        try:
+            active = self._pool.driver.transaction_status(conn.raw) is _ACTIVE
+        except Exception:
+            active = False
+        if not active:
+            return
+        self._left_active = True
+        if conn.abandoned is None:
+            conn.abandoned = [rows]
+        else:
+            conn.abandoned.append(rows)
 
     @contextmanager
     def using(self) -> Iterator[Any]:
@@ -475,16 +498,27 @@ class FencedCursor:
 
 def fenced_rows(lease: Lease, rows: Iterator[Any]) -> Iterator[Any]:
     """Rows from a driver iterator (a cursor, psycopg 3's ``stream()``), each step one
-    fenced use: the driver keeps its own batching."""
-    while True:
-        lease.enter()
-        try:
-            row = next(rows, _END)
-        finally:
-            lease.exit()
-        if row is _END:
-            return
-        yield row
+    fenced use: the driver keeps its own batching.
+
+    Left once the lease is ending (fenced: ``LeaseEnded``; or closed by its reader),
+    the driver's iterator is handed to the connection, not dropped here: psycopg 3's
+    stream, finished half read, drains the result (I/O, outside the fence) while the
+    pool may be cancelling and closing that connection in another thread. It is
+    finished once the pool has closed the connection, and then does nothing."""
+    conn = lease._conn
+    try:
+        while True:
+            lease.enter()
+            try:
+                row = next(rows, _END)
+            finally:
+                lease.exit()
+            if row is _END:
+                return
+            yield row
+    finally:
+        if lease._ending and conn is not None:
+            lease._abandon(conn, rows)
 
 
 _END = object()
