@@ -999,6 +999,39 @@ def test_a_reset_stalled_when_the_pool_closes_is_still_aborted_at_socket_timeout
         wait_until(lambda: conn.closed)
 
 
+def test_housekeeping_never_resets_an_orphaned_lease_inline() -> None:
+    """A lease whose owner has ended unreleased (a request whose client hung up),
+    its session changed: housekeeping takes it back ("orphaned") and hands its reset
+    to the resetter, stamped for ``socket_timeout``, as for a dropped one; it was
+    reset on the housekeeping thread itself (a review)."""
+    from connguard.scope import Scope
+
+    driver = StalledResetDriver()
+    clock = ManualClock()
+    pool = make_pool(driver, clock, max_size=1, socket_timeout=2.0)
+    owner = Scope("GET /gone", kind="request")
+    lease = pool.acquire(owner=owner)
+    conn = conn_of(lease)
+    lease.dirty = True  # it changed session state (policy "auto": a full reset)
+    owner.ended = True  # its end never reached the lease (a flag, as a collected context sets)
+    done = threading.Event()
+    hk = threading.Thread(target=lambda: (pool.housekeep(), done.set()), daemon=True)
+    hk.start()
+    try:
+        assert driver.started.acquire(timeout=5)
+        assert done.wait(1.0), "the housekeeping thread is stuck in a reset"
+        assert not lease.active and pool.stats().resetting == 1
+        clock.advance(3.0)
+        pool.housekeep()
+        assert conn.aborts == 1, "the orphaned lease's stalled reset is not aborted"
+        wait_until(lambda: conn.closed)
+        wait_until(lambda: pool.stats().size == 0)
+    finally:
+        _unblock(driver)
+        hk.join(15)
+        pool.close()
+
+
 def test_housekeeping_never_resets_a_dropped_lease_inline() -> None:
     """A lease collected unreleased (policy "auto", a transaction open: a full reset):
     housekeeping hands its reset to the resetter, stamped for ``socket_timeout``, so

@@ -60,7 +60,7 @@ from .errors import (
 )
 from .housekeeper import housekeeper
 from .lease import FencedConnection, Lease, _Conn, capture_stack
-from .maintenance import housekeep, take_back_dropped
+from .maintenance import housekeep, housekeeping_now, take_back_dropped
 from .opening import request_open_locked, start_openers
 from .resetter import REVOKE as _REVOKE
 from .resetter import resetter
@@ -775,7 +775,11 @@ class Pool:
         the releasing thread runs an event loop (an ASGI server's: a round trip there,
         stalled by a dead network, stops every request of the worker) or is the
         housekeeping thread (which must stay free to abort a stalled reset)."""
-        off_thread = housekeeping or _running_loop() is not None
+        off_thread = (
+            housekeeping
+            or _running_loop() is not None
+            or getattr(housekeeping_now, "active", False)
+        )
         now = self._clock()
         with self._lock:
             if lease._conn is not conn:

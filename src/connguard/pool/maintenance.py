@@ -31,10 +31,26 @@ if TYPE_CHECKING:
 logger = logging.getLogger("connguard.pool")
 
 
+# Set while this thread runs a housekeeping pass. A lease it takes back (orphaned,
+# reclaimed) is released through Pool.release like any other, and the rollback or
+# reset that needs goes to the resetter, as one made on an event loop does
+# (Pool._release_dirty): the process's one housekeeping thread must never block on
+# a dead network, or no pool's socket_timeout abort would run.
+housekeeping_now = threading.local()
+
+
 def housekeep(pool: Pool) -> None:
     """Retire old and surplus idle connections, refill to ``min_size``, report
     leases held past ``leak_threshold``, and take back leases nobody will return.
     Called by the housekeeping thread."""
+    housekeeping_now.active = True
+    try:
+        _housekeep(pool)
+    finally:
+        housekeeping_now.active = False
+
+
+def _housekeep(pool: Pool) -> None:
     cfg = pool.config
     now = pool._clock()
     retired: list[tuple[_Conn, str]] = []
