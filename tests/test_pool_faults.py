@@ -13,6 +13,7 @@ import asyncio
 import gc
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -999,6 +1000,38 @@ def test_a_reset_stalled_when_the_pool_closes_is_still_aborted_at_socket_timeout
         wait_until(lambda: conn.closed)
 
 
+def housekeeping_hands_off_a_stalled_reset(
+    driver: StalledResetDriver,
+    clock: ManualClock,
+    pool: Pool,
+    conn: Any,
+    *,
+    what: str,
+    handed_off: Callable[[], None],
+) -> None:
+    """Run a housekeeping pass in a thread of its own while the reset of ``conn``
+    (a ``what`` lease's) stalls: the pass must return, the reset left to the
+    resetter (``handed_off`` checks the pool then); the pass after
+    ``socket_timeout`` aborts the reset, and the connection is closed, its slot
+    freed. Closes the pool."""
+    done = threading.Event()
+    hk = threading.Thread(target=lambda: (pool.housekeep(), done.set()), daemon=True)
+    hk.start()
+    try:
+        assert driver.started.acquire(timeout=5)
+        assert done.wait(1.0), "the housekeeping thread is stuck in a reset"
+        handed_off()
+        clock.advance(3.0)
+        pool.housekeep()
+        assert conn.aborts == 1, f"the {what} lease's stalled reset is not aborted"
+        wait_until(lambda: conn.closed)
+        wait_until(lambda: pool.stats().size == 0)
+    finally:
+        _unblock(driver)
+        hk.join(15)
+        pool.close()
+
+
 def test_housekeeping_never_resets_an_orphaned_lease_inline() -> None:
     """A lease whose owner has ended unreleased (a request whose client hung up),
     its session changed: housekeeping takes it back ("orphaned") and hands its reset
@@ -1014,22 +1047,13 @@ def test_housekeeping_never_resets_an_orphaned_lease_inline() -> None:
     conn = conn_of(lease)
     lease.dirty = True  # it changed session state (policy "auto": a full reset)
     owner.ended = True  # its end never reached the lease (a flag, as a collected context sets)
-    done = threading.Event()
-    hk = threading.Thread(target=lambda: (pool.housekeep(), done.set()), daemon=True)
-    hk.start()
-    try:
-        assert driver.started.acquire(timeout=5)
-        assert done.wait(1.0), "the housekeeping thread is stuck in a reset"
+
+    def handed_off() -> None:
         assert not lease.active and pool.stats().resetting == 1
-        clock.advance(3.0)
-        pool.housekeep()
-        assert conn.aborts == 1, "the orphaned lease's stalled reset is not aborted"
-        wait_until(lambda: conn.closed)
-        wait_until(lambda: pool.stats().size == 0)
-    finally:
-        _unblock(driver)
-        hk.join(15)
-        pool.close()
+
+    housekeeping_hands_off_a_stalled_reset(
+        driver, clock, pool, conn, what="orphaned", handed_off=handed_off
+    )
 
 
 def test_housekeeping_never_resets_a_dropped_lease_inline() -> None:
@@ -1046,20 +1070,11 @@ def test_housekeeping_never_resets_a_dropped_lease_inline() -> None:
     del lease
     gc.collect()
     assert pool._dropped, "the lease was collected unreleased"
-    done = threading.Event()
-    hk = threading.Thread(target=lambda: (pool.housekeep(), done.set()), daemon=True)
-    hk.start()
-    try:
-        assert driver.started.acquire(timeout=5)
-        assert done.wait(1.0), "the housekeeping thread is stuck in a reset"
+
+    def handed_off() -> None:
         stats = pool.stats()
         assert stats.in_use == 0 and stats.resetting == 1 and stats.dropped == 1
-        clock.advance(3.0)
-        pool.housekeep()
-        assert conn.aborts == 1, "the dropped lease's stalled reset is not aborted"
-        wait_until(lambda: conn.closed)
-        wait_until(lambda: pool.stats().size == 0)
-    finally:
-        _unblock(driver)
-        hk.join(15)
-        pool.close()
+
+    housekeeping_hands_off_a_stalled_reset(
+        driver, clock, pool, conn, what="dropped", handed_off=handed_off
+    )

@@ -720,9 +720,7 @@ class Pool:
                         lease._cancelling = False
                     raise
                 return
-            with self._lock:
-                self._n_revoked += 1
-            self.driver.cancel(conn.raw)
+            self._revoke(lease)
             return
         reset = (
             self._reset_always
